@@ -1,0 +1,54 @@
+"""Causal-LM backbones (Llama/GPT-2/OPT/Qwen family): final norm + LM head at the last token ("logit lens")."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raee.backbones.base import Backbone
+from raee.backbones.layerwise import LayerwiseForward
+from raee.backbones.masked_lm import label_token_ids
+from raee.errors import BackboneError
+from raee.tasks import TaskDefinition
+
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm", "decoder.final_layer_norm")
+
+
+class CausalLMBackbone(Backbone):
+    kind = "causal-lm"
+
+    def __init__(self, model: nn.Module, tokenizer, **kwargs) -> None:
+        super().__init__(model, tokenizer, **kwargs)
+        self.final_norm = _final_norm(self.base)
+        self.lm_head = model.get_output_embeddings()
+        if self.lm_head is None:
+            raise BackboneError(f"{type(model).__name__} has no LM head")
+        self._label_ids: dict[str, torch.Tensor] = {}
+
+    def prompt(self, text: str, task: TaskDefinition) -> str:
+        # The label word carries its own leading space, so the prompt must not end with one.
+        return super().prompt(text, task).rstrip()
+
+    @torch.inference_mode()
+    def label_logits(self, fwd: LayerwiseForward, rows: torch.Tensor, task: TaskDefinition) -> torch.Tensor:
+        hidden = fwd.hidden[rows]  # (R, T, H)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), fwd.answer_positions[rows]]  # (R, H)
+        return self.lm_head(self.final_norm(last))[:, self.label_ids(task)]
+
+    def prepare(self, task: TaskDefinition) -> None:
+        self.label_ids(task)
+
+    def label_ids(self, task: TaskDefinition) -> torch.Tensor:
+        if task.name not in self._label_ids:
+            self._label_ids[task.name] = label_token_ids(self.tokenizer, task.label_words_for(self.kind), self.device)
+        return self._label_ids[task.name]
+
+
+def _final_norm(base: nn.Module) -> nn.Module:
+    for path in FINAL_NORM_NAMES:
+        module = base
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise BackboneError(f"cannot find the final norm of {type(base).__name__}; looked for {FINAL_NORM_NAMES}")

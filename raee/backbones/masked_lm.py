@@ -1,0 +1,72 @@
+"""Masked-LM backbones (BERT/RoBERTa family): the MLM head read at the mask token, over the label words."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from raee.backbones.base import Backbone
+from raee.backbones.layerwise import LayerwiseForward
+from raee.errors import BackboneError, InputError
+from raee.tasks import TaskDefinition
+
+log = logging.getLogger(__name__)
+
+
+class MaskedLMBackbone(Backbone):
+    kind = "masked-lm"
+
+    def __init__(self, model: nn.Module, tokenizer, **kwargs) -> None:
+        super().__init__(model, tokenizer, **kwargs)
+        if tokenizer.mask_token is None:
+            raise BackboneError(f"{self.source}: the tokenizer has no mask token, so it cannot be a masked-LM backbone")
+        self.head = _mlm_head(model, self.base)
+        self._label_ids: dict[str, torch.Tensor] = {}
+
+    def answer_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        is_mask = input_ids == self.tokenizer.mask_token_id
+        counts = is_mask.sum(dim=1)
+        if bool((counts != 1).any()):
+            row = int((counts != 1).nonzero()[0])
+            raise InputError(f"text {row} holds {int(counts[row])} mask tokens after prompting; it must hold one")
+        return is_mask.int().argmax(dim=1)
+
+    @torch.inference_mode()
+    def label_logits(self, fwd: LayerwiseForward, rows: torch.Tensor, task: TaskDefinition) -> torch.Tensor:
+        hidden = fwd.hidden[rows]  # (R, T, H)
+        at_mask = hidden[torch.arange(hidden.shape[0], device=hidden.device), fwd.answer_positions[rows]]  # (R, H)
+        return self.head(at_mask)[:, self.label_ids(task)]
+
+    def prepare(self, task: TaskDefinition) -> None:
+        self.label_ids(task)
+
+    def label_ids(self, task: TaskDefinition) -> torch.Tensor:
+        if task.name not in self._label_ids:
+            self._label_ids[task.name] = label_token_ids(self.tokenizer, task.label_words_for(self.kind), self.device)
+        return self._label_ids[task.name]
+
+
+def label_token_ids(tokenizer, words: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """Token id of each label word read as a space-prefixed word; the first piece where it splits (logged)."""
+    ids = []
+    for word in words:
+        pieces = tokenizer.encode(" " + word, add_special_tokens=False)
+        if not pieces:
+            raise BackboneError(f"label word {word!r} tokenizes to nothing")
+        if len(pieces) > 1:
+            log.warning("label word %r is %d tokens; reading its first token only", word, len(pieces))
+        ids.append(pieces[0])
+    if len(set(ids)) != len(ids):
+        raise BackboneError(f"label words {list(words)} share a first token; choose words that differ")
+    return torch.tensor(ids, device=device)
+
+
+def _mlm_head(model: nn.Module, base: nn.Module) -> nn.Module:
+    """The module mapping a hidden state to vocabulary logits: the model's one child beside its base model."""
+    heads = [m for name, m in model.named_children() if m is not base and any(True for _ in m.parameters())]
+    if len(heads) != 1:
+        raise BackboneError(f"cannot tell the MLM head of {type(model).__name__}: children "
+                            f"{[n for n, _ in model.named_children()]}")
+    return heads[0]

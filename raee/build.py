@@ -1,0 +1,158 @@
+"""Building exit stores: run the backbone over labelled calibration items, record every layer, key every item."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from raee.backbones.base import Backbone
+from raee.data import Example
+from raee.errors import InputError, StoreError
+from raee.index import IndexSpec, build_index, keys_of
+from raee.keys import Embedder, KeySpec
+from raee.policy import RaeeConfig
+from raee.records import ExitRecords
+from raee.store import ExitStore, load_store, write_store
+from raee.tasks import TaskDefinition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationPass:
+    """Everything one pass over calibration items yields, in the items' order."""
+
+    records: ExitRecords
+    keys: np.ndarray  # (N, D) float32 unit rows
+    texts: list[str]
+    lines: np.ndarray  # (N,) source line of each item
+    seconds: float
+    pooled: dict[int, np.ndarray]  # layer -> (N, H) mean-pooled states asked for with `extra_pooled_layers`
+
+    @property
+    def items_per_second(self) -> float:
+        return len(self.texts) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def shard_of(examples: list[Example], shard: tuple[int, int] | None) -> list[Example]:
+    """Shard I of N: the I-th of N contiguous blocks, so merging shards in order restores the item order."""
+    if shard is None:
+        return examples
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise InputError(f"shard {i}/{n}: need 0 <= I < N")
+    return examples[len(examples) * i // n: len(examples) * (i + 1) // n]
+
+
+def calibrate(backbone: Backbone, task: TaskDefinition, examples: list[Example], key: KeySpec,
+              embedder: Embedder | None = None, batch_size: int = 64, progress: bool = True,
+              extra_pooled_layers: tuple[int, ...] = ()) -> CalibrationPass:
+    """Run the backbone once over every item (label logits at all layers) and compute each item's key.
+
+    Items too long for the backbone are skipped with a warning naming their lines.
+    """
+    if key.source == "embedder" and embedder is None:
+        raise InputError("embedder keys need an embedder")
+    if key.source == "prefix" and key.layer > backbone.num_layers:
+        raise InputError(f"prefix key layer {key.layer} exceeds the backbone's {backbone.num_layers} layers")
+    counts = backbone.token_counts([e.text for e in examples], task)
+    too_long = [e.line for e, c in zip(examples, counts) if c > backbone.max_tokens]
+    if too_long:
+        log.warning("skipping %d items longer than %d tokens (lines %s%s)", len(too_long), backbone.max_tokens,
+                    ", ".join(map(str, too_long[:10])), " ..." if len(too_long) > 10 else "")
+        kept = [(e, c) for e, c in zip(examples, counts) if c <= backbone.max_tokens]
+        examples, counts = [e for e, _ in kept], [c for _, c in kept]
+    if not examples:
+        raise InputError("no calibration items left to index")
+    order = np.argsort(counts, kind="stable")  # similar lengths batch together: less padding
+    logits = np.zeros((len(examples), backbone.num_layers + 1, task.num_labels), dtype=np.float32)
+    keys: np.ndarray | None = None
+    pooled_layers = tuple(sorted({*extra_pooled_layers, *((key.layer,) if key.layer is not None else ())}))
+    pooled = {layer: np.zeros((len(examples), backbone.base.config.hidden_size), np.float32) for layer in pooled_layers}
+    started = time.perf_counter()
+    with tqdm(total=len(examples), desc=f"indexing {task.name}", unit="item", disable=not progress) as bar:
+        for start in range(0, len(examples), batch_size):
+            rows = order[start:start + batch_size]
+            texts = [examples[i].text for i in rows]
+            layer_pass = backbone.all_layers(texts, task, pooled_layers=pooled_layers)
+            for layer in pooled_layers:
+                pooled[layer][rows] = layer_pass.pooled[layer]
+            batch_keys = layer_pass.pooled[key.layer] if key.source == "prefix" else embedder.encode(texts)
+            if keys is None:
+                keys = np.zeros((len(examples), batch_keys.shape[1]), dtype=np.float32)
+            logits[rows], keys[rows] = layer_pass.label_logits, batch_keys
+            bar.update(len(rows))
+    seconds = time.perf_counter() - started
+    gold = np.array([e.label for e in examples], dtype=np.int64)
+    return CalibrationPass(ExitRecords(gold, logits), keys, [e.text for e in examples],
+                           np.array([e.line for e in examples], dtype=np.int64), seconds,
+                           {layer: pooled[layer] for layer in extra_pooled_layers})
+
+
+def store_manifest(task: TaskDefinition, backbone: Backbone, embedder: Embedder | None, key: KeySpec,
+                   index_spec: IndexSpec, policy: RaeeConfig, calibration: CalibrationPass, *,
+                   source_file: str | None = None, shard: tuple[int, int] | None = None) -> dict:
+    return {
+        "task": task.to_dict(),
+        "backbone": backbone.identity(),
+        "embedder": embedder.identity() if key.source == "embedder" else None,
+        "key": str(key),
+        "key_dim": int(calibration.keys.shape[1]),
+        "num_layers": backbone.num_layers,
+        "num_items": calibration.records.num_items,
+        "num_labels": task.num_labels,
+        "index": {"spec": index_spec.to_dict(), "metric": "inner_product", "normalized": True},
+        "policy": policy.to_dict(),
+        "shard": {"index": shard[0], "count": shard[1]} if shard else None,
+        "source_file": source_file,
+        "build": {"seconds": round(calibration.seconds, 3),
+                  "items_per_second": round(calibration.items_per_second, 1)},
+    }
+
+
+def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examples: list[Example], *,
+                key: KeySpec, embedder: Embedder | None = None, index_spec: IndexSpec = IndexSpec(),
+                policy: RaeeConfig = RaeeConfig(), batch_size: int = 64, shard: tuple[int, int] | None = None,
+                source_file: str | None = None, progress: bool = True) -> tuple[Path, CalibrationPass]:
+    """Calibrate, index and write a store version; returns (version directory, the calibration pass)."""
+    calibration = calibrate(backbone, task, shard_of(examples, shard), key, embedder, batch_size, progress)
+    index = build_index(calibration.keys, index_spec)
+    manifest = store_manifest(task, backbone, embedder, key, index_spec, policy, calibration,
+                              source_file=source_file, shard=shard)
+    version = write_store(out, manifest, calibration.records, index, calibration.texts, calibration.lines)
+    return version, calibration
+
+
+# Manifest fields every shard of one build shares.
+SHARED_FIELDS = ("task", "backbone", "embedder", "key", "key_dim", "num_layers", "num_labels", "index", "policy",
+                 "source_file")
+
+
+def merge_stores(out: str | Path, parts: list[str | Path]) -> Path:
+    """Join shard stores (any order) into one store that answers exactly as an unsharded build."""
+    stores: list[ExitStore] = [load_store(p) for p in parts]
+    if any(s.manifest.get("shard") is None for s in stores):
+        raise StoreError("every part must be a shard (built with --shard I/N)")
+    count = stores[0].manifest["shard"]["count"]
+    stores.sort(key=lambda s: s.manifest["shard"]["index"])
+    found = [s.manifest["shard"]["index"] for s in stores]
+    if found != list(range(count)) or any(s.manifest["shard"]["count"] != count for s in stores):
+        raise StoreError(f"merge needs shards 0..{count - 1} of one build exactly once, got {found}")
+    for s in stores[1:]:
+        differ = [f for f in SHARED_FIELDS if s.manifest.get(f) != stores[0].manifest.get(f)]
+        if differ:
+            raise StoreError(f"shard {s.path} differs from {stores[0].path} in {', '.join(differ)}")
+    records = ExitRecords.concatenate([s.records for s in stores])
+    keys = np.concatenate([keys_of(s.index) for s in stores])
+    index = build_index(keys, stores[0].index_spec)
+    manifest = {f: stores[0].manifest[f] for f in SHARED_FIELDS}
+    manifest.update(num_items=records.num_items, shard=None, merged_from=[s.version for s in stores],
+                    build={"seconds": round(sum(s.manifest["build"]["seconds"] for s in stores), 3)})
+    texts = [t for s in stores for t in s.texts]
+    lines = np.concatenate([s.lines for s in stores])
+    return write_store(out, manifest, records, index, texts, lines)

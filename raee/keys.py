@@ -1,0 +1,77 @@
+"""Where retrieval keys come from: a sentence-transformers embedder, or the backbone's own early layer ("prefix")."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from raee.backbones.base import fingerprint_module
+from raee.backbones.loading import resolve_source
+from raee.errors import BackboneError, InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """`embedder`: a sentence embedding of the text. `prefix:K`: the backbone's mean-pooled layer-K state, which the
+    serving pass computes anyway, so retrieval needs no second model."""
+
+    source: str = "embedder"  # "embedder" or "prefix"
+    layer: int | None = None  # K, for prefix keys
+
+    def __post_init__(self) -> None:
+        if self.source not in ("embedder", "prefix"):
+            raise InputError(f"key source {self.source!r} is not 'embedder' or 'prefix:K'")
+        if self.source == "prefix" and (self.layer is None or self.layer < 0):
+            raise InputError("a prefix key needs a layer: prefix:K with K >= 0")
+        if self.source == "embedder" and self.layer is not None:
+            raise InputError("an embedder key takes no layer")
+
+    @classmethod
+    def parse(cls, text: str) -> "KeySpec":
+        if text == "embedder":
+            return cls("embedder")
+        name, _, layer = text.partition(":")
+        if name != "prefix" or not layer.isdigit():
+            raise InputError(f"key {text!r} is not 'embedder' or 'prefix:K' (K a layer number)")
+        return cls("prefix", int(layer))
+
+    def __str__(self) -> str:
+        return "embedder" if self.source == "embedder" else f"prefix:{self.layer}"
+
+
+class Embedder:
+    """A sentence-transformers model giving unit-length keys (N, D) float32."""
+
+    def __init__(self, source: str | None = None, device: str = "cpu") -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.source, path = resolve_source(source)
+        try:
+            self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise BackboneError(f"{path}: cannot load a sentence-transformers embedder: {exc}") from None
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint_module(self.model)
+        return self._fingerprint
+
+    def identity(self) -> dict:
+        return {"source": self.source, "fingerprint": self.fingerprint(),
+                "dim": _embedding_dimension(self.model)}
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        keys = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                                 show_progress_bar=False)
+        return np.ascontiguousarray(keys, dtype=np.float32)
+
+
+def _embedding_dimension(model) -> int:
+    # sentence-transformers 5 renamed get_sentence_embedding_dimension; accept both.
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(getter())

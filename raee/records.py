@@ -1,0 +1,73 @@
+"""Exit records: per calibration item, the gold label and the label logits at every layer 0..L.
+
+RAEE's record V(x) = [(l, p_l) for every l where the layer-l prediction is right] follows from these, and so does
+every other policy's input (AdaInfer's gap and top probability, calibrated confidence, the oracle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from raee.errors import StoreError
+
+
+@dataclass(frozen=True)
+class ExitRecords:
+    gold: np.ndarray  # (N,) int64 label index
+    label_logits: np.ndarray  # (N, L+1, C) float32, layer 0 = embedding output
+
+    def __post_init__(self) -> None:
+        if self.label_logits.ndim != 3 or self.gold.ndim != 1 or len(self.gold) != len(self.label_logits):
+            raise StoreError(f"exit records have mismatched shapes: gold {self.gold.shape}, "
+                             f"label_logits {self.label_logits.shape}")
+        if len(self.gold) and (self.gold.min() < 0 or self.gold.max() >= self.label_logits.shape[2]):
+            raise StoreError("exit records hold gold labels outside the task's labels")
+
+    @property
+    def num_items(self) -> int:
+        return len(self.gold)
+
+    @property
+    def num_layers(self) -> int:
+        return self.label_logits.shape[1] - 1
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """(N, L+1, C) softmax over the label words."""
+        return softmax(self.label_logits)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """(N, L+1) predicted label per layer."""
+        return self.label_logits.argmax(axis=-1)
+
+    @property
+    def correct(self) -> np.ndarray:
+        """(N, L+1) bool: the layer's prediction is the gold label."""
+        return self.predicted == self.gold[:, None]
+
+    def record_probability(self) -> np.ndarray:
+        """(N, L+1): p_l where layer l is right, else 0 -- RAEE's exit records as a dense matrix."""
+        return np.where(self.correct, self.probabilities.max(axis=-1), 0.0).astype(np.float32)
+
+    def earliest_correct(self) -> np.ndarray:
+        """(N,) earliest correct layer, -1 where no layer is right."""
+        correct = self.correct
+        return np.where(correct.any(axis=1), correct.argmax(axis=1), -1)
+
+    def layer_accuracy(self) -> np.ndarray:
+        """(L+1,) share of items each layer answers correctly."""
+        return self.correct.mean(axis=0)
+
+    @staticmethod
+    def concatenate(parts: list["ExitRecords"]) -> "ExitRecords":
+        return ExitRecords(np.concatenate([p.gold for p in parts]),
+                           np.concatenate([p.label_logits for p in parts]))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)

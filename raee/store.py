@@ -1,0 +1,205 @@
+"""Exit stores on disk: FAISS keys, exit records, item texts and a manifest, written atomically and verified on load.
+
+Layout of a store directory DIR:
+    DIR/CURRENT            name of the version in service (replaced atomically with os.replace)
+    DIR/v<timestamp>/      one complete version: manifest.json, keys.faiss, records.npz, items.jsonl
+A new version is written under a temporary name, fsynced, renamed into place, and only then does CURRENT move to it,
+so a crash at any point leaves the previous version serving. The newest few versions are kept for rollback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from raee.errors import StoreError, StoreMismatchError
+from raee.index import IndexSpec, configure_search, read_index
+from raee.keys import KeySpec
+from raee.policy import RaeeConfig
+from raee.records import ExitRecords
+from raee.tasks import TaskDefinition
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DATA_FILES = ("keys.faiss", "records.npz", "items.jsonl")
+KEEP_VERSIONS = 3
+
+
+@dataclass
+class ExitStore:
+    """One loaded, verified store version."""
+
+    manifest: dict
+    records: ExitRecords
+    index: faiss.Index
+    texts: list[str]  # calibration item texts, in id order
+    lines: np.ndarray  # (N,) line of each item in its source file
+    path: Path
+
+    @property
+    def task(self) -> TaskDefinition:
+        return TaskDefinition.from_dict(self.manifest["task"])
+
+    @property
+    def key(self) -> KeySpec:
+        return KeySpec.parse(self.manifest["key"])
+
+    @property
+    def policy(self) -> RaeeConfig:
+        return RaeeConfig(**self.manifest["policy"])
+
+    @property
+    def index_spec(self) -> IndexSpec:
+        return IndexSpec(**self.manifest["index"]["spec"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest["num_layers"])
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+
+def resolve_version(path: str | Path) -> Path:
+    """The version directory a path names: itself if it holds a manifest, else the one its CURRENT names."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path
+    current = path / "CURRENT"
+    if current.is_file():
+        version = path / current.read_text().strip()
+        if not (version / "manifest.json").is_file():
+            raise StoreError(f"{path}: CURRENT names {version.name}, which is missing or incomplete")
+        return version
+    raise StoreError(f"{path}: not an exit store (no manifest.json and no CURRENT); build one with raee-index build")
+
+
+def load_store(path: str | Path) -> ExitStore:
+    """Load and verify a store (checksums, shapes, format). Raises StoreError saying what is wrong."""
+    version = resolve_version(path)
+    try:
+        manifest = json.loads((version / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{version}/manifest.json is unreadable: {exc}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{version}: store format {manifest.get('format_version')!r}; this raee reads "
+                         f"format {FORMAT_VERSION}. Rebuild the store.")
+    for name in DATA_FILES:
+        expected = manifest.get("files", {}).get(name)
+        if not (version / name).is_file():
+            raise StoreError(f"{version}: {name} is missing")
+        actual = sha256_file(version / name)
+        if actual != expected:
+            raise StoreError(f"{version}: {name} is corrupt (sha256 {actual[:12]}..., manifest says "
+                             f"{str(expected)[:12]}...)")
+    with np.load(version / "records.npz", allow_pickle=False) as npz:
+        records = ExitRecords(npz["gold"], npz["label_logits"])
+        lines = npz["lines"]
+    texts = [json.loads(line)["text"] for line in (version / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    index = read_index(str(version / "keys.faiss"))
+    n, layers = manifest["num_items"], manifest["num_layers"]
+    if not (records.num_items == len(texts) == len(lines) == index.ntotal == n) or records.num_layers != layers:
+        raise StoreError(f"{version}: parts disagree: manifest {n} items / {layers} layers, records "
+                         f"{records.num_items} / {records.num_layers}, index {index.ntotal}, texts {len(texts)}")
+    store = ExitStore(manifest, records, index, texts, lines, version)
+    configure_search(index, store.index_spec)
+    return store
+
+
+def write_store(root: str | Path, manifest: dict, records: ExitRecords, index: faiss.Index, texts: list[str],
+                lines: np.ndarray, keep: int = KEEP_VERSIONS) -> Path:
+    """Write a new store version under `root` and make it current, atomically. Returns the version directory."""
+    root = Path(root)
+    if (root / "manifest.json").exists():
+        raise StoreError(f"{root} is a single store version, not a store directory; choose another output")
+    if root.exists() and any(root.iterdir()) and not (root / "CURRENT").exists():
+        raise StoreError(f"{root} exists and is not an exit store; refusing to write into it")
+    root.mkdir(parents=True, exist_ok=True)
+    name = "v" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
+    try:
+        faiss.write_index(index, str(staging / "keys.faiss"))
+        np.savez(staging / "records.npz", gold=records.gold.astype(np.int64),
+                 label_logits=records.label_logits.astype(np.float32), lines=np.asarray(lines, dtype=np.int64))
+        with (staging / "items.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "version": name,
+                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "files": {f: sha256_file(staging / f) for f in DATA_FILES}}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        for f in (*DATA_FILES, "manifest.json"):
+            _fsync(staging / f)
+        _fsync(staging)
+        os.rename(staging, root / name)
+        _fsync(root)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    _point_current(root, name)
+    _prune(root, keep)
+    log.info("wrote store version %s/%s (%d items)", root, name, records.num_items)
+    return root / name
+
+
+def check_compatible(manifest: dict, backbone, embedder=None) -> None:
+    """Raise StoreMismatchError naming every difference between the store's backbone/embedder and the running ones."""
+    built = manifest["backbone"]
+    running = backbone.identity()
+    diffs = [f"backbone {field}: store has {built.get(field)!r}, running {running[field]!r}"
+             for field in ("kind", "num_layers", "fingerprint", "settings") if built.get(field) != running[field]]
+    if manifest.get("embedder"):
+        if embedder is None:
+            diffs.append(f"the store's keys come from embedder {manifest['embedder']['source']}, none is loaded")
+        elif embedder.fingerprint() != manifest["embedder"]["fingerprint"]:
+            diffs.append(f"embedder weights: store has {manifest['embedder']['fingerprint']} "
+                         f"({manifest['embedder']['source']}), running {embedder.fingerprint()} ({embedder.source})")
+    if diffs:
+        raise StoreMismatchError(f"store {manifest.get('task', {}).get('name')} {manifest.get('version')} does not "
+                                 "match: " + "; ".join(diffs))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _point_current(root: Path, name: str) -> None:
+    tmp = root / ".CURRENT.tmp"
+    with tmp.open("w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / "CURRENT")
+    _fsync(root)
+
+
+def _prune(root: Path, keep: int) -> None:
+    current = (root / "CURRENT").read_text().strip()
+    versions = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("v"))
+    for old in versions[:-keep] if keep > 0 else versions:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,77 @@
+"""Choosing RAEE's hyper-parameters on calibration data only.
+
+The train file is split (seeded) into a store part and a held-out part. One backbone pass over all of it gives
+every layer's logits and every candidate key; each configuration is then scored on the held-out part by pure
+array work: retrieve from the store part, pick exit layers, read the held-out items' own logits at those layers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from raee.index import IndexSpec, build_index, search
+from raee.metrics import task_score
+from raee.policy import RaeeConfig, exit_layers_from_scores, layer_scores
+from raee.records import ExitRecords
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    key: str
+    scale: float | None  # sentence-encoder cosine scale (None: the backbone has no such setting)
+    k: int
+    tau: float
+    earliest_ratio: float
+    score: float  # held-out score at RAEE's exits
+    avg_exit_layer: float
+    avg_layers_run: float  # with a prefix key, max(exit, K)
+    full_score: float  # held-out score at full depth, same scale
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_indices(n: int, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(store rows, held-out rows), a seeded random split."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(n * (1 - holdout)))
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def grid_search(records: ExitRecords, keys: dict[str, np.ndarray], metric: str, *, holdout: float = 0.2,
+                scales: list[float | None] = (None,), base_scale: float | None = None, ks: list[int] = (12,),
+                taus: list[float] = (0.9,), ratios: list[float] = (1.0,), seed: int = 0) -> list[TrialResult]:
+    """Score every (key, scale, k, tau, earliest ratio) on the held-out split. keys: key name ("prefix:1", "embedder") -> (N, D)."""
+    store_rows, held_rows = split_indices(records.num_items, holdout, seed)
+    gold = records.gold[held_rows]
+    results = []
+    for key_name, key_matrix in keys.items():
+        index = build_index(key_matrix[store_rows], IndexSpec("flat"))
+        sims, ids = search(index, key_matrix[held_rows], max(ks))
+        key_layer = int(key_name.split(":")[1]) if key_name.startswith("prefix:") else 0
+        for scale in scales:
+            factor = 1.0 if scale is None or base_scale is None else scale / base_scale
+            scaled = ExitRecords(records.gold, records.label_logits * factor)
+            record_probability = scaled.record_probability()[store_rows]
+            predicted = scaled.predicted[held_rows]  # (H, L+1)
+            full = task_score(metric, predicted[:, -1], gold)
+            for k, tau in itertools.product(ks, taus):
+                scores = layer_scores(sims[:, :k], ids[:, :k], record_probability, RaeeConfig(k=k, tau=tau))
+                for ratio in ratios:
+                    exits = exit_layers_from_scores(scores, ratio)
+                    score = task_score(metric, predicted[np.arange(len(held_rows)), exits], gold)
+                    results.append(TrialResult(key_name, scale, k, tau, ratio, score, float(exits.mean()),
+                                               float(np.maximum(exits, key_layer).mean()), full))
+    return results
+
+
+def choose(results: list[TrialResult], num_layers: int, depth_budget: float) -> TrialResult:
+    """The best held-out score among trials whose layers run average at most depth_budget * L; ties go to fewer
+    layers. With no trial inside the budget, the one running the fewest layers."""
+    inside = [r for r in results if r.avg_layers_run <= depth_budget * num_layers]
+    if not inside:
+        return min(results, key=lambda r: r.avg_layers_run)
+    return max(inside, key=lambda r: (round(r.score, 6), -r.avg_layers_run))
