@@ -1,0 +1,63 @@
+"""raee-index and raee-eval end to end on a tiny checkpoint saved as a user would bring one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from indexer.cli import main as raee_index
+from indexer.evaluate import main as raee_eval
+from tests.conftest import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(save_checkpoint("bert-mlm", tmp_path_factory.mktemp("ckpt") / "bert"))
+
+
+def test_build_inspect_eval(checkpoint, sst2_like, tmp_path, capsys):
+    store = tmp_path / "store"
+    args = ["build", "--task", "sst2", "--train", str(sst2_like), "--out", str(store), "--backbone", checkpoint,
+            "--key", "prefix:1", "--no-progress", "--plot", str(tmp_path / "layers.png")]
+    assert raee_index(args) == 0
+    out = capsys.readouterr().out
+    assert "earliest-correct items" in out and "items/s" in out and "240 items" in out
+    assert (tmp_path / "layers.png").stat().st_size > 1000
+    assert raee_index(["inspect", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert '"fingerprint"' in out and "checksums verified" in out
+    assert raee_eval(["--store", str(store), "--test", str(sst2_like), "--policies", "raee,full,static:1",
+                      "--limit", "40", "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    figures = json.loads((tmp_path / "eval.json").read_text())
+    assert figures["n"] == 40 and set(figures["policies"]) == {"raee", "full", "static:1"}
+    assert figures["policies"]["static:1"]["avg_exit_layer"] == 1.0
+
+
+def test_shards_and_merge(checkpoint, sst2_like, tmp_path, capsys):
+    parts = []
+    for i in range(2):
+        parts.append(str(tmp_path / f"p{i}"))
+        assert raee_index(["build", "--task", "sst2", "--train", str(sst2_like), "--out", parts[-1], "--backbone",
+                           checkpoint, "--shard", f"{i}/2", "--no-progress"]) == 0
+    assert raee_index(["merge", str(tmp_path / "merged"), *parts]) == 0
+    assert "240 items" in capsys.readouterr().out
+
+
+def test_tune_reports_a_choice(checkpoint, sst2_like, tmp_path, capsys):
+    assert raee_index(["tune", "--task", "sst2", "--train", str(sst2_like), "--backbone", checkpoint,
+                       "--keys", "prefix:0,prefix:1", "--ks", "4,12", "--taus", "0.9", "--no-progress",
+                       "--json", str(tmp_path / "t.json")]) == 0
+    out = capsys.readouterr().out
+    assert "chosen" in out and "raee-index build" in out
+    assert len(json.loads((tmp_path / "t.json").read_text())["trials"]) == 2 * 2 * 1 * 6
+
+
+def test_errors_exit_2_with_a_message(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "", "label": "positive"}\n')
+    assert raee_index(["build", "--task", "sst2", "--train", str(bad), "--out", str(tmp_path / "s"),
+                       "--backbone", checkpoint]) == 2
+    assert "bad.jsonl:1: empty text" in capsys.readouterr().err
+    assert raee_index(["inspect", str(tmp_path)]) == 2
+    assert "not an exit store" in capsys.readouterr().err

@@ -1,0 +1,134 @@
+"""Building stores with tiny backbones and classifying through the Engine: exits, policies, keys, shards, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raee.build import build_store, calibrate, merge_stores
+from raee.data import read_examples
+from raee.engine import Engine
+from raee.errors import InputError, StoreError, StoreMismatchError
+from raee.index import search
+from raee.keys import Embedder, KeySpec
+from raee.policy import RaeeConfig, raee_exit_layers
+from raee.store import load_store
+from raee.tasks import BUILTIN_TASKS
+from tests.conftest import save_checkpoint, synthetic_texts, tiny_backbone
+
+TASK = BUILTIN_TASKS["sst2"]
+QUERIES = [t for t, _ in synthetic_texts(16, seed=7)]
+
+
+@pytest.fixture(scope="module")
+def examples(sst2_like):
+    return read_examples(sst2_like, TASK)
+
+
+@pytest.fixture(scope="module", params=["bert-mlm", "llama", "bert-encoder"])
+def engine(request, examples, tmp_path_factory):
+    backbone = tiny_backbone(request.param)
+    out = tmp_path_factory.mktemp(request.param) / "store"
+    build_store(out, TASK, backbone, examples, key=KeySpec("prefix", 1), progress=False)
+    return Engine(load_store(out), backbone)
+
+
+def test_raee_exits_match_the_policy_on_the_store(engine):
+    """The engine's exits are RAEE's on the same neighbours, and its labels are the backbone's at those layers."""
+    results = engine.classify(QUERIES)
+    every = engine.backbone.all_layers(QUERIES, TASK, pooled_layers=(1,))
+    sims, ids = search(engine.store.index, every.pooled[1], 12)
+    expected = raee_exit_layers(sims, ids, engine.store.records.record_probability(), RaeeConfig())
+    assert [r.exit_layer for r in results] == expected.tolist()
+    labels = every.label_logits[np.arange(len(QUERIES)), expected].argmax(axis=1)
+    assert [r.label_index for r in results] == labels.tolist()
+    for r in results:
+        assert r.layers_run == max(r.exit_layer, 1) and r.num_layers == 3
+        assert r.label == TASK.labels[r.label_index] and sum(r.scores) == pytest.approx(1.0, abs=1e-5)
+        assert r.times.key_ms >= 0 and r.times.search_ms >= 0 and r.times.backbone_ms > 0
+
+
+def test_engine_never_runs_layers_past_the_deepest_exit(engine):
+    results = engine.classify(QUERIES[:4], policy="static:2")
+    calls = [0] * engine.num_layers
+    hooks = [layer.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(engine.backbone.layers)]
+    try:
+        results = engine.classify(QUERIES[:4], policy="static:2")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [1, 1, 0] and {r.exit_layer for r in results} == {2}
+
+
+def test_fixed_policies_and_neighbours(engine):
+    full = engine.classify(QUERIES, policy="full")
+    assert {r.exit_layer for r in full} == {3}
+    reference = engine.backbone.all_layers(QUERIES, TASK).label_logits[:, 3].argmax(axis=1)
+    assert [r.label_index for r in full] == reference.tolist()
+    with_neighbours = engine.classify(QUERIES[:2], k=5, with_neighbours=True)
+    assert all(len(r.neighbours) == 5 for r in with_neighbours)
+    assert with_neighbours[0].neighbours[0].similarity >= with_neighbours[0].neighbours[-1].similarity
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(texts=[]), "no texts"),
+    (dict(texts=["good", ""]), "text 1 is empty"),
+    (dict(texts=["good " * 200]), "tokens"),
+    (dict(texts=["good"], policy="fastest"), "policy 'fastest'"),
+    (dict(texts=["good"], policy="static:9"), "static:L"),
+    (dict(texts=["good"], k=0), "k must be"),
+])
+def test_bad_requests_are_refused_with_a_reason(engine, call, message):
+    with pytest.raises(InputError, match=message):
+        engine.classify(**call)
+
+
+def test_store_for_another_backbone_is_refused(engine):
+    with pytest.raises(StoreMismatchError):
+        Engine(engine.store, tiny_backbone("gpt2"))
+
+
+def test_sharded_build_merges_into_the_unsharded_store(examples, tmp_path):
+    backbone = tiny_backbone("bert-encoder")
+    key = KeySpec("prefix", 2)
+    build_store(tmp_path / "whole", TASK, backbone, examples, key=key, progress=False)
+    parts = []
+    for i in (2, 0, 1):  # shards may be built and listed in any order
+        build_store(tmp_path / f"part{i}", TASK, backbone, examples, key=key, shard=(i, 3), progress=False)
+        parts.append(tmp_path / f"part{i}")
+    merge_stores(tmp_path / "merged", parts)
+    whole, merged = load_store(tmp_path / "whole"), load_store(tmp_path / "merged")
+    np.testing.assert_allclose(merged.records.label_logits, whole.records.label_logits, atol=1e-5)
+    np.testing.assert_array_equal(merged.records.gold, whole.records.gold)
+    a = Engine(whole, backbone).classify(QUERIES, with_neighbours=True)
+    b = Engine(merged, backbone).classify(QUERIES, with_neighbours=True)
+    assert [(r.label, r.exit_layer) for r in a] == [(r.label, r.exit_layer) for r in b]
+    assert [[n.id for n in r.neighbours] for r in a] == [[n.id for n in r.neighbours] for r in b]
+    with pytest.raises(StoreError, match="shards 0..2"):
+        merge_stores(tmp_path / "bad", parts[:2])
+
+
+def test_embedder_keys_with_a_local_sentence_transformer(examples, tmp_path):
+    from sentence_transformers import SentenceTransformer, models
+    checkpoint = save_checkpoint("bert-encoder", tmp_path / "ckpt")
+    encoder = models.Transformer(str(checkpoint))
+    SentenceTransformer(modules=[encoder, models.Pooling(32, "mean")]).save(str(tmp_path / "embedder"))
+    embedder = Embedder(str(tmp_path / "embedder"))
+    backbone = tiny_backbone("bert-mlm")
+    build_store(tmp_path / "s", TASK, backbone, examples[:60], key=KeySpec("embedder"), embedder=embedder,
+                progress=False)
+    store = load_store(tmp_path / "s")
+    assert store.manifest["embedder"]["fingerprint"] == embedder.fingerprint()
+    results = Engine(store, backbone, embedder).classify(QUERIES[:3])
+    assert all(0 <= r.exit_layer <= 3 and r.layers_run == r.exit_layer for r in results)
+    with pytest.raises(StoreMismatchError, match="embedder"):
+        Engine(store, backbone, None)
+
+
+def test_calibration_skips_items_too_long_for_the_backbone(examples, caplog):
+    backbone = tiny_backbone("bert-encoder")
+    long_item = type(examples[0])(text="good " * 100, label=1, line=999)
+    result = calibrate(backbone, TASK, [*examples[:5], long_item], KeySpec("prefix", 1), progress=False)
+    assert result.records.num_items == 5 and "999" in caplog.text
