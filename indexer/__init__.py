@@ -1,0 +1,1 @@
+"""raee-index: the offline indexer that builds, inspects, merges and tunes exit stores."""

@@ -1,0 +1,115 @@
+"""raee-index: build, inspect, merge and tune exit stores. Run `raee-index COMMAND --help` for each command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+from raee.errors import RaeeError
+
+log = logging.getLogger("raee-index")
+
+
+def _backbone_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", default=None, metavar="PATH",
+                   help="local checkpoint directory (default: the embedded all-MiniLM-L6-v2)")
+    g.add_argument("--kind", default="auto", choices=["auto", "masked-lm", "causal-lm", "sentence-encoder"],
+                   help="backbone kind (default: read from the checkpoint)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--scale", type=float, default=20.0,
+                   help="sentence-encoder kind: cosine scale, i.e. inverse softmax temperature (default: 20)")
+    g.add_argument("--embedder", default=None, metavar="PATH",
+                   help="sentence-transformers model for embedder keys (default: the embedded all-MiniLM-L6-v2)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="built-in task name (sst2, sst5, mr, cr, mpqa, subj, trec, cola) "
+                                                 "or a YAML/JSON task file")
+    p.add_argument("--train", required=True, metavar="FILE", help="labelled calibration data: JSONL, CSV or TSV")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="read only the first N items")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="items per backbone batch (default 64)")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit()):
+        raise argparse.ArgumentTypeError(f"shard {text!r} is not I/N")
+    return int(i), int(n)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="raee-index", description=__doc__)
+    top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="run the backbone over calibration data and write an exit store",
+                       description="Run the backbone over every labelled item, record which layers answer it "
+                                   "correctly, key it, and write a new version of the exit store at --out.")
+    _data_args(b)
+    b.add_argument("--out", required=True, metavar="DIR", help="store directory (a new version is added)")
+    b.add_argument("--key", default="prefix:1", metavar="embedder|prefix:K",
+                   help="retrieval key: a sentence embedding, or the backbone's mean-pooled layer-K state "
+                        "(default prefix:1; see README for why)")
+    b.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivf"], help="FAISS index (default flat)")
+    b.add_argument("--k", type=int, default=12, help="RAEE neighbours saved as the store's default (12)")
+    b.add_argument("--tau", type=float, default=0.9, help="RAEE record threshold saved as the default (0.9)")
+    b.add_argument("--earliest-ratio", type=float, default=1.0, metavar="A",
+                   help="exit at the earliest layer whose RAEE score reaches A x the best layer's (1 = RAEE)")
+    b.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="build only the I-th of N contiguous parts; join parts with raee-index merge")
+    b.add_argument("--plot", default=None, metavar="PNG", help="also draw per-layer accuracy and exits")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _backbone_args(b)
+
+    i = sub.add_parser("inspect", help="print a store's manifest and its earliest-correct-layer histogram")
+    i.add_argument("store", metavar="DIR")
+    i.add_argument("--plot", default=None, metavar="PNG", help="also draw per-layer accuracy and exits")
+
+    m = sub.add_parser("merge", help="join shard stores into one store",
+                       description="Join the parts written by build --shard I/N into a store that answers "
+                                   "exactly as an unsharded build.")
+    m.add_argument("out", metavar="OUT")
+    m.add_argument("parts", nargs="+", metavar="PART")
+
+    t = sub.add_parser("tune", help="choose key, scale, k and tau on a held-out split of the calibration data",
+                       description="Split the train file (seeded) into a store part and a held-out part, run the "
+                                   "backbone once, and score every combination on the held-out part. The test "
+                                   "split is never read.")
+    _data_args(t)
+    t.add_argument("--holdout", type=float, default=0.2, help="share of items held out (default 0.2)")
+    t.add_argument("--keys", default="prefix:0,prefix:1,prefix:2,embedder", help="comma-separated key sources")
+    t.add_argument("--scales", default="10,20,40,80", help="sentence-encoder scales to try")
+    t.add_argument("--ks", default="4,12,32", help="neighbour counts to try")
+    t.add_argument("--taus", default="0.6,0.75,0.9", help="record thresholds to try")
+    t.add_argument("--ratios", default="1,0.9,0.8,0.7,0.6,0.5", help="earliest ratios A to try (1 = RAEE)")
+    t.add_argument("--show", type=int, default=25, help="table rows to print, best first (25)")
+    t.add_argument("--depth-budget", type=float, default=0.75,
+                   help="choose the best score among settings running at most this share of layers (0.75)")
+    t.add_argument("--json", default=None, metavar="OUT", help="write every trial as JSON")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+    _backbone_args(t)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    from indexer import commands
+    try:
+        return getattr(commands, args.command)(args)
+    except RaeeError as exc:
+        print(f"raee-index {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

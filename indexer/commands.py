@@ -1,0 +1,106 @@
+"""The raee-index commands: each takes parsed arguments, does one job, prints what it did, returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from indexer.summary import layer_table, plot_layers
+from raee.backbones import load_backbone
+from raee.build import build_store, calibrate, merge_stores
+from raee.data import read_examples
+from raee.index import IndexSpec
+from raee.keys import Embedder, KeySpec
+from raee.policy import RaeeConfig
+from raee.store import load_store
+from raee.tasks import load_task
+from raee.tuning import choose, grid_search
+
+log = logging.getLogger("raee-index")
+
+
+def _load(args: argparse.Namespace):
+    task = load_task(args.task)
+    examples = read_examples(args.train, task, text_column=args.text_column, label_column=args.label_column,
+                             limit=args.limit)
+    backbone = load_backbone(args.backbone, kind=args.kind, device=args.device, dtype=args.dtype, scale=args.scale)
+    return task, examples, backbone
+
+
+def build(args: argparse.Namespace) -> int:
+    task, examples, backbone = _load(args)
+    key = KeySpec.parse(args.key)
+    embedder = Embedder(args.embedder, device=args.device) if key.source == "embedder" else None
+    version, calibration = build_store(
+        args.out, task, backbone, examples, key=key, embedder=embedder, index_spec=IndexSpec(args.index),
+        policy=RaeeConfig(k=args.k, tau=args.tau, earliest_ratio=args.earliest_ratio), batch_size=args.batch_size, shard=args.shard,
+        source_file=str(args.train), progress=not args.no_progress)
+    print(f"\nexit store {version}  (task {task.name}, {backbone.kind} {backbone.source}, key {key}, "
+          f"index {args.index})")
+    print(layer_table(calibration.records))
+    print(f"\nindexed {calibration.records.num_items} items in {calibration.seconds:.1f} s: "
+          f"{calibration.items_per_second:.0f} items/s")
+    if args.plot:
+        plot_layers(calibration.records, args.plot, f"{task.name}: {backbone.source}")
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    store = load_store(args.store)
+    manifest = dict(store.manifest)
+    print(f"store {store.path}  (checksums verified)")
+    print(json.dumps(manifest, indent=2))
+    print()
+    print(layer_table(store.records))
+    if args.plot:
+        plot_layers(store.records, args.plot, f"{store.task.name}: {manifest['backbone']['source']}")
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    version = merge_stores(args.out, args.parts)
+    store = load_store(version)
+    print(f"merged {len(args.parts)} shards into {version}: {store.records.num_items} items")
+    return 0
+
+
+def tune(args: argparse.Namespace) -> int:
+    task, examples, backbone = _load(args)
+    key_names = [k.strip() for k in args.keys.split(",") if k.strip()]
+    specs = [KeySpec.parse(k) for k in key_names]
+    prefix_layers = tuple(s.layer for s in specs if s.source == "prefix")
+    # One pass gives logits at every layer and the pooled state of every prefix layer asked for.
+    calibration = calibrate(backbone, task, examples, KeySpec("prefix", 0), None, args.batch_size,
+                            not args.no_progress, extra_pooled_layers=prefix_layers)
+    keys = {str(s): calibration.pooled[s.layer] if s.source == "prefix" else
+            Embedder(args.embedder, device=args.device).encode(calibration.texts) for s in specs}
+    is_encoder = backbone.kind == "sentence-encoder"
+    scales = [float(s) for s in args.scales.split(",")] if is_encoder else [None]
+    results = grid_search(calibration.records, keys, task.metric, holdout=args.holdout, scales=scales,
+                          base_scale=backbone.scale if is_encoder else None,
+                          ks=[int(k) for k in args.ks.split(",")], taus=[float(t) for t in args.taus.split(",")],
+                          ratios=[float(a) for a in args.ratios.split(",")],
+                          seed=args.seed)
+    print(f"\nheld-out {task.metric} on {int(round(args.holdout * len(calibration.texts)))} of "
+          f"{len(calibration.texts)} calibration items ({backbone.num_layers} layers)\n")
+    print("| key | scale | k | tau | earliest ratio | score | full depth | avg exit | avg layers run |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(results, key=lambda r: (-r.score, r.avg_layers_run))[:args.show]:
+        print(f"| {r.key} | {r.scale} | {r.k} | {r.tau} | {r.earliest_ratio} | {r.score:.4f} | {r.full_score:.4f} | "
+              f"{r.avg_exit_layer:.2f} | {r.avg_layers_run:.2f} |")
+    best = choose(results, backbone.num_layers, args.depth_budget)
+    scale_flag = f" --scale {best.scale:g}" if best.scale is not None else ""
+    print(f"\nchosen (best score within {args.depth_budget:.0%} of the layers): key {best.key}, scale {best.scale}, "
+          f"k {best.k}, tau {best.tau}, earliest ratio {best.earliest_ratio}: score {best.score:.4f} vs full depth {best.full_score:.4f}, "
+          f"{best.avg_layers_run:.2f} layers run on average")
+    print(f"build with: raee-index build --task {args.task} --train {args.train} --out DIR --key {best.key}"
+          f"{scale_flag} --k {best.k} --tau {best.tau} --earliest-ratio {best.earliest_ratio}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"chosen": best.to_dict(), "trials": [r.to_dict() for r in results]},
+                                              indent=2))
+    return 0
+
