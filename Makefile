@@ -1,0 +1,46 @@
+# make demo: install, build the sst2 exit store from bundled data, classify a few sentences.
+# make test: install and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STORE := stores/sst2
+# Chosen on a held-out fifth of the sst2 train file with `make tune-sst2` (see README); never on the test split.
+SST2_SETTINGS := --key prefix:2 --scale 80 --k 32 --tau 0.6 --earliest-ratio 0.8
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test test-fast store-sst2 tune-sst2 eval-sst2 clean
+
+install: $(VENV)/.installed
+
+# torch is pinned here: 2.13.0 has a CPU build on disk; an open range would pull CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,plot]'
+	touch $@
+
+$(STORE)/CURRENT: | $(VENV)/.installed
+	$(BIN)/raee-index build --task sst2 --train data/sst2/train.jsonl --out $(STORE) $(SST2_SETTINGS)
+
+store-sst2: install
+	$(BIN)/raee-index build --task sst2 --train data/sst2/train.jsonl --out $(STORE) $(SST2_SETTINGS)
+
+demo: install $(STORE)/CURRENT
+	$(BIN)/python examples/demo.py --store $(STORE)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not real_model"
+
+tune-sst2: install
+	$(BIN)/raee-index tune --task sst2 --train data/sst2/train.jsonl --keys prefix:0,prefix:1,prefix:2,prefix:3,embedder
+
+eval-sst2: install $(STORE)/CURRENT
+	$(BIN)/raee-eval --store $(STORE) --test data/sst2/test.jsonl --policies raee,full,static:2,static:4
+
+clean:
+	rm -rf $(VENV) stores .pytest_cache
