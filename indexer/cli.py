@@ -53,9 +53,9 @@ def parser() -> argparse.ArgumentParser:
                                    "correctly, key it, and write a new version of the exit store at --out.")
     _data_args(b)
     b.add_argument("--out", required=True, metavar="DIR", help="store directory (a new version is added)")
-    b.add_argument("--key", default="prefix:1", metavar="embedder|prefix:K",
-                   help="retrieval key: a sentence embedding, or the backbone's mean-pooled layer-K state "
-                        "(default prefix:1; see README for why)")
+    b.add_argument("--key", default="prefix:2", metavar="embedder|prefix:K",
+                   help="retrieval key: a sentence embedding, or the backbone's mean-pooled layer-K state, which "
+                        "the serving pass reuses (default prefix:2; README: 'Why the default key')")
     b.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivf"], help="FAISS index (default flat)")
     b.add_argument("--k", type=int, default=12, help="RAEE neighbours saved as the store's default (12)")
     b.add_argument("--tau", type=float, default=0.9, help="RAEE record threshold saved as the default (0.9)")

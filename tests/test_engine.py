@@ -74,6 +74,8 @@ def test_fixed_policies_and_neighbours(engine):
 
 @pytest.mark.parametrize("call, message", [
     (dict(texts=[]), "no texts"),
+    (dict(texts="good film"), "list of strings"),
+    (dict(texts=["good", None]), "text 1 is empty"),
     (dict(texts=["good", ""]), "text 1 is empty"),
     (dict(texts=["good " * 200]), "tokens"),
     (dict(texts=["good"], policy="fastest"), "policy 'fastest'"),

@@ -76,6 +76,20 @@ def test_without_tau_every_correct_record_counts():
     assert raee_exit_layers(sims, ids, records, RaeeConfig(k=1, use_tau=False))[0] == 0
 
 
+def test_earliest_ratio_trades_depth_for_score():
+    from raee.policy import exit_layers_from_scores
+    scores = np.array([[0.0, 0.5, 0.85, 1.0], [0.2, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert exit_layers_from_scores(scores, 1.0).tolist() == [3, 0, 3]  # RAEE: argmax; nothing -> full depth
+    assert exit_layers_from_scores(scores, 0.8).tolist() == [2, 0, 3]  # earliest layer within 80% of the best
+    assert exit_layers_from_scores(scores, 0.5).tolist() == [1, 0, 3]
+    records = np.array([[0, 0.92, 0.95, 0.99]], dtype=np.float32)
+    sims, ids = np.array([[0.9]]), np.array([[0]])
+    assert raee_exit_layers(sims, ids, records, RaeeConfig(k=1)) == [3]
+    assert raee_exit_layers(sims, ids, records, RaeeConfig(k=1, earliest_ratio=0.9)) == [1]
+    with pytest.raises(InputError):
+        RaeeConfig(earliest_ratio=0)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_vectorised_policy_matches_reference(seed):
     rng = np.random.default_rng(seed)

@@ -87,6 +87,8 @@ class Backbone(ABC):
 
     def check_texts(self, texts: list[str]) -> None:
         """Raise InputError for an empty batch, an empty text or one too long to read; name the text's index."""
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, (list, tuple)):
+            raise InputError(f"texts must be a list of strings, got {type(texts).__name__}")
         if not texts:
             raise InputError("no texts given")
         for i, text in enumerate(texts):
