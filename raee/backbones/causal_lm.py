@@ -7,14 +7,14 @@ from torch import nn
 
 from raee.backbones.base import Backbone
 from raee.backbones.layerwise import LayerwiseForward
-from raee.backbones.masked_lm import label_token_ids
+from raee.backbones.masked_lm import LabelWords
 from raee.errors import BackboneError
 from raee.tasks import TaskDefinition
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm", "decoder.final_layer_norm")
 
 
-class CausalLMBackbone(Backbone):
+class CausalLMBackbone(LabelWords, Backbone):
     kind = "causal-lm"
 
     def __init__(self, model: nn.Module, tokenizer, **kwargs) -> None:
@@ -34,14 +34,6 @@ class CausalLMBackbone(Backbone):
         hidden = fwd.hidden[rows]  # (R, T, H)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), fwd.answer_positions[rows]]  # (R, H)
         return self.lm_head(self.final_norm(last))[:, self.label_ids(task)]
-
-    def prepare(self, task: TaskDefinition) -> None:
-        self.label_ids(task)
-
-    def label_ids(self, task: TaskDefinition) -> torch.Tensor:
-        if task.name not in self._label_ids:
-            self._label_ids[task.name] = label_token_ids(self.tokenizer, task.label_words_for(self.kind), self.device)
-        return self._label_ids[task.name]
 
 
 def _final_norm(base: nn.Module) -> nn.Module:

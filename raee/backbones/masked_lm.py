@@ -15,7 +15,21 @@ from raee.tasks import TaskDefinition
 log = logging.getLogger(__name__)
 
 
-class MaskedLMBackbone(Backbone):
+class LabelWords:
+    """Mixin for kinds whose head scores label words: caches each task's label token ids."""
+
+    _label_ids: dict[str, torch.Tensor]
+
+    def prepare(self, task: TaskDefinition) -> None:
+        self.label_ids(task)
+
+    def label_ids(self, task: TaskDefinition) -> torch.Tensor:
+        if task.name not in self._label_ids:
+            self._label_ids[task.name] = label_token_ids(self.tokenizer, task.label_words_for(self.kind), self.device)
+        return self._label_ids[task.name]
+
+
+class MaskedLMBackbone(LabelWords, Backbone):
     kind = "masked-lm"
 
     def __init__(self, model: nn.Module, tokenizer, **kwargs) -> None:
@@ -38,14 +52,6 @@ class MaskedLMBackbone(Backbone):
         hidden = fwd.hidden[rows]  # (R, T, H)
         at_mask = hidden[torch.arange(hidden.shape[0], device=hidden.device), fwd.answer_positions[rows]]  # (R, H)
         return self.head(at_mask)[:, self.label_ids(task)]
-
-    def prepare(self, task: TaskDefinition) -> None:
-        self.label_ids(task)
-
-    def label_ids(self, task: TaskDefinition) -> torch.Tensor:
-        if task.name not in self._label_ids:
-            self._label_ids[task.name] = label_token_ids(self.tokenizer, task.label_words_for(self.kind), self.device)
-        return self._label_ids[task.name]
 
 
 def label_token_ids(tokenizer, words: tuple[str, ...], device: torch.device) -> torch.Tensor:
