@@ -44,3 +44,16 @@ eval-sst2: install $(STORE)/CURRENT
 
 clean:
 	rm -rf $(VENV) stores .pytest_cache
+
+# The seven-task suite of docs/RESULTS.md: one store per task at default settings, every policy, one table.
+DATA ?= ../shared/data
+SUITE_TASKS := sst2 sst5 mr cr mpqa subj cola
+SUITE_OUT ?= out/suite
+.PHONY: results
+results: install
+	mkdir -p $(SUITE_OUT)
+	for t in $(SUITE_TASKS); do \
+	  [ -f $(SUITE_OUT)/stores/$$t/CURRENT ] || $(BIN)/raee-index build --task $$t --train $(DATA)/$$t/train.jsonl \
+	    --out $(SUITE_OUT)/stores/$$t --no-progress || exit 1; done
+	$(BIN)/raee-eval --suite --no-progress $(foreach t,$(SUITE_TASKS),--store $(SUITE_OUT)/stores/$(t) --test $(DATA)/$(t)/test.jsonl) \
+	  --json $(SUITE_OUT)/results.json --plot $(SUITE_OUT)/policies.png | tee $(SUITE_OUT)/results.md

@@ -102,10 +102,14 @@ class Engine:
         return self.backbone.num_layers
 
     def classify(self, texts: list[str], *, policy: str = "raee", k: int | None = None,
-                 with_neighbours: bool = False) -> list[Classification]:
-        """Classify a batch; each text leaves the backbone at its own exit layer."""
+                 with_neighbours: bool = False, raee: RaeeConfig | None = None) -> list[Classification]:
+        """Classify a batch; each text leaves the backbone at its own exit layer.
+
+        policy: raee, full or static:L. k overrides the store's neighbour count; raee replaces its whole RAEE
+        configuration (both only matter for policy raee)."""
         fixed_exit = parse_policy(policy, self.num_layers)
-        config = self.policy if k is None else dataclasses.replace(self.policy, k=k)
+        config = raee or self.policy
+        config = config if k is None else dataclasses.replace(config, k=k)
         self.backbone.check_texts(texts)
         key_layer = self.store.key.layer if self.store.key.source == "prefix" else None
         sims = ids = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,6 +168,29 @@ class Backbone(ABC):
                     break
             fwd.advance()
         return out
+
+
+    @torch.inference_mode()
+    def run_until(self, fwd: LayerwiseForward, task: TaskDefinition,
+                  should_stop: Callable[[int, np.ndarray], np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
+        """Read the head at every layer and let rows leave when should_stop(layer, logits (R, C)) -> (R,) bool says
+        so (the last layer always stops): how head-reading policies run online. Returns (logits (B0, C),
+        exit layers (B0,))."""
+        out = torch.full((fwd.start_size, task.num_labels), float("nan"), device=self.device)
+        exits = np.full(fwd.start_size, -1)
+        everyone = torch.ones(fwd.hidden.shape[0], dtype=torch.bool, device=self.device)
+        while True:
+            logits = self.label_logits(fwd, everyone[:fwd.hidden.shape[0]], task)
+            stop = np.asarray(should_stop(fwd.layer, logits.float().cpu().numpy()), dtype=bool)
+            if fwd.layer == self.num_layers:
+                stop[:] = True
+            leaving = torch.from_numpy(stop).to(self.device)
+            out[fwd.rows[leaving]] = logits[leaving].float()
+            exits[fwd.rows[leaving].cpu().numpy()] = fwd.layer
+            fwd.keep_rows(~leaving)
+            if not fwd.rows.numel():
+                return out, exits
+            fwd.advance()
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
