@@ -9,7 +9,7 @@ SST2_SETTINGS := --key prefix:2 --scale 80 --k 32 --tau 0.6 --earliest-ratio 0.8
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-fast store-sst2 tune-sst2 eval-sst2 clean
+.PHONY: install proto demo test test-fast store-sst2 tune-sst2 eval-sst2 clean
 
 install: $(VENV)/.installed
 
@@ -19,7 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test,plot]'
+	$(BIN)/python -m service.protos
 	touch $@
+
+proto: install
+	$(BIN)/python -m service.protos
 
 $(STORE)/CURRENT: | $(VENV)/.installed
 	$(BIN)/raee-index build --task sst2 --train data/sst2/train.jsonl --out $(STORE) $(SST2_SETTINGS)

@@ -55,6 +55,7 @@ class Classification:
     num_layers: int
     times: StageTimes
     neighbours: tuple[Neighbour, ...] = field(default=())
+    full_depth_fallback: bool = False  # RAEE found no neighbour with an exit record and ran every layer
 
 
 def parse_policy(policy: str, num_layers: int) -> int | None:
@@ -113,6 +114,7 @@ class Engine:
         self.backbone.check_texts(texts)
         key_layer = self.store.key.layer if self.store.key.source == "prefix" else None
         sims = ids = None
+        fallback = np.zeros(len(texts), dtype=bool)
         t0 = time.perf_counter()
         if fixed_exit is not None:
             exits = np.full(len(texts), fixed_exit)
@@ -127,8 +129,9 @@ class Engine:
                 keys = mean_pool(fwd.hidden, fwd.attention_mask).cpu().numpy()
             t1 = time.perf_counter()
             sims, ids = search(self.index, keys, config.k)
-            exits = exit_layers_from_scores(layer_scores(sims, ids, self._record_probability, config),
-                                            config.earliest_ratio)
+            scores = layer_scores(sims, ids, self._record_probability, config)
+            exits = exit_layers_from_scores(scores, config.earliest_ratio)
+            fallback = scores.max(axis=1) <= 0
             t2 = time.perf_counter()
             logits = self._run_to_exits(fwd, early, exits)
         times = StageTimes((t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
@@ -139,7 +142,7 @@ class Engine:
             layers_run=int(max(exits[i], key_layer or 0)) if fixed_exit is None else int(exits[i]),
             num_layers=self.num_layers, times=times,
             neighbours=tuple(Neighbour(int(j), float(s)) for j, s in zip(ids[i], sims[i]) if j >= 0)
-            if with_neighbours and ids is not None else ())
+            if with_neighbours and ids is not None else (), full_depth_fallback=bool(fallback[i]))
             for i in range(len(texts))]
 
     def _prefix_pass(self, texts: list[str], key_layer: int):

@@ -1,0 +1,201 @@
+"""A typed Python client for raee.v1: plain dataclasses in and out, UNAVAILABLE retried with backoff."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from service.api import pb, pb_grpc
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class RaeeClientError(Exception):
+    """An RPC failed; `code` is the gRPC status code, the message says why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    id: int
+    similarity: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    label_index: int
+    scores: tuple[float, ...]
+    exit_layer: int
+    num_layers: int
+    layers_run: int
+    neighbours: tuple[Neighbour, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_ms: float
+    key_ms: float
+    search_ms: float
+    backbone_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    results: tuple[Classification, ...]
+    timings: Timings
+    store_version: str
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    labels: tuple[str, ...]
+    store_version: str
+    store_path: str
+    manifest: dict
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    backbone: dict
+    tasks: tuple[TaskInfo, ...]
+    limits: dict
+    version: str
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of a stream."""
+
+    texts: tuple[str, ...]
+    task: str
+    policy: str = "raee"
+    k: int | None = None
+    neighbours: bool = False
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    task: str
+    previous_version: str
+    store_version: str
+
+
+def _policy(policy: str) -> tuple[int, int]:
+    if policy == "raee":
+        return pb.POLICY_KIND_RAEE, 0
+    if policy == "full":
+        return pb.POLICY_KIND_FULL, 0
+    name, _, layer = policy.partition(":")
+    if name == "static" and layer.isdigit():
+        return pb.POLICY_KIND_STATIC, int(layer)
+    raise ValueError(f"policy {policy!r} is not raee, full or static:L")
+
+
+def _request(r: Request) -> pb.ClassifyRequest:
+    kind, layer = _policy(r.policy)
+    return pb.ClassifyRequest(task=r.task, texts=list(r.texts), policy=kind, static_layer=layer, k=r.k or 0,
+                              return_neighbours=r.neighbours, request_id=r.request_id)
+
+
+def _result(response: pb.ClassifyResponse) -> ClassifyResult:
+    t = response.timings
+    return ClassifyResult(
+        tuple(Classification(c.label, c.label_index, tuple(c.scores), c.exit_layer, c.num_layers, c.layers_run,
+                             tuple(Neighbour(n.id, n.similarity) for n in c.neighbours)) for c in response.results),
+        Timings(t.queue_ms, t.key_ms, t.search_ms, t.backbone_ms, t.total_ms), response.store_version,
+        response.request_id)
+
+
+@dataclass
+class Client:
+    """`Client("localhost:50051").classify(["a fine film"], task="sst2")`."""
+
+    address: str
+    timeout: float = 10.0  # seconds per call
+    retries: int = 3  # extra attempts after UNAVAILABLE
+    backoff: float = 0.2  # first wait between attempts, doubled each time
+    root_certificates: bytes | None = None  # PEM; TLS when given
+    _channel: grpc.Channel = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.root_certificates is not None:
+            self._channel = grpc.secure_channel(self.address, grpc.ssl_channel_credentials(self.root_certificates))
+        else:
+            self._channel = grpc.insecure_channel(self.address)
+        self._stub = pb_grpc.RaeeStub(self._channel)
+
+    def _call(self, method, request):
+        wait = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                if exc.code() in RETRYABLE and attempt < self.retries:
+                    time.sleep(wait)
+                    wait *= 2
+                    continue
+                raise RaeeClientError(exc.code(), exc.details() or "") from None
+
+    def classify(self, texts: list[str], task: str, *, policy: str = "raee", k: int | None = None,
+                 neighbours: bool = False) -> ClassifyResult:
+        request = _request(Request(tuple(texts), task, policy, k, neighbours))
+        return _result(self._call(self._stub.Classify, request))
+
+    def stream(self, requests: Iterable[Request]) -> Iterator[ClassifyResult]:
+        """Send requests on one bidirectional stream; results come back in order."""
+        try:
+            for response in self._stub.ClassifyStream((_request(r) for r in requests), timeout=self.timeout):
+                yield _result(response)
+        except grpc.RpcError as exc:
+            raise RaeeClientError(exc.code(), exc.details() or "") from None
+
+    def info(self) -> ServerInfo:
+        r = self._call(self._stub.GetInfo, pb.GetInfoRequest())
+        b, lim = r.backbone, r.limits
+        return ServerInfo(
+            {"source": b.source, "kind": b.kind, "num_layers": b.num_layers, "fingerprint": b.fingerprint,
+             "dtype": b.dtype},
+            tuple(TaskInfo(t.name, tuple(t.labels), t.store_version, t.store_path, json.loads(t.manifest_json))
+                  for t in r.tasks),
+            {"max_texts": lim.max_texts, "max_text_bytes": lim.max_text_bytes, "max_batch": lim.max_batch,
+             "max_wait_ms": lim.max_wait_ms, "max_queue": lim.max_queue}, r.version)
+
+    def reload(self, task: str, store_path: str) -> ReloadResult:
+        r = self._call(self._stub.ReloadStore, pb.ReloadStoreRequest(task=task, store_path=store_path))
+        return ReloadResult(r.task, r.previous_version, r.store_version)
+
+    def wait_until_serving(self, timeout: float = 120.0) -> None:
+        """Block until grpc.health.v1 reports SERVING."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.address} not SERVING after {timeout:.0f} s")
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()

@@ -1,0 +1,99 @@
+"""Server configuration from a YAML file, RAEE_* environment variables and flags (later sources win)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raee.errors import InputError
+
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9464
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    stores: tuple[str, ...] = field(default_factory=tuple)  # exit store directories; one task each
+    host: str = "0.0.0.0"  # address to listen on
+    port: int = DEFAULT_PORT  # gRPC port (0 = any free port)
+    metrics_port: int = DEFAULT_METRICS_PORT  # Prometheus HTTP port (0 = any free port, -1 = off)
+    max_batch: int = 32  # most rows the batcher sends through the backbone together
+    max_wait_ms: float = 5.0  # longest the batcher waits for more rows before running a batch
+    max_queue: int = 1024  # most texts waiting; beyond it requests get RESOURCE_EXHAUSTED
+    max_texts: int = 64  # most texts in one request
+    max_text_bytes: int = 8192  # most UTF-8 bytes in one text
+    grace_s: float = 15.0  # on SIGTERM, how long in-flight requests may take to finish
+    rpc_threads: int = 32  # gRPC handler threads
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    backbone: str | None = None  # backbone checkpoint; default: the source the stores' manifests name
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS
+    tls_key: str | None = None  # PEM private key
+    admin: bool = True  # allow ReloadStore
+
+    def __post_init__(self) -> None:
+        if not self.stores:
+            raise InputError("no exit store given: pass --store DIR (one per task)")
+        for name in ("max_batch", "max_queue", "max_texts", "max_text_bytes", "rpc_threads"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.grace_s < 0:
+            raise InputError("max_wait_ms and grace_s must not be negative")
+        if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
+            raise InputError(f"ports must lie in 0..65535 (metrics -1 = off), got {self.port}, {self.metrics_port}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InputError("TLS needs both tls_cert and tls_key")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+
+
+def _coerce(name: str, value):
+    kind = FIELDS[name].type
+    if name == "stores":
+        return tuple(value.split(",") if isinstance(value, str) else value)
+    if kind == "bool" and isinstance(value, str):
+        return value.lower() in ("1", "true", "yes", "on")
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raee-serve", description="Serve exit stores over gRPC. Settings come from "
+                                "--config YAML, then RAEE_<NAME> environment variables (e.g. RAEE_MAX_BATCH=16, "
+                                "RAEE_STORES=a,b), then flags.")
+    p.add_argument("--config", default=None, metavar="YAML", help="YAML file with any of the settings below")
+    p.add_argument("--store", dest="stores", action="append", metavar="DIR", help="exit store (repeat per task)")
+    for name, f in FIELDS.items():
+        if name == "stores":
+            continue
+        flag = "--" + name.replace("_", "-")
+        comment = {"bool": "true/false"}.get(f.type, f.type)
+        p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=f"({comment}, default {f.default})")
+    return p
+
+
+def load_config(argv: list[str] | None = None, environ: dict | None = None) -> ServerConfig:
+    args = parser().parse_args(argv)
+    environ = os.environ if environ is None else environ
+    values: dict = {}
+    if args.config:
+        import yaml
+        spec = yaml.safe_load(Path(args.config).read_text()) or {}
+        unknown = set(spec) - set(FIELDS)
+        if unknown:
+            raise InputError(f"{args.config}: unknown settings {sorted(unknown)}; valid: {sorted(FIELDS)}")
+        values.update(spec)
+    values.update({name: environ[f"RAEE_{name.upper()}"] for name in FIELDS if f"RAEE_{name.upper()}" in environ})
+    values.update({name: value for name, value in vars(args).items() if name in FIELDS and value is not None})
+    try:
+        return ServerConfig(**{name: _coerce(name, value) for name, value in values.items()})
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"bad setting: {exc}") from None

@@ -1,0 +1,69 @@
+"""The tasks a server answers: one Engine per task, all sharing one backbone, swapped atomically on reload."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from raee.backbones import Backbone
+from raee.engine import Engine
+from raee.errors import InputError, StoreMismatchError
+from raee.keys import Embedder
+from raee.store import load_store
+
+log = logging.getLogger(__name__)
+
+
+class UnknownTask(InputError):
+    """No store is loaded for the task asked for."""
+
+
+class StoreRegistry:
+    def __init__(self, backbone: Backbone, device: str = "cpu") -> None:
+        self.backbone, self.device = backbone, device
+        self._engines: dict[str, Engine] = {}
+        self._embedders: dict[str, Embedder] = {}
+        self._lock = threading.Lock()  # guards _engines; reloads also serialise on it
+
+    def _engine(self, store_dir: str) -> Engine:
+        """Load and verify a store (checksums, backbone and embedder fingerprints) into an Engine."""
+        store = load_store(store_dir)
+        embedder = None
+        if store.manifest.get("embedder"):
+            source = store.manifest["embedder"]["source"]
+            if source not in self._embedders:
+                self._embedders[source] = Embedder(source, device=self.device)
+            embedder = self._embedders[source]
+        return Engine(store, self.backbone, embedder)
+
+    def add(self, store_dir: str) -> Engine:
+        engine = self._engine(store_dir)
+        with self._lock:
+            if engine.task.name in self._engines:
+                raise InputError(f"two stores for task {engine.task.name}: {self._engines[engine.task.name].store.path}"
+                                 f" and {engine.store.path}")
+            self._engines[engine.task.name] = engine
+        log.info("serving task %s from %s (%d items, key %s)", engine.task.name, engine.store.path,
+                 engine.store.records.num_items, engine.store.key)
+        return engine
+
+    def get(self, task: str) -> Engine:
+        engine = self._engines.get(task)
+        if engine is None:
+            raise UnknownTask(f"unknown task {task!r}; this server answers {', '.join(sorted(self._engines)) or 'none'}")
+        return engine
+
+    def engines(self) -> list[Engine]:
+        return list(self._engines.values())
+
+    def reload(self, task: str, store_dir: str) -> tuple[str, str]:
+        """Verify a new store fully, then swap it in; (previous version, new version). Batches already running keep
+        the engine they started with; the old store keeps serving if anything fails."""
+        previous = self.get(task)
+        engine = self._engine(store_dir)
+        if engine.task.name != task:
+            raise StoreMismatchError(f"{store_dir} is a store for task {engine.task.name}, not {task}")
+        with self._lock:
+            self._engines[task] = engine
+        log.info("task %s: store %s -> %s", task, previous.store.version, engine.store.version)
+        return previous.store.version, engine.store.version

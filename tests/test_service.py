@@ -1,0 +1,315 @@
+"""The gRPC service on 127.0.0.1, port 0, with tiny models: status codes, health, streaming, batching, reload
+under traffic, deadlines, metrics, fuzzing and SIGTERM draining."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from raee.backbones import load_backbone
+from raee.build import build_store
+from raee.client import Client, RaeeClientError, Request
+from raee.data import read_examples
+from raee.keys import KeySpec
+from raee.tasks import BUILTIN_TASKS
+from service.api import pb, pb_grpc
+from service.config import ServerConfig, load_config
+from service.server import RaeeServer
+from tests.conftest import save_checkpoint
+
+TASK = BUILTIN_TASKS["sst2"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, sst2_like):
+    """Two versions of an sst2 store on a tiny BERT MLM checkpoint, and one store built on another backbone."""
+    base = tmp_path_factory.mktemp("svc")
+    checkpoint = save_checkpoint("bert-mlm", base / "bert")
+    backbone = load_backbone(str(checkpoint))
+    examples = read_examples(sst2_like, TASK)
+    build_store(base / "sst2", TASK, backbone, examples[:120], key=KeySpec("prefix", 1), progress=False)
+    v1 = load_backbone  # noqa: F841 - keep names readable below
+    build_store(base / "sst2-next", TASK, backbone, examples[120:], key=KeySpec("prefix", 1), progress=False)
+    other = load_backbone(str(save_checkpoint("llama", base / "llama")))
+    build_store(base / "sst2-llama", TASK, other, examples[:60], key=KeySpec("prefix", 1), progress=False)
+    return {"checkpoint": checkpoint, "backbone": backbone, "current": str(base / "sst2"),
+            "next": str(base / "sst2-next"), "other": str(base / "sst2-llama")}
+
+
+def start(stores, **overrides) -> RaeeServer:
+    config = ServerConfig(stores=(stores["current"],), host="127.0.0.1", port=0, metrics_port=0, **overrides)
+    server = RaeeServer(config, backbone=stores["backbone"]).start()
+    server.loaded.wait(60)
+    assert server.load_error is None
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(stores):
+    server = start(stores, max_wait_ms=2.0, max_texts=8, max_text_bytes=200)
+    yield server
+    server.stop(1)
+
+
+@pytest.fixture
+def client(server):
+    with Client(f"127.0.0.1:{server.port}", timeout=10) as c:
+        yield c
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(RaeeClientError) as info:
+        call()
+    return info.value.code
+
+
+def test_classify_returns_labels_exits_timings_and_version(client, server):
+    result = client.classify(["good film", "awful dull plot"], task="sst2", neighbours=True, k=4)
+    assert len(result.results) == 2 and result.store_version.startswith("v")
+    for r in result.results:
+        assert r.label in TASK.labels and 0 <= r.exit_layer <= r.num_layers == 3
+        assert len(r.neighbours) == 4 and sum(r.scores) == pytest.approx(1, abs=1e-5)
+    assert result.timings.total_ms > 0 and result.timings.backbone_ms > 0
+    full = client.classify(["good film"], task="sst2", policy="full").results[0]
+    static = client.classify(["good film"], task="sst2", policy="static:1").results[0]
+    assert (full.exit_layer, static.exit_layer, static.layers_run) == (3, 1, 1)
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(texts=[], task="sst2"), "no texts"),
+    (dict(texts=["good", ""], task="sst2"), "text 1 is empty"),
+    (dict(texts=["good " * 60], task="sst2"), "bytes; the limit is 200"),
+    (dict(texts=["! " * 70], task="sst2"), "tokens with its prompt"),
+    (dict(texts=["good"] * 9, task="sst2"), "9 texts in one request; the limit is 8"),
+    (dict(texts=["good"], task="imdb"), "unknown task 'imdb'; this server answers sst2"),
+    (dict(texts=["good"], task="sst2", policy="static:4"), "static_layer 4 is past the last layer"),
+    (dict(texts=["good"], task="sst2", k=5000), "k 5000 is out of range"),
+])
+def test_bad_input_is_invalid_argument_with_a_reason(client, call, message):
+    with pytest.raises(RaeeClientError) as info:
+        client.classify(**call)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.message
+
+
+def test_queue_full_is_resource_exhausted_at_once(stores):
+    server = start(stores, max_queue=2)
+    try:
+        with Client(f"127.0.0.1:{server.port}", retries=0) as c:
+            started = time.perf_counter()
+            assert code_of(lambda: c.classify(["a", "b", "c"], task="sst2")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.perf_counter() - started < 0.5
+    finally:
+        server.stop(1)
+
+
+def test_expired_work_is_dropped_before_compute(stores):
+    server = start(stores, max_wait_ms=400)  # the first request waits 400 ms for company
+    rows = []
+    hooks = [layer.register_forward_hook(lambda _m, a, _o: rows.append(a[0].shape[0]))
+             for layer in stores["backbone"].layers]
+    try:
+        stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(pb.ClassifyRequest(task="sst2", texts=["good film"]), timeout=0.1)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.6)
+        assert rows == []  # the batch ran after the deadline and skipped the expired request
+    finally:
+        for h in hooks:
+            h.remove()
+        server.stop(1)
+
+
+def test_reload_refuses_mismatched_or_corrupt_stores_and_keeps_serving(stores, client, tmp_path):
+    before = client.info().tasks[0].store_version
+    with pytest.raises(RaeeClientError) as info:
+        client.reload("sst2", stores["other"])
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and "fingerprint" in info.value.message
+    broken = tmp_path / "broken"
+    import shutil
+    shutil.copytree(Path(stores["next"]), broken)
+    version = next(p for p in broken.iterdir() if p.name.startswith("v"))
+    (version / "keys.faiss").write_bytes((version / "keys.faiss").read_bytes()[:50])
+    assert code_of(lambda: client.reload("sst2", str(broken))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: client.reload("imdb", stores["next"])) == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.info().tasks[0].store_version == before
+    assert client.classify(["good film"], task="sst2").store_version == before
+
+
+def test_reload_under_concurrent_traffic_fails_no_request(stores, server):
+    failures, versions, stop = [], set(), threading.Event()
+
+    def traffic():
+        with Client(f"127.0.0.1:{server.port}", timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    versions.add(c.classify(["good film", "dull plot"], task="sst2").store_version)
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(exc)
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for t in threads:
+        t.start()
+    with Client(f"127.0.0.1:{server.port}") as admin:
+        seen = []
+        for path in (stores["next"], stores["current"], stores["next"], stores["current"]):
+            time.sleep(0.15)
+            seen.append(admin.reload("sst2", path).store_version)
+    time.sleep(0.15)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert len(set(seen)) == 2 and set(seen) <= versions
+
+
+def test_stream_answers_in_order(client):
+    requests = [Request((f"good film {i}",), "sst2", request_id=str(i)) for i in range(20)]
+    requests[5] = Request(("dull",), "sst2", policy="full", request_id="5")
+    results = list(client.stream(requests))
+    assert [r.request_id for r in results] == [str(i) for i in range(20)]
+    assert results[5].results[0].exit_layer == 3
+
+
+def test_stream_with_bad_input_ends_with_invalid_argument(client):
+    requests = [Request(("good",), "sst2"), Request(("",), "sst2")]
+    got = []
+    with pytest.raises(RaeeClientError) as info:
+        for r in client.stream(requests):
+            got.append(r)
+    assert len(got) == 1 and info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_concurrent_requests_share_batches_and_metrics_say_so(server):
+    barrier = threading.Barrier(8)
+
+    def one():
+        with Client(f"127.0.0.1:{server.port}") as c:
+            barrier.wait()
+            c.classify(["good film"], task="sst2")
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    for name in ("raee_requests_total", "raee_stage_seconds_bucket", "raee_exit_layer_bucket", "raee_batch_size",
+                 "raee_queue_depth", "raee_full_depth_fallbacks_total", "raee_raee_texts_total"):
+        assert name in text
+    assert 'raee_requests_total{code="INVALID_ARGUMENT",method="Classify"}' in text
+    batches = float(re.search(r"^raee_batch_size_count (\S+)", text, re.M).group(1))
+    rows = float(re.search(r"^raee_batch_size_sum (\S+)", text, re.M).group(1))
+    assert rows > batches  # some batch carried more than one row
+
+
+def test_health_goes_serving_only_after_loading_and_back_on_stop(stores):
+    gate = threading.Event()
+
+    def slow_backbone():
+        gate.wait(30)
+        return stores["backbone"]
+
+    config = ServerConfig(stores=(stores["current"],), host="127.0.0.1", port=0, metrics_port=-1)
+    server = RaeeServer(config, backbone=slow_backbone).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    status = lambda: health.Check(health_pb2.HealthCheckRequest(service="raee.v1.Raee")).status  # noqa: E731
+    assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    with Client(f"127.0.0.1:{server.port}", retries=0) as c:
+        assert code_of(lambda: c.classify(["good"], task="sst2")) == grpc.StatusCode.UNAVAILABLE
+        assert code_of(c.info) == grpc.StatusCode.UNAVAILABLE
+    with Client(f"127.0.0.1:{server.port}", retries=6, backoff=0.1) as c:
+        threading.Timer(0.2, gate.set).start()
+        assert c.classify(["good film"], task="sst2").results  # retried UNAVAILABLE until ready
+    assert status() == health_pb2.HealthCheckResponse.SERVING
+    server.stop(1)
+
+
+def test_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    response = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in response.list_services_response.service}
+    assert {"raee.v1.Raee", "grpc.health.v1.Health"} <= names
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.text(max_size=300), max_size=12), task=st.sampled_from(["sst2", "", "x" * 300, "sst2\x00"]),
+       policy=st.integers(min_value=0, max_value=2 ** 31 - 1), layer=st.integers(min_value=0, max_value=2 ** 32 - 1),
+       k=st.integers(min_value=0, max_value=2 ** 32 - 1))
+def test_fuzzed_requests_never_yield_internal(server, texts, task, policy, layer, k):
+    stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    try:
+        stub.Classify(pb.ClassifyRequest(task=task, texts=texts, policy=policy, static_layer=layer, k=k),
+                      timeout=10)
+    except grpc.RpcError as exc:
+        assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), exc.details()
+    assert stub.GetInfo(pb.GetInfoRequest(), timeout=5).tasks[0].name == "sst2"
+
+
+def test_config_sources_layer_yaml_env_flags(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("stores: [a]\nmax_batch: 8\nmax_wait_ms: 3\nport: 6000\n")
+    config = load_config(["--config", str(path), "--max-batch", "16"], environ={"RAEE_MAX_WAIT_MS": "7",
+                                                                                  "RAEE_PORT": "7000"})
+    assert (config.stores, config.max_batch, config.max_wait_ms, config.port) == (("a",), 16, 7.0, 7000)
+    from raee.errors import InputError
+    with pytest.raises(InputError, match="no exit store"):
+        load_config([], environ={})
+    with pytest.raises(InputError, match="unknown settings"):
+        path.write_text("stores: [a]\nbatch: 3\n")
+        load_config(["--config", str(path)], environ={})
+
+
+def test_sigterm_drains_in_flight_work_then_exits(stores, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAEE_MAX_WAIT_MS": "300"}
+    process = subprocess.Popen([sys.executable, "-m", "service.server", "--store", stores["current"], "--host",
+                                "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--grace-s", "10"],
+                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=20, retries=0) as c:
+            c.wait_until_serving(60)
+            results, errors = [], []
+
+            def one():
+                try:
+                    results.append(c.classify(["good film"], task="sst2"))
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+
+            in_flight = [threading.Thread(target=one) for _ in range(4)]
+            for t in in_flight:
+                t.start()
+            time.sleep(0.1)  # they now wait in the batcher (max_wait 300 ms)
+            process.send_signal(signal.SIGTERM)
+            for t in in_flight:
+                t.join()
+            assert errors == [] and len(results) == 4
+            late = code_of(lambda: c.classify(["good film"], task="sst2"))
+            assert late == grpc.StatusCode.UNAVAILABLE
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.stdout.read()
+    assert "draining" in output and "stopped" in output
