@@ -107,7 +107,9 @@ def load_store(path: str | Path) -> ExitStore:
     with np.load(version / "records.npz", allow_pickle=False) as npz:
         records = ExitRecords(npz["gold"], npz["label_logits"])
         lines = npz["lines"]
-    texts = [json.loads(line)["text"] for line in (version / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    # split on "\n" only: str.splitlines() would also split on U+2028, U+0085 and other separators inside texts
+    lines_text = (version / "items.jsonl").read_text(encoding="utf-8").split("\n")
+    texts = [json.loads(line)["text"] for line in lines_text if line]
     index = read_index(str(version / "keys.faiss"))
     n, layers = manifest["num_items"], manifest["num_layers"]
     if not (records.num_items == len(texts) == len(lines) == index.ntotal == n) or records.num_layers != layers:
@@ -134,7 +136,7 @@ def write_store(root: str | Path, manifest: dict, records: ExitRecords, index: f
         np.savez(staging / "records.npz", gold=records.gold.astype(np.int64),
                  label_logits=records.label_logits.astype(np.float32), lines=np.asarray(lines, dtype=np.int64))
         with (staging / "items.jsonl").open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)  # ASCII: no raw separators inside lines
         manifest = {**manifest, "format_version": FORMAT_VERSION, "version": name,
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "files": {f: sha256_file(staging / f) for f in DATA_FILES}}

@@ -36,6 +36,13 @@ def test_round_trip(tmp_path):
     assert set(loaded.manifest["files"]) == {"keys.faiss", "records.npz", "items.jsonl"}
 
 
+def test_texts_with_unicode_line_separators_survive(tmp_path):
+    manifest, records, index, texts, lines = random_store_parts(n=4)
+    texts = ["a\u2028b", "c\x85d", "e\rf", "g\u2029h"]
+    write_store(tmp_path / "s", manifest, records, index, texts, lines)
+    assert load_store(tmp_path / "s").texts == texts
+
+
 def test_new_version_becomes_current_and_old_ones_are_pruned(tmp_path):
     versions = [write_store(tmp_path / "s", *random_store_parts(seed=i)) for i in range(5)]
     assert resolve_version(tmp_path / "s") == versions[-1]
