@@ -1,4 +1,5 @@
-"""Classify a few sentences with an exit store and show where each one left the backbone.
+"""The demo: start raee-serve on an exit store in the background, wait until it is SERVING, classify sentences
+through the Python client, print label, exit layer and latency, then stop the server with SIGTERM.
 
     python examples/demo.py --store stores/sst2 [SENTENCE ...]
 """
@@ -6,10 +7,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from raee import Engine
+from raee.client import Client
 
+ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = [
     "a gorgeous, witty, seductive movie.",
     "the plot is nothing but boilerplate clichés from start to finish.",
@@ -20,27 +28,48 @@ SENTENCES = [
 ]
 
 
-def main() -> None:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default="stores/sst2", help="exit store directory (stores/sst2)")
     p.add_argument("sentences", nargs="*", help="sentences to classify (default: six examples)")
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    engine = Engine.load(args.store)
-    texts = args.sentences or SENTENCES
-    engine.classify(texts[:1])  # warm-up: first calls pay one-time allocation costs
-    print(f"\ntask {engine.task.name}, store {engine.store.version}, key {engine.store.key}, "
-          f"{engine.num_layers} layers\n")
-    print(f"{'label':<9} {'exit':>4} {'ms':>6}  text")
-    for text in texts:
-        r = engine.classify([text])[0]
-        print(f"{r.label:<9} {r.exit_layer:>2}/{r.num_layers} {r.times.total_ms:>6.1f}  {text}")
-    full = engine.classify(texts, policy="full")
-    raee = engine.classify(texts)
-    print(f"\nbatch of {len(texts)}: raee {raee[0].times.total_ms:.1f} ms "
-          f"(key {raee[0].times.key_ms:.1f}, search {raee[0].times.search_ms:.1f}, "
-          f"backbone {raee[0].times.backbone_ms:.1f}); full depth {full[0].times.total_ms:.1f} ms")
+    port = free_port()
+    log = open(ROOT / "out" / "demo-server.log", "w") if (ROOT / "out").is_dir() else subprocess.DEVNULL
+    server = subprocess.Popen([sys.executable, "-m", "service.server", "--store", args.store, "--host", "127.0.0.1",
+                               "--port", str(port), "--metrics-port", "-1"], cwd=ROOT, stdout=log, stderr=log,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as client:
+            started = time.perf_counter()
+            client.wait_until_serving(180)
+            info = client.info()
+            task = info.tasks[0]
+            print(f"\nraee-serve on 127.0.0.1:{port} SERVING after {time.perf_counter() - started:.1f} s: task "
+                  f"{task.name}, store {task.store_version}, backbone {info.backbone['source']} "
+                  f"({info.backbone['num_layers']} layers)\n")
+            print(f"{'label':<9} {'exit':>5} {'ms':>6}  text")
+            for text in args.sentences or SENTENCES:
+                result = client.classify([text], task=task.name)
+                r = result.results[0]
+                print(f"{r.label:<9} {r.exit_layer:>2}/{r.num_layers} {result.timings.total_ms:>6.1f}  {text}")
+            texts = args.sentences or SENTENCES
+            raee = client.classify(texts, task=task.name)
+            full = client.classify(texts, task=task.name, policy="full")
+            print(f"\nall {len(texts)} in one request: raee {raee.timings.total_ms:.1f} ms (average exit layer "
+                  f"{sum(r.exit_layer for r in raee.results) / len(texts):.2f}), full depth "
+                  f"{full.timings.total_ms:.1f} ms")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=30)
+        print(f"server stopped (exit code {code})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -313,3 +313,16 @@ def test_sigterm_drains_in_flight_work_then_exits(stores, tmp_path):
             process.kill()
         output = process.stdout.read()
     assert "draining" in output and "stopped" in output
+
+
+def test_admin_cli_info_classify_and_reload_every_address(server, stores, capsys):
+    from service.admin import main as admin
+    address = f"127.0.0.1:{server.port}"
+    assert admin(["--address", address, "info"]) == 0 and '"name": "sst2"' in capsys.readouterr().out
+    assert admin(["--address", address, "classify", "--task", "sst2", "good film"]) == 0
+    assert "exit" in capsys.readouterr().out
+    assert admin(["--address", address, "reload", "--every-address", "--task", "sst2", "--store",
+                  stores["current"]]) == 0
+    assert f"{address} sst2:" in capsys.readouterr().out
+    assert admin(["--address", address, "reload", "--task", "sst2", "--store", stores["other"]]) == 1
+    assert "FAILED_PRECONDITION" in capsys.readouterr().err

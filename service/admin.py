@@ -1,0 +1,81 @@
+"""raee-admin: talk to a running raee-serve from the shell (info, classify, reload, wait)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from service.client import Client, RaeeClientError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raee-admin", description=__doc__)
+    p.add_argument("--address", default="localhost:50051", help="server host:port (localhost:50051)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (30)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="backbone, tasks with store versions, limits (JSON)")
+    c = sub.add_parser("classify", help="classify texts and print label, exit layer and latency")
+    c.add_argument("--task", required=True)
+    c.add_argument("--policy", default="raee", help="raee, full or static:L")
+    c.add_argument("texts", nargs="+")
+    r = sub.add_parser("reload", help="swap in a new store version for a task")
+    r.add_argument("--task", required=True)
+    r.add_argument("--store", required=True, metavar="DIR", help="store directory as the server sees it")
+    r.add_argument("--every-address", action="store_true",
+                   help="reload every address the host name resolves to (a headless Service: every replica)")
+    w = sub.add_parser("wait", help="block until the server's health is SERVING")
+    w.add_argument("--for", dest="wait_for", type=float, default=120.0, metavar="SECONDS")
+    return p
+
+
+def every_address(address: str) -> list[str]:
+    import socket
+    host, _, port = address.rpartition(":")
+    found = sorted({info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)})
+    return [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in found]
+
+
+def reload_everywhere(args: argparse.Namespace) -> int:
+    failed = 0
+    for address in every_address(args.address):
+        with Client(address, timeout=args.timeout) as client:
+            try:
+                r = client.reload(args.task, args.store)
+                print(f"{address} {r.task}: {r.previous_version} -> {r.store_version}")
+            except RaeeClientError as exc:
+                print(f"{address}: {exc}", file=sys.stderr)
+                failed += 1
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "reload" and args.every_address:
+        return reload_everywhere(args)
+    with Client(args.address, timeout=args.timeout) as client:
+        try:
+            if args.command == "info":
+                info = client.info()
+                print(json.dumps({"backbone": info.backbone, "limits": info.limits, "version": info.version,
+                                  "tasks": [{"name": t.name, "labels": t.labels, "store_version": t.store_version,
+                                             "store_path": t.store_path} for t in info.tasks]}, indent=2))
+            elif args.command == "classify":
+                result = client.classify(args.texts, task=args.task, policy=args.policy)
+                for text, r in zip(args.texts, result.results):
+                    print(f"{r.label}\texit {r.exit_layer}/{r.num_layers}\t{text}")
+                print(f"{result.timings.total_ms:.1f} ms, store {result.store_version}")
+            elif args.command == "reload":
+                r = client.reload(args.task, args.store)
+                print(f"{r.task}: {r.previous_version} -> {r.store_version}")
+            else:
+                client.wait_until_serving(args.wait_for)
+                print("SERVING")
+        except (RaeeClientError, TimeoutError) as exc:
+            print(f"raee-admin {args.command}: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

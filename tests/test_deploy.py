@@ -1,0 +1,96 @@
+"""Deployment files agree with the server: ports, probes, images, settings, and the rebuild jobs' commands."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from indexer.cli import parser as index_parser
+from service.admin import parser as admin_parser
+from service.config import DEFAULT_METRICS_PORT, DEFAULT_PORT, ServerConfig, load_config
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def documents() -> dict[str, dict]:
+    docs = {}
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return docs
+
+
+@pytest.fixture(scope="module")
+def k8s():
+    return documents()
+
+
+def pod_spec(doc: dict) -> dict:
+    return doc["spec"]["template"]["spec"]
+
+
+def test_every_manifest_parses_with_the_expected_kinds(k8s):
+    assert {"ConfigMap/raee-serve", "Deployment/raee-serve", "Service/raee-serve", "Service/raee-serve-pods",
+            "HorizontalPodAutoscaler/raee-serve", "PersistentVolumeClaim/raee-stores", "Job/raee-rebuild-sst2",
+            "Job/raee-merge-sst2"} == set(k8s)
+
+
+def test_configmap_is_a_valid_server_config_on_the_default_ports(k8s, tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(k8s["ConfigMap/raee-serve"]["data"]["serve.yaml"])
+    config = load_config(["--config", str(path)], environ={})
+    assert (config.port, config.metrics_port) == (DEFAULT_PORT, DEFAULT_METRICS_PORT)
+    assert config == ServerConfig(**{**config.__dict__})
+
+
+def test_deployment_probes_ports_and_drain_time(k8s, tmp_path):
+    spec = pod_spec(k8s["Deployment/raee-serve"])
+    container = spec["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": DEFAULT_PORT, "metrics": DEFAULT_METRICS_PORT}
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["grpc"]["port"] == DEFAULT_PORT
+    assert k8s["Deployment/raee-serve"]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == \
+        str(DEFAULT_METRICS_PORT)
+    path = tmp_path / "serve.yaml"
+    path.write_text(k8s["ConfigMap/raee-serve"]["data"]["serve.yaml"])
+    assert spec["terminationGracePeriodSeconds"] > load_config(["--config", str(path)], environ={}).grace_s
+    assert container["args"] == ["--config", "/etc/raee/serve.yaml"]
+    assert container["resources"]["requests"]["cpu"] and spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_services_target_the_deployment_ports(k8s):
+    labels = k8s["Deployment/raee-serve"]["spec"]["template"]["metadata"]["labels"]
+    for name in ("Service/raee-serve", "Service/raee-serve-pods"):
+        service = k8s[name]
+        assert service["spec"]["selector"].items() <= labels.items()
+        assert {p["port"] for p in service["spec"]["ports"]} <= {DEFAULT_PORT, DEFAULT_METRICS_PORT}
+    assert k8s["Service/raee-serve-pods"]["spec"]["clusterIP"] == "None"
+    assert k8s["HorizontalPodAutoscaler/raee-serve"]["spec"]["scaleTargetRef"]["name"] == "raee-serve"
+
+
+def test_one_image_everywhere_and_the_dockerfile_matches(k8s):
+    images = {c["image"] for d in k8s.values() if d["kind"] in ("Deployment", "Job") for c in pod_spec(d)["containers"]}
+    assert images == {"raee:0.1.0"}
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "-t raee:0.1.0 " in dockerfile and re.search(r"^USER 10001$", dockerfile, re.M)
+    assert re.search(rf"^EXPOSE {DEFAULT_PORT} {DEFAULT_METRICS_PORT}$", dockerfile, re.M)
+    assert dockerfile.count("FROM ") == 2 and "torch==2.13.0" in dockerfile
+
+
+def test_rebuild_jobs_run_commands_the_clis_accept(k8s):
+    shard = k8s["Job/raee-rebuild-sst2"]
+    assert shard["spec"]["completionMode"] == "Indexed"
+    count = shard["spec"]["completions"]
+    build = pod_spec(shard)["containers"][0]["args"][0].replace("${JOB_COMPLETION_INDEX}", "0").split()
+    assert build[0] == "raee-index"
+    args = index_parser().parse_args(build[1:])
+    assert args.shard == (0, count)
+    merge, reload = pod_spec(k8s["Job/raee-merge-sst2"])["containers"][0]["args"][0].split(" && ")
+    merge_args = index_parser().parse_args(merge.split()[1:])
+    assert len(merge_args.parts) == count and merge_args.out == "/stores/sst2"
+    reload_args = admin_parser().parse_args(reload.split()[1:])
+    assert reload_args.every_address and reload_args.address == f"raee-serve-pods:{DEFAULT_PORT}"
