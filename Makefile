@@ -61,3 +61,18 @@ results: install
 	    --out $(SUITE_OUT)/stores/$$t --no-progress || exit 1; done
 	$(BIN)/raee-eval --suite --no-progress $(foreach t,$(SUITE_TASKS),--store $(SUITE_OUT)/stores/$(t) --test $(DATA)/$(t)/test.jsonl) \
 	  --json $(SUITE_OUT)/results.json --plot $(SUITE_OUT)/policies.png | tee $(SUITE_OUT)/results.md
+
+# Issue-5 tools: figures for docs/PERFORMANCE.md and docs/RELIABILITY.md (each prints the table it writes).
+.PHONY: bench-load bench-cost bench-faiss bench-keys reliability reliability-quick
+bench-load: install $(STORE)/CURRENT
+	mkdir -p out && $(BIN)/python bench/load.py --store $(STORE) --concurrency 8 --seconds 30 --json out/load.json
+bench-cost: install
+	mkdir -p out && $(BIN)/python bench/cost_curve.py --json out/cost_curve.json
+bench-faiss: install
+	mkdir -p out && $(BIN)/python bench/faiss_scale.py --n 1000000 --json out/faiss_scale.json
+bench-keys: install
+	mkdir -p out && $(BIN)/python bench/key_cost.py --json out/key_cost.json
+reliability: install $(STORE)/CURRENT
+	mkdir -p out && $(BIN)/python bench/reliability.py --store $(STORE) --soak-seconds 600 --json out/reliability.json
+reliability-quick: install $(STORE)/CURRENT
+	$(BIN)/python bench/reliability.py --store $(STORE) --quick

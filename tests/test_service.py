@@ -326,3 +326,42 @@ def test_admin_cli_info_classify_and_reload_every_address(server, stores, capsys
     assert f"{address} sst2:" in capsys.readouterr().out
     assert admin(["--address", address, "reload", "--task", "sst2", "--store", stores["other"]]) == 1
     assert "FAILED_PRECONDITION" in capsys.readouterr().err
+
+
+def test_tls(stores, tmp_path):
+    import shutil
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = start(stores, tls_cert=str(cert), tls_key=str(key))
+    try:
+        with Client(f"localhost:{server.port}", root_certificates=cert.read_bytes()) as secure:
+            assert secure.classify(["good film"], task="sst2").results
+        with Client(f"127.0.0.1:{server.port}", retries=0, timeout=3) as plain:
+            assert code_of(plain.info) == grpc.StatusCode.UNAVAILABLE  # plaintext cannot talk to a TLS port
+    finally:
+        server.stop(1)
+
+
+@pytest.mark.parametrize("bad", ["other", "truncated"])
+def test_bad_store_is_refused_at_start_and_health_stays_not_serving(stores, tmp_path, bad):
+    path = stores["other"]
+    if bad == "truncated":
+        import shutil
+        shutil.copytree(Path(stores["next"]), tmp_path / "t")
+        version = next(p for p in (tmp_path / "t").iterdir() if p.name.startswith("v"))
+        (version / "records.npz").write_bytes((version / "records.npz").read_bytes()[:100])
+        path = str(tmp_path / "t")
+    config = ServerConfig(stores=(stores["current"], path), host="127.0.0.1", port=0, metrics_port=-1)
+    server = RaeeServer(config, backbone=stores["backbone"]).start()
+    try:
+        server.loaded.wait(60)
+        assert server.load_error is not None
+        assert ("fingerprint" if bad == "other" else "records.npz") in str(server.load_error)
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        server.stop(0)

@@ -1,0 +1,146 @@
+"""Closed-loop load over the real gRPC API: C concurrent clients for T seconds per policy, against one server.
+
+Runs policy raee and full depth (per-request override) against the same server in one run, prints throughput,
+p50/p95/p99 latency and errors by status code, and the raee/full throughput ratio. Writes JSON with --json.
+
+    python bench/load.py --store stores/sst2 --concurrency 8 --seconds 20          # starts its own server
+    python bench/load.py --address localhost:50051 --task sst2 --concurrency 8    # an existing server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.api import pb, pb_grpc  # noqa: E402
+
+POLICY = {"raee": pb.POLICY_KIND_RAEE, "full": pb.POLICY_KIND_FULL}
+
+
+def texts_from(path: str, n: int) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line, _ in zip(f, range(n))]
+
+
+def run_policy(address: str, task: str, policy: str, texts: list[str], concurrency: int, seconds: float,
+               batch: int) -> dict:
+    """C threads, each with its own channel, send requests back to back for `seconds`."""
+    latencies: list[float] = []
+    codes: Counter = Counter()
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client(worker: int) -> None:
+        stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
+        i = worker
+        mine, my_codes = [], Counter()
+        while time.perf_counter() < stop_at:
+            chunk = [texts[(i + j) % len(texts)] for j in range(batch)]
+            i += concurrency * batch
+            started = time.perf_counter()
+            try:
+                stub.Classify(pb.ClassifyRequest(task=task, texts=chunk, policy=POLICY[policy]), timeout=30)
+                mine.append(time.perf_counter() - started)
+                my_codes["OK"] += 1
+            except grpc.RpcError as exc:
+                my_codes[exc.code().name] += 1
+        with lock:
+            latencies.extend(mine)
+            codes.update(my_codes)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    ms = np.array(latencies) * 1e3
+    return {"policy": policy, "requests": len(latencies), "texts_per_s": len(latencies) * batch / elapsed,
+            "requests_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+            "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
+            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None, "codes": dict(codes)}
+
+
+def start_server(store: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "service.server", "--store", store, "--host", "127.0.0.1",
+                                "--port", str(port), "--metrics-port", "-1", *extra], cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    from service.client import Client
+    with Client(f"127.0.0.1:{port}") as c:
+        c.wait_until_serving(300)
+    return process, f"127.0.0.1:{port}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", help="start a server on this store (else --address)")
+    p.add_argument("--address", help="host:port of a running server")
+    p.add_argument("--task", default=None, help="task (default: the store's)")
+    p.add_argument("--texts", default=str(ROOT / "data" / "sst2" / "test.jsonl"), help="JSONL of texts to send")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=20.0, help="per policy")
+    p.add_argument("--batch", type=int, default=1, help="texts per request (1)")
+    p.add_argument("--policies", default="raee,full")
+    p.add_argument("--server-args", default="", help="extra raee-serve flags when --store starts one")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    process = None
+    if args.store:
+        process, address = start_server(args.store, args.server_args.split())
+    elif args.address:
+        address = args.address
+    else:
+        p.error("give --store or --address")
+    try:
+        task = args.task
+        if task is None:
+            task = pb_grpc.RaeeStub(grpc.insecure_channel(address)).GetInfo(pb.GetInfoRequest(), timeout=10).tasks[0].name
+        texts = texts_from(args.texts, 2000)
+        run_policy(address, task, "raee", texts, args.concurrency, 2.0, args.batch)  # warm-up
+        results = [run_policy(address, task, policy, texts, args.concurrency, args.seconds, args.batch)
+                   for policy in args.policies.split(",")]
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    print(f"\n{task} at {address}: {args.concurrency} concurrent clients, {args.batch} text(s) per request, "
+          f"{args.seconds:.0f} s per policy; {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
+    print("| policy | requests | texts/s | p50 ms | p95 ms | p99 ms | p99/p50 | status codes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['policy']} | {r['requests']} | {r['texts_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
+              f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {r['codes']} |")
+    by = {r["policy"]: r for r in results}
+    if "raee" in by and "full" in by:
+        ratio = by["raee"]["texts_per_s"] / by["full"]["texts_per_s"]
+        print(f"\nraee / full throughput: {ratio:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"task": task, "concurrency": args.concurrency, "batch": args.batch,
+                                               "seconds": args.seconds, "cores": os.cpu_count(), "results": results},
+                                              indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
