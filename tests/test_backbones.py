@@ -127,3 +127,30 @@ def test_exit_layers_out_of_range_are_refused(encoder_backbone):
         encoder_backbone.finish(fwd, torch.tensor([1, 9]), TASK)
     with pytest.raises(InputError):
         encoder_backbone.finish(fwd, torch.tensor([1]), TASK)
+
+
+def test_one_backbone_is_safe_to_share_between_threads():
+    """A server validates requests (token counts) in RPC threads while its batcher tokenizes padded batches; the
+    fast tokenizer's shared padding state once made such batches fail to pad."""
+    import threading
+    from tests.conftest import tiny_backbone
+    backbone = tiny_backbone("bert-encoder")
+    texts = [t for t, _ in synthetic_texts(40, seed=5)]
+    errors = []
+
+    def hammer(i):
+        try:
+            for j in range(150):
+                if (i + j) % 2:
+                    backbone.token_counts(texts[j % 40:j % 40 + 3], TASK)
+                else:
+                    backbone.start(texts[j % 40:j % 40 + 5], TASK)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

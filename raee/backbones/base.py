@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ class Backbone(ABC):
         self.tokenizer.padding_side = "right"  # positions of real tokens then match the unpadded row
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        # A fast tokenizer keeps its padding/truncation settings on one shared Rust object, so concurrent calls
+        # (a server validating requests while its batcher tokenizes a batch) corrupt each other. One lock per backbone.
+        self._tokenizer_lock = threading.Lock()
         self.source = source
         self.max_tokens = max_tokens or _model_max_tokens(model, tokenizer)
         self._fingerprint: str | None = None
@@ -101,13 +105,16 @@ class Backbone(ABC):
 
     def token_counts(self, texts: list[str], task: TaskDefinition) -> list[int]:
         prompts = [self.prompt(t, task) for t in texts]
-        return [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(prompts)["input_ids"]
+        return [len(ids) for ids in encoded]
 
     @torch.inference_mode()
     def start(self, texts: list[str], task: TaskDefinition) -> LayerwiseForward:
         """Embed a batch (layer 0); nothing of the layer stack has run yet."""
         self.check_texts(texts)
-        enc = self.tokenizer([self.prompt(t, task) for t in texts], padding=True, return_tensors="pt")
+        with self._tokenizer_lock:
+            enc = self.tokenizer([self.prompt(t, task) for t in texts], padding=True, return_tensors="pt")
         lengths = enc["attention_mask"].sum(dim=1)
         too_long = (lengths > self.max_tokens).nonzero().flatten().tolist()
         if too_long:

@@ -58,7 +58,7 @@ def label_token_ids(tokenizer, words: tuple[str, ...], device: torch.device) -> 
     """Token id of each label word read as a space-prefixed word; the first piece where it splits (logged)."""
     ids = []
     for word in words:
-        pieces = tokenizer.encode(" " + word, add_special_tokens=False)
+        pieces = tokenizer.encode(" " + word, add_special_tokens=False)  # before serving starts: no lock needed
         if not pieces:
             raise BackboneError(f"label word {word!r} tokenizes to nothing")
         if len(pieces) > 1:
