@@ -85,6 +85,12 @@ class MicroBatcher:
             self._cond.notify()
         return pending.future
 
+    def check_room(self, texts: int) -> None:
+        """Raise QueueFull now if `texts` more would not fit: lets a server refuse before validating a request."""
+        if self._queued_texts + texts > self.max_queue:  # a racy read is fine: submit() checks again under the lock
+            raise QueueFull(f"queue full ({self._queued_texts} texts waiting, limit {self.max_queue}); retry with "
+                            "backoff")
+
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new work, finish what is queued; True if the worker finished in time."""
         with self._cond:

@@ -83,6 +83,7 @@ class RaeeServicer(raee_pb2_grpc.RaeeServicer):
         if self.registry is None:
             raise NotReady("the server is still loading its backbone and stores; retry shortly")
         engine = self.registry.get(request.task)
+        self.batcher.check_room(len(request.texts))  # refuse overload before the costlier checks below
         if not request.texts:
             raise InputError("no texts given")
         if len(request.texts) > self.config.max_texts:

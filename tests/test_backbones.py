@@ -154,3 +154,19 @@ def test_one_backbone_is_safe_to_share_between_threads():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_label_logits_at_the_last_layer_equal_the_models_own_logits(backbone):
+    """The head reading (label-word rows only) against the model's full forward and full vocabulary logits."""
+    if backbone.kind == "sentence-encoder":
+        pytest.skip("a sentence encoder has no LM head")
+    enc = backbone.tokenizer([backbone.prompt(t, TASK) for t in TEXTS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = backbone.model(**enc).logits  # (B, T, V)
+    if backbone.kind == "masked-lm":
+        positions = (enc["input_ids"] == backbone.tokenizer.mask_token_id).int().argmax(dim=1)
+    else:
+        positions = enc["attention_mask"].sum(dim=1) - 1
+    expected = logits[torch.arange(len(TEXTS)), positions][:, backbone.label_ids(TASK)]
+    ours = backbone.finish(backbone.start(TEXTS, TASK), torch.full((len(TEXTS),), backbone.num_layers), TASK)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)

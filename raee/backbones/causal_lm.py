@@ -33,7 +33,13 @@ class CausalLMBackbone(LabelWords, Backbone):
     def label_logits(self, fwd: LayerwiseForward, rows: torch.Tensor, task: TaskDefinition) -> torch.Tensor:
         hidden = fwd.hidden[rows]  # (R, T, H)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), fwd.answer_positions[rows]]  # (R, H)
-        return self.lm_head(self.final_norm(last))[:, self.label_ids(task)]
+        ids = self.label_ids(task)
+        if not isinstance(self.lm_head, nn.Linear):
+            return self.lm_head(self.final_norm(last))[:, ids]
+        # Only the label words' rows of the LM head: C rows instead of the whole vocabulary.
+        bias = self.lm_head.bias
+        return torch.nn.functional.linear(self.final_norm(last), self.lm_head.weight[ids],
+                                          bias[ids] if bias is not None else None)
 
 
 def _final_norm(base: nn.Module) -> nn.Module:

@@ -35,44 +35,45 @@ def find_layer_stack(base_model: nn.Module) -> nn.ModuleList:
     raise TypeError(f"cannot find the layer stack of {type(base_model).__name__}; looked at {LAYER_STACK_PATHS}")
 
 
-# One permanent pre-hook per first layer; it captures only for the thread that asked, so threads sharing a backbone
-# never see each other's inputs (a hook registered per call would fire for every thread's forward).
+# One permanent pre-hook per module we capture from; it captures only for the thread that asked, so threads sharing
+# a backbone never see each other's inputs (a hook registered per call would fire for every thread's forward).
 _capturing = threading.local()
 _install_lock = threading.Lock()
 
 
 def _capture_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     slot = getattr(_capturing, "slot", None)
-    if slot is not None and slot["layer"] is module:
+    if slot is not None and slot["module"] is module:
         slot["args"], slot["kwargs"] = args, kwargs
         raise _LayerInputsCaptured
 
 
-def _install_capture_hook(first: nn.Module) -> None:
+def capture_inputs(module: nn.Module, run) -> tuple[tuple, dict]:
+    """Call run() and stop it as `module` is about to execute; return the (args, kwargs) it was called with."""
     with _install_lock:
-        if not getattr(first, "_raee_capture_hook", False):
-            first.register_forward_pre_hook(_capture_hook, with_kwargs=True)
-            first._raee_capture_hook = True
-
-
-def capture_layer_inputs(base_model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
-    """Run the base model's forward up to its first layer; return (hidden (B, T, H), other args, kwargs)."""
-    _install_capture_hook(layers[0])
-    slot: dict[str, Any] = {"layer": layers[0]}
-    call: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "use_cache" in inspect.signature(base_model.forward).parameters:
-        call["use_cache"] = False  # a KV cache would be filled twice when layers are replayed
+        if not getattr(module, "_raee_capture_hook", False):
+            module.register_forward_pre_hook(_capture_hook, with_kwargs=True)
+            module._raee_capture_hook = True
+    slot: dict[str, Any] = {"module": module}
     _capturing.slot = slot
     try:
-        base_model(**call)
+        run()
     except _LayerInputsCaptured:
         pass
     finally:
         _capturing.slot = None
     if "args" not in slot:
-        raise RuntimeError(f"{type(base_model).__name__} never called its first layer")
-    args, kwargs = slot["args"], dict(slot["kwargs"])
+        raise RuntimeError(f"{type(module).__name__} was never called")
+    return slot["args"], dict(slot["kwargs"])
+
+
+def capture_layer_inputs(base_model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
+    """Run the base model's forward up to its first layer; return (hidden (B, T, H), other args, kwargs)."""
+    call: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "use_cache" in inspect.signature(base_model.forward).parameters:
+        call["use_cache"] = False  # a KV cache would be filled twice when layers are replayed
+    args, kwargs = capture_inputs(layers[0], lambda: base_model(**call))
     if args:
         return args[0], tuple(args[1:]), kwargs
     return kwargs.pop("hidden_states"), (), kwargs

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from raee.backbones.base import Backbone
-from raee.backbones.layerwise import LayerwiseForward
+from raee.backbones.layerwise import LayerwiseForward, capture_inputs
 from raee.errors import BackboneError, InputError
 from raee.tasks import TaskDefinition
 
@@ -37,6 +37,7 @@ class MaskedLMBackbone(LabelWords, Backbone):
         if tokenizer.mask_token is None:
             raise BackboneError(f"{self.source}: the tokenizer has no mask token, so it cannot be a masked-LM backbone")
         self.head = _mlm_head(model, self.base)
+        self.vocab_projection = _vocab_projection(self.head, model.config.vocab_size)
         self._label_ids: dict[str, torch.Tensor] = {}
 
     def answer_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,18 @@ class MaskedLMBackbone(LabelWords, Backbone):
     def label_logits(self, fwd: LayerwiseForward, rows: torch.Tensor, task: TaskDefinition) -> torch.Tensor:
         hidden = fwd.hidden[rows]  # (R, T, H)
         at_mask = hidden[torch.arange(hidden.shape[0], device=hidden.device), fwd.answer_positions[rows]]  # (R, H)
-        return self.head(at_mask)[:, self.label_ids(task)]
+        return self._label_head(at_mask, self.label_ids(task))
+
+    def _label_head(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The MLM head's logits of the label words only, (R, H) -> (R, C): the head runs up to its vocabulary
+        projection, which then uses just the label words' rows (50k -> C rows for RoBERTa)."""
+        if self.vocab_projection is None:
+            return self.head(hidden)[:, ids]
+        args, kwargs = capture_inputs(self.vocab_projection, lambda: self.head(hidden))
+        features = args[0] if args else kwargs["input"]
+        bias = self.vocab_projection.bias
+        return torch.nn.functional.linear(features, self.vocab_projection.weight[ids],
+                                          bias[ids] if bias is not None else None)
 
 
 def label_token_ids(tokenizer, words: tuple[str, ...], device: torch.device) -> torch.Tensor:
@@ -67,6 +79,12 @@ def label_token_ids(tokenizer, words: tuple[str, ...], device: torch.device) -> 
     if len(set(ids)) != len(ids):
         raise BackboneError(f"label words {list(words)} share a first token; choose words that differ")
     return torch.tensor(ids, device=device)
+
+
+def _vocab_projection(head: nn.Module, vocab_size: int) -> nn.Linear | None:
+    """The head's final Linear onto the vocabulary, if it has exactly one."""
+    found = [m for m in head.modules() if isinstance(m, nn.Linear) and m.out_features == vocab_size]
+    return found[0] if len(found) == 1 else None
 
 
 def _mlm_head(model: nn.Module, base: nn.Module) -> nn.Module:
