@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from raee.backbones.base import Backbone
+from raee.backbones.base import MAX_CHARS_PER_TOKEN, Backbone
 from raee.data import Example
 from raee.errors import InputError, StoreError
 from raee.index import IndexSpec, build_index, keys_of
@@ -61,6 +61,8 @@ def calibrate(backbone: Backbone, task: TaskDefinition, examples: list[Example],
     if key.source == "prefix" and key.layer > backbone.num_layers:
         raise InputError(f"prefix key layer {key.layer} exceeds the backbone's {backbone.num_layers} layers")
     counts = backbone.token_counts([e.text for e in examples], task)
+    counts = [c if len(e.text) <= backbone.max_tokens * MAX_CHARS_PER_TOKEN else backbone.max_tokens + 1
+              for e, c in zip(examples, counts)]  # the engine refuses such texts before tokenizing
     too_long = [e.line for e, c in zip(examples, counts) if c > backbone.max_tokens]
     if too_long:
         log.warning("skipping %d items longer than %d tokens (lines %s%s)", len(too_long), backbone.max_tokens,

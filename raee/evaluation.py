@@ -9,6 +9,7 @@ full, static and the oracle.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ from raee.index import keys_of, search
 from raee.metrics import task_score
 from raee.store import ExitStore
 
+log = logging.getLogger(__name__)
 MAX_NEIGHBOURS = 32  # the widest k any default policy asks for
 
 
@@ -68,7 +70,7 @@ def leave_one_out_view(store: ExitStore) -> QueryView:
     keys = keys_of(store.index)
     sims, ids = search(store.index, keys, MAX_NEIGHBOURS + 1)
     is_self = ids == np.arange(len(ids))[:, None]
-    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), MAX_NEIGHBOURS)
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), ids.shape[1] - 1)  # else the farthest
     keep = np.ones_like(ids, dtype=bool)
     keep[np.arange(len(ids)), drop] = False
     return QueryView(store.records.label_logits, sims[keep].reshape(len(ids), -1), ids[keep].reshape(len(ids), -1),
@@ -94,6 +96,12 @@ class Evaluator:
     """Scores and times policies for one engine on one test set."""
 
     def __init__(self, engine: Engine, examples: list[Example], batch_size: int = 64, progress: bool = True) -> None:
+        counts = engine.backbone.token_counts([e.text for e in examples], engine.task)
+        too_long = [e.line for e, c in zip(examples, counts) if c > engine.backbone.max_tokens]
+        if too_long:
+            log.warning("scoring without %d test items longer than %d tokens (lines %s)", len(too_long),
+                        engine.backbone.max_tokens, ", ".join(map(str, too_long[:10])))
+            examples = [e for e, c in zip(examples, counts) if c <= engine.backbone.max_tokens]
         self.engine, self.examples = engine, examples
         self.suite = PolicySuite(engine.store.records, engine.policy)
         self.view = test_view(engine, examples, batch_size, progress)

@@ -180,9 +180,7 @@ class PolicySuite:
             correct = view.label_logits.argmax(axis=-1) == view.gold[:, None]
             return np.where(correct.any(axis=1), correct.argmax(axis=1), num_layers)
         if spec.kind == "raee":
-            k = spec.raee.k
-            if k > view.neighbour_ids.shape[1]:
-                raise InputError(f"{spec.name} needs {k} neighbours, {view.neighbour_ids.shape[1]} retrieved")
+            k = min(spec.raee.k, view.neighbour_ids.shape[1])  # a store smaller than k: every item is a neighbour
             scores = layer_scores(view.similarities[:, :k], view.neighbour_ids[:, :k], self.record_probability,
                                   spec.raee)
             return exit_layers_from_scores(scores, spec.raee.earliest_ratio)

@@ -126,8 +126,10 @@ def write_store(root: str | Path, manifest: dict, records: ExitRecords, index: f
     root = Path(root)
     if (root / "manifest.json").exists():
         raise StoreError(f"{root} is a single store version, not a store directory; choose another output")
-    if root.exists() and any(root.iterdir()) and not (root / "CURRENT").exists():
-        raise StoreError(f"{root} exists and is not an exit store; refusing to write into it")
+    foreign = [p.name for p in root.iterdir() if not _store_entry(p.name)] if root.exists() else []
+    if foreign:
+        raise StoreError(f"{root} exists and is not an exit store (it holds {', '.join(sorted(foreign)[:3])}); "
+                         "refusing to write into it")
     root.mkdir(parents=True, exist_ok=True)
     name = "v" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
@@ -153,6 +155,11 @@ def write_store(root: str | Path, manifest: dict, records: ExitRecords, index: f
     _prune(root, keep)
     log.info("wrote store version %s/%s (%d items)", root, name, records.num_items)
     return root / name
+
+
+def _store_entry(name: str) -> bool:
+    """Names a store directory may hold, crashed writes' leftovers included."""
+    return name in ("CURRENT", ".CURRENT.tmp") or name.startswith((".incoming-", "v"))
 
 
 def check_compatible(manifest: dict, backbone, embedder=None) -> None:

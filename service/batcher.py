@@ -155,9 +155,11 @@ class MicroBatcher:
         now = time.monotonic()
         live = []
         for p in batch:
+            if not p.future.set_running_or_notify_cancel():
+                continue  # the caller gave up (its deadline passed) and cancelled it
             if p.deadline is not None and now >= p.deadline:
                 p.future.set_exception(DeadlineExpired("the deadline passed while the request waited in the queue"))
-            elif p.future.set_running_or_notify_cancel():
+            else:
                 live.append(p)
         if not live:
             return

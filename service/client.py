@@ -127,6 +127,7 @@ class Client:
     retries: int = 3  # extra attempts after UNAVAILABLE
     backoff: float = 0.2  # first wait between attempts, doubled each time
     root_certificates: bytes | None = None  # PEM; TLS when given
+    stream_timeout: float | None = None  # seconds for a whole stream; None = no deadline
     _channel: grpc.Channel = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -156,7 +157,8 @@ class Client:
     def stream(self, requests: Iterable[Request]) -> Iterator[ClassifyResult]:
         """Send requests on one bidirectional stream; results come back in order."""
         try:
-            for response in self._stub.ClassifyStream((_request(r) for r in requests), timeout=self.timeout):
+            for response in self._stub.ClassifyStream((_request(r) for r in requests),
+                                                          timeout=self.stream_timeout):
                 yield _result(response)
         except grpc.RpcError as exc:
             raise RaeeClientError(exc.code(), exc.details() or "") from None

@@ -23,7 +23,8 @@ class StoreRegistry:
         self.backbone, self.device = backbone, device
         self._engines: dict[str, Engine] = {}
         self._embedders: dict[str, Embedder] = {}
-        self._lock = threading.Lock()  # guards _engines; reloads also serialise on it
+        self._lock = threading.Lock()  # guards _engines
+        self._reload_lock = threading.Lock()  # one add/reload at a time (embedder cache, previous version)
 
     def _engine(self, store_dir: str) -> Engine:
         """Load and verify a store (checksums, backbone and embedder fingerprints) into an Engine."""
@@ -37,7 +38,8 @@ class StoreRegistry:
         return Engine(store, self.backbone, embedder)
 
     def add(self, store_dir: str) -> Engine:
-        engine = self._engine(store_dir)
+        with self._reload_lock:
+            engine = self._engine(store_dir)
         with self._lock:
             if engine.task.name in self._engines:
                 raise InputError(f"two stores for task {engine.task.name}: {self._engines[engine.task.name].store.path}"
@@ -59,11 +61,12 @@ class StoreRegistry:
     def reload(self, task: str, store_dir: str) -> tuple[str, str]:
         """Verify a new store fully, then swap it in; (previous version, new version). Batches already running keep
         the engine they started with; the old store keeps serving if anything fails."""
-        previous = self.get(task)
-        engine = self._engine(store_dir)
-        if engine.task.name != task:
-            raise StoreMismatchError(f"{store_dir} is a store for task {engine.task.name}, not {task}")
-        with self._lock:
-            self._engines[task] = engine
+        with self._reload_lock:
+            previous = self.get(task)
+            engine = self._engine(store_dir)
+            if engine.task.name != task:
+                raise StoreMismatchError(f"{store_dir} is a store for task {engine.task.name}, not {task}")
+            with self._lock:
+                self._engines[task] = engine
         log.info("task %s: store %s -> %s", task, previous.store.version, engine.store.version)
         return previous.store.version, engine.store.version

@@ -92,12 +92,7 @@ class RaeeServicer(raee_pb2_grpc.RaeeServicer):
             if len(text.encode("utf-8")) > self.config.max_text_bytes:
                 raise InputError(f"text {i} is {len(text.encode('utf-8'))} bytes; the limit is "
                                  f"{self.config.max_text_bytes}")
-        engine.backbone.check_texts(list(request.texts))
-        counts = engine.backbone.token_counts(list(request.texts), engine.task)
-        for i, count in enumerate(counts):
-            if count > engine.backbone.max_tokens:
-                raise InputError(f"text {i} is {count} tokens with its prompt; the limit is "
-                                 f"{engine.backbone.max_tokens}")
+        engine.backbone.check_prompts(list(request.texts), engine.task)
         if request.policy == pb.POLICY_KIND_STATIC:
             if request.static_layer > engine.num_layers:
                 raise InputError(f"static_layer {request.static_layer} is past the last layer ({engine.num_layers})")
@@ -112,7 +107,7 @@ class RaeeServicer(raee_pb2_grpc.RaeeServicer):
 
     def _submit(self, request: pb.ClassifyRequest, context):
         key = self._key(request)  # raises NotReady before the batcher exists
-        remaining = context.time_remaining() if context is not None else None
+        remaining = time_left(context)
         deadline = time.monotonic() + remaining if remaining is not None else None
         return self.batcher.submit(key, list(request.texts), deadline), time.perf_counter()
 
@@ -147,33 +142,52 @@ class RaeeServicer(raee_pb2_grpc.RaeeServicer):
     @rpc
     def Classify(self, request, context):
         future, received = self._submit(request, context)
-        return self._response(request, future, received, context.time_remaining())
+        return self._response(request, future, received, time_left(context))
 
     def ClassifyStream(self, request_iterator, context):
         """Requests are read ahead and queued as they arrive; responses leave in request order."""
         pending: queue.Queue = queue.Queue(maxsize=max(4, self.config.max_batch))
-        done = object()
+        done, finished = object(), threading.Event()
+
+        def put(item) -> bool:
+            while not finished.is_set():  # the stream may end (abort, client gone) while we wait for room
+                try:
+                    pending.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def read() -> None:
             try:
                 for request in request_iterator:
+                    if finished.is_set():
+                        return
                     try:
-                        pending.put((request, *self._submit(request, context), None))
+                        submitted = (request, *self._submit(request, context), None)
                     except Exception as exc:  # noqa: BLE001 - reported in order, below
-                        pending.put((request, None, None, exc))
+                        put((request, None, None, exc))
+                        return
+                    if not put(submitted):
                         return
             except Exception:  # the client went away
                 pass
             finally:
-                pending.put(done)
+                put(done)
 
         threading.Thread(target=read, name="raee-stream-reader", daemon=True).start()
+        try:
+            yield from self._stream_responses(pending, done, context)
+        finally:
+            finished.set()
+
+    def _stream_responses(self, pending: queue.Queue, done, context):
         while (item := pending.get()) is not done:
             request, future, received, error = item
             try:
                 if error is not None:
                     raise error
-                response = self._response(request, future, received, context.time_remaining())
+                response = self._response(request, future, received, time_left(context))
             except Exception as exc:  # noqa: BLE001
                 code = status_for(exc)
                 self.metrics.requests.labels("ClassifyStream", code.name).inc()
@@ -209,6 +223,12 @@ class RaeeServicer(raee_pb2_grpc.RaeeServicer):
             raise InputError("store_path is empty")
         previous, current = self.registry.reload(request.task, request.store_path)
         return pb.ReloadStoreResponse(task=request.task, previous_version=previous, store_version=current)
+
+
+def time_left(context) -> float | None:
+    """Seconds until the call's deadline; None without one (gRPC reports no deadline as an enormous number)."""
+    remaining = context.time_remaining() if context is not None else None
+    return remaining if remaining is not None and remaining < 86400 else None
 
 
 def future_policy_is_raee(request: pb.ClassifyRequest) -> bool:

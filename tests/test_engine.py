@@ -134,3 +134,10 @@ def test_calibration_skips_items_too_long_for_the_backbone(examples, caplog):
     long_item = type(examples[0])(text="good " * 100, label=1, line=999)
     result = calibrate(backbone, TASK, [*examples[:5], long_item], KeySpec("prefix", 1), progress=False)
     assert result.records.num_items == 5 and "999" in caplog.text
+
+
+def test_label_ids_follow_the_task_definition_not_just_its_name():
+    import dataclasses
+    backbone = tiny_backbone("bert-mlm")
+    swapped = dataclasses.replace(TASK, label_words={"masked-lm": ("great", "terrible")})
+    assert backbone.label_ids(TASK).tolist() == backbone.label_ids(swapped).tolist()[::-1]

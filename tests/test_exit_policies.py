@@ -176,3 +176,24 @@ def test_raee_eval_suite_cli(sst2_like, tmp_path, capsys):
     for entry in task["policies"].values():
         assert {"metric", "score", "avg_exit_layer", "latency_ms_p50", "throughput_per_s"} <= set(entry)
     assert (tmp_path / "p-sst2.png").exists()
+
+
+def test_policies_work_on_a_store_smaller_than_k(tmp_path):
+    from raee.index import IndexSpec, build_index
+    from raee.store import write_store
+    rng = np.random.default_rng(0)
+    n = 20
+    keys = rng.normal(size=(n, 8)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    records = ExitRecords(rng.integers(0, 2, n), rng.normal(size=(n, 4, 2)).astype(np.float32))
+    manifest = {"task": TASK.to_dict(), "key": "prefix:1", "num_items": n, "num_layers": 3,
+                "index": {"spec": IndexSpec().to_dict()}, "policy": RaeeConfig().to_dict()}
+    write_store(tmp_path / "s", manifest, records, build_index(keys, IndexSpec()), [str(i) for i in range(n)],
+                np.arange(n))
+    store = load_store(tmp_path / "s")
+    view = leave_one_out_view(store)  # 21 columns retrieved, one dropped
+    assert view.neighbour_ids.shape == (n, n - 1)
+    assert not (view.neighbour_ids == np.arange(n)[:, None]).any()
+    suite = PolicySuite(store.records, store.policy)
+    assert suite.exit_layers(suite.spec("raee-k:32"), view).shape == (n,)
+    choose_earliest_ratio(store, 0.7)

@@ -365,3 +365,30 @@ def test_bad_store_is_refused_at_start_and_health_stays_not_serving(stores, tmp_
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         server.stop(0)
+
+
+def test_a_request_timing_out_does_not_fail_its_batch_mates(stores):
+    server = start(stores, max_wait_ms=300)  # both requests wait in one forming batch
+    try:
+        outcome = {}
+
+        def patient():
+            with Client(f"127.0.0.1:{server.port}", timeout=10, retries=0) as c:
+                outcome["result"] = c.classify(["good film"], task="sst2")
+
+        thread = threading.Thread(target=patient)
+        thread.start()
+        stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(pb.ClassifyRequest(task="sst2", texts=["dull plot"]), timeout=0.05)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        thread.join()
+        assert outcome["result"].results  # the patient request was answered, not failed with INTERNAL
+    finally:
+        server.stop(1)
+
+
+def test_a_mask_token_inside_a_text_is_refused_up_front(client):
+    with pytest.raises(RaeeClientError) as info:
+        client.classify(["good [MASK] film"], task="sst2")
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "mask tokens" in info.value.message

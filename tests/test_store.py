@@ -89,7 +89,7 @@ def test_unknown_format_and_non_stores_are_refused(tmp_path):
         load_store(tmp_path)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(StoreError, match="not an exit store; refusing"):
+    with pytest.raises(StoreError, match=r"not an exit store \(it holds notes.txt\); refusing"):
         write_store(tmp_path / "other", *random_store_parts())
 
 
@@ -104,3 +104,11 @@ def test_a_store_for_other_weights_is_refused_with_the_difference():
         check_compatible(manifest, other)
     with pytest.raises(StoreMismatchError, match="backbone kind"):
         check_compatible(manifest, tiny_backbone("llama"))
+
+
+def test_leftovers_of_a_crashed_first_write_do_not_block_the_next(tmp_path):
+    root = tmp_path / "s"
+    (root / ".incoming-abc").mkdir(parents=True)
+    (root / "v20260101T000000000000Z").mkdir()  # renamed into place, but CURRENT was never written
+    write_store(root, *random_store_parts())
+    assert load_store(root).records.num_items == 20

@@ -103,6 +103,21 @@ class Backbone(ABC):
                 raise InputError(f"text {i} has {len(text)} characters, more than this backbone reads "
                                  f"({self.max_tokens} tokens)")
 
+    def check_prompts(self, texts: list[str], task: TaskDefinition) -> None:
+        """Raise InputError for a text that would fail in a batch: too many tokens with its prompt, or (masked LMs)
+        not exactly one mask token after prompting. Lets a server refuse it before it joins other requests."""
+        self.check_texts(texts)
+        prompts = [self.prompt(t, task) for t in texts]
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(prompts)["input_ids"]
+        for i, ids in enumerate(encoded):
+            if len(ids) > self.max_tokens:
+                raise InputError(f"text {i} is {len(ids)} tokens with its prompt; the limit is {self.max_tokens}")
+            self._check_prompt_ids(i, ids)
+
+    def _check_prompt_ids(self, index: int, ids: list[int]) -> None:
+        """Kind-specific checks of one tokenized prompt."""
+
     def token_counts(self, texts: list[str], task: TaskDefinition) -> list[int]:
         prompts = [self.prompt(t, task) for t in texts]
         with self._tokenizer_lock:

@@ -23,7 +23,7 @@ class CausalLMBackbone(LabelWords, Backbone):
         self.lm_head = model.get_output_embeddings()
         if self.lm_head is None:
             raise BackboneError(f"{type(model).__name__} has no LM head")
-        self._label_ids: dict[str, torch.Tensor] = {}
+        self._label_ids: dict[tuple, torch.Tensor] = {}
 
     def prompt(self, text: str, task: TaskDefinition) -> str:
         # The label word carries its own leading space, so the prompt must not end with one.

@@ -18,15 +18,16 @@ log = logging.getLogger(__name__)
 class LabelWords:
     """Mixin for kinds whose head scores label words: caches each task's label token ids."""
 
-    _label_ids: dict[str, torch.Tensor]
+    _label_ids: dict[tuple, torch.Tensor]
 
     def prepare(self, task: TaskDefinition) -> None:
         self.label_ids(task)
 
     def label_ids(self, task: TaskDefinition) -> torch.Tensor:
-        if task.name not in self._label_ids:
-            self._label_ids[task.name] = label_token_ids(self.tokenizer, task.label_words_for(self.kind), self.device)
-        return self._label_ids[task.name]
+        key = (task.name, task.label_words_for(self.kind))  # a reloaded store may bring other label words
+        if key not in self._label_ids:
+            self._label_ids[key] = label_token_ids(self.tokenizer, key[1], self.device)
+        return self._label_ids[key]
 
 
 class MaskedLMBackbone(LabelWords, Backbone):
@@ -38,7 +39,13 @@ class MaskedLMBackbone(LabelWords, Backbone):
             raise BackboneError(f"{self.source}: the tokenizer has no mask token, so it cannot be a masked-LM backbone")
         self.head = _mlm_head(model, self.base)
         self.vocab_projection = _vocab_projection(self.head, model.config.vocab_size)
-        self._label_ids: dict[str, torch.Tensor] = {}
+        self._label_ids: dict[tuple, torch.Tensor] = {}
+
+    def _check_prompt_ids(self, index: int, ids: list[int]) -> None:
+        masks = ids.count(self.tokenizer.mask_token_id)
+        if masks != 1:
+            raise InputError(f"text {index} holds {masks} mask tokens after prompting; it must hold one (remove "
+                             f"{self.tokenizer.mask_token!r} from the text)")
 
     def answer_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         is_mask = input_ids == self.tokenizer.mask_token_id
