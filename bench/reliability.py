@@ -8,7 +8,7 @@
   5 fuzzing (random unicode, huge strings, empty lists, out-of-range numbers): never INTERNAL, server alive
   6 soak at moderate load: resident memory grows less than 10%
 
-    python bench/reliability.py --store stores/sst2 --quick          # about a minute
+    python bench/reliability.py --store stores/sst2 --quick          # about 2 minutes
     python bench/reliability.py --store stores/sst2 --soak-seconds 600 --json out/reliability.json
 """
 
@@ -334,7 +334,7 @@ def check_soak(store: str, seconds: float) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default=str(ROOT / "stores" / "sst2"), help="a good sst2 store")
-    p.add_argument("--quick", action="store_true", help="short runs of every check (about a minute)")
+    p.add_argument("--quick", action="store_true", help="short runs of every check (about 2 minutes)")
     p.add_argument("--soak-seconds", type=float, default=600.0)
     p.add_argument("--checks", default="reload,bad-stores,sigterm,overload,fuzz,soak")
     p.add_argument("--json", default=None)
