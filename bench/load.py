@@ -13,9 +13,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -29,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.api import pb, pb_grpc  # noqa: E402
+from service.launch import ServerProcess  # noqa: E402
 
 POLICY = {"raee": pb.POLICY_KIND_RAEE, "full": pb.POLICY_KIND_FULL}
 
@@ -78,20 +76,6 @@ def run_policy(address: str, task: str, policy: str, texts: list[str], concurren
             "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None, "codes": dict(codes)}
 
 
-def start_server(store: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "service.server", "--store", store, "--host", "127.0.0.1",
-                                "--port", str(port), "--metrics-port", "-1", *extra], cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    from service.client import Client
-    with Client(f"127.0.0.1:{port}") as c:
-        c.wait_until_serving(300)
-    return process, f"127.0.0.1:{port}"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="start a server on this store (else --address)")
@@ -105,9 +89,12 @@ def main() -> int:
     p.add_argument("--server-args", default="", help="extra raee-serve flags when --store starts one")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    process = None
+    server = None
     if args.store:
-        process, address = start_server(args.store, args.server_args.split())
+        server = ServerProcess([args.store], *args.server_args.split())
+        if not server.wait_serving():
+            p.error(f"the server did not come up; its log:\n{server.output()[-2000:]}")
+        address = server.address
     elif args.address:
         address = args.address
     else:
@@ -121,9 +108,8 @@ def main() -> int:
         results = [run_policy(address, task, policy, texts, args.concurrency, args.seconds, args.batch)
                    for policy in args.policies.split(",")]
     finally:
-        if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+        if server is not None:
+            server.stop()
     print(f"\n{task} at {address}: {args.concurrency} concurrent clients, {args.batch} text(s) per request, "
           f"{args.seconds:.0f} s per policy; {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
     print("| policy | requests | texts/s | p50 ms | p95 ms | p99 ms | p99/p50 | status codes |")

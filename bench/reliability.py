@@ -20,8 +20,6 @@ import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,47 +35,13 @@ sys.path.insert(0, str(ROOT))
 
 from service.api import pb, pb_grpc  # noqa: E402
 from service.client import Client, RaeeClientError  # noqa: E402
+from service.launch import ServerProcess  # noqa: E402
 
 TEXTS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés.",
          "it's a charming and often affecting journey.", "an ugly, pointless, stupid movie."]
 
 
-class Server:
-    """raee-serve in a subprocess on a free port."""
-
-    def __init__(self, stores: list[str], *extra: str, grace: float = 10.0) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        args = [sys.executable, "-m", "service.server", "--host", "127.0.0.1", "--port", str(self.port),
-                "--metrics-port", "-1", "--grace-s", str(grace), *extra]
-        for store in stores:
-            args += ["--store", store]
-        self.process = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_serving(self, timeout: float = 300) -> bool:
-        with Client(self.address) as c:
-            try:
-                c.wait_until_serving(timeout)
-                return True
-            except TimeoutError:
-                return False
-
-    def rss_mb(self) -> float:
-        with open(f"/proc/{self.process.pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
+Server = ServerProcess
 
 
 def load(address: str, seconds: float, concurrency: int, task: str = "sst2") -> tuple[Counter, list[float]]:

@@ -7,17 +7,12 @@ through the Python client, print label, exit layer and latency, then stop the se
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 from raee.client import Client
+from service.launch import ServerProcess
 
-ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = [
     "a gorgeous, witty, seductive movie.",
     "the plot is nothing but boilerplate clichés from start to finish.",
@@ -28,29 +23,21 @@ SENTENCES = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default="stores/sst2", help="exit store directory (stores/sst2)")
     p.add_argument("sentences", nargs="*", help="sentences to classify (default: six examples)")
     args = p.parse_args()
-    port = free_port()
-    log = open(ROOT / "out" / "demo-server.log", "w") if (ROOT / "out").is_dir() else subprocess.DEVNULL
-    server = subprocess.Popen([sys.executable, "-m", "service.server", "--store", args.store, "--host", "127.0.0.1",
-                               "--port", str(port), "--metrics-port", "-1"], cwd=ROOT, stdout=log, stderr=log,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    server = ServerProcess([args.store])
     try:
-        with Client(f"127.0.0.1:{port}", timeout=30) as client:
+        with Client(server.address, timeout=30) as client:
             started = time.perf_counter()
-            client.wait_until_serving(180)
+            if not server.wait_serving(180):
+                print(f"raee-serve did not come up; its log:\n{server.output()[-3000:]}", file=sys.stderr)
+                return 1
             info = client.info()
             task = info.tasks[0]
-            print(f"\nraee-serve on 127.0.0.1:{port} SERVING after {time.perf_counter() - started:.1f} s: task "
+            print(f"\nraee-serve on {server.address} SERVING after {time.perf_counter() - started:.1f} s: task "
                   f"{task.name}, store {task.store_version}, backbone {info.backbone['source']} "
                   f"({info.backbone['num_layers']} layers)\n")
             print(f"{'label':<9} {'exit':>5} {'ms':>6}  text")
@@ -65,9 +52,7 @@ def main() -> int:
                   f"{sum(r.exit_layer for r in raee.results) / len(texts):.2f}), full depth "
                   f"{full.timings.total_ms:.1f} ms")
     finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=30)
-        print(f"server stopped (exit code {code})")
+        print(f"server stopped (exit code {server.stop()}; log {server.log.name})")
     return 0
 
 

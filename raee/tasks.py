@@ -8,7 +8,7 @@ The sentence-encoder kind compares the input with one or more verbalizations per
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 

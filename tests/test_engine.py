@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from raee.build import build_store, calibrate, merge_stores
 from raee.data import read_examples

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from raee.build import build_store
 from raee.data import read_examples

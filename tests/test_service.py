@@ -42,7 +42,6 @@ def stores(tmp_path_factory, sst2_like):
     backbone = load_backbone(str(checkpoint))
     examples = read_examples(sst2_like, TASK)
     build_store(base / "sst2", TASK, backbone, examples[:120], key=KeySpec("prefix", 1), progress=False)
-    v1 = load_backbone  # noqa: F841 - keep names readable below
     build_store(base / "sst2-next", TASK, backbone, examples[120:], key=KeySpec("prefix", 1), progress=False)
     other = load_backbone(str(save_checkpoint("llama", base / "llama")))
     build_store(base / "sst2-llama", TASK, other, examples[:60], key=KeySpec("prefix", 1), progress=False)

@@ -1,0 +1,59 @@
+"""Start raee-serve in a child process on a free loopback port: for the demo, benchmarks and reliability checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from service.client import Client
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`raee-serve --store ... --host 127.0.0.1 --port <free>`; its output goes to a temporary log file."""
+
+    def __init__(self, stores: list[str], *extra: str, grace: float = 10.0) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="raee-serve-", delete=False)
+        args = [sys.executable, "-m", "service.server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--metrics-port", "-1", "--grace-s", str(grace), *extra]
+        for store in stores:
+            args += ["--store", store]
+        self.process = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_serving(self, timeout: float = 300) -> bool:
+        """True once health reports SERVING; False if it did not within `timeout` seconds."""
+        with Client(self.address) as client:
+            try:
+                client.wait_until_serving(timeout)
+                return True
+            except TimeoutError:
+                return False
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.process.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (drain, then exit); returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
