@@ -391,3 +391,26 @@ def test_a_mask_token_inside_a_text_is_refused_up_front(client):
     with pytest.raises(RaeeClientError) as info:
         client.classify(["good [MASK] film"], task="sst2")
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "mask tokens" in info.value.message
+
+
+def test_several_tasks_share_one_backbone(stores, sst2_like, tmp_path):
+    import dataclasses
+    movie = dataclasses.replace(TASK, name="movie-reviews")  # a second task on the same checkpoint
+    examples = read_examples(sst2_like, movie)[:80]
+    build_store(tmp_path / "movie", movie, stores["backbone"], examples, key=KeySpec("prefix", 1), progress=False)
+    config = ServerConfig(stores=(stores["current"], str(tmp_path / "movie")), host="127.0.0.1", port=0,
+                          metrics_port=-1)
+    server = RaeeServer(config, backbone=stores["backbone"]).start()
+    try:
+        server.loaded.wait(60)
+        assert server.load_error is None
+        with Client(f"127.0.0.1:{server.port}") as c:
+            info = c.info()
+            assert {t.name for t in info.tasks} == {"sst2", "movie-reviews"}
+            a = c.classify(["good film"], task="sst2")
+            b = c.classify(["good film"], task="movie-reviews")
+            assert a.store_version != b.store_version and a.results[0].num_layers == b.results[0].num_layers
+        engines = server.servicer.registry.engines()
+        assert len({id(e.backbone) for e in engines}) == 1  # one backbone in memory for both tasks
+    finally:
+        server.stop(1)
