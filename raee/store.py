@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DATA_FILES = ("keys.faiss", "records.npz", "items.jsonl")
 KEEP_VERSIONS = 3
+VERSION_NAME = re.compile(r"v\d{8}T\d{12}Z")  # v<UTC date>T<time to microseconds>Z
 
 
 @dataclass
@@ -159,7 +161,7 @@ def write_store(root: str | Path, manifest: dict, records: ExitRecords, index: f
 
 def _store_entry(name: str) -> bool:
     """Names a store directory may hold, crashed writes' leftovers included."""
-    return name in ("CURRENT", ".CURRENT.tmp") or name.startswith((".incoming-", "v"))
+    return name in ("CURRENT", ".CURRENT.tmp") or name.startswith(".incoming-") or bool(VERSION_NAME.fullmatch(name))
 
 
 def check_compatible(manifest: dict, backbone, embedder=None) -> None:
@@ -199,7 +201,7 @@ def _point_current(root: Path, name: str) -> None:
 
 def _prune(root: Path, keep: int) -> None:
     current = (root / "CURRENT").read_text().strip()
-    versions = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("v"))
+    versions = sorted(p for p in root.iterdir() if p.is_dir() and VERSION_NAME.fullmatch(p.name))
     for old in versions[:-keep] if keep > 0 else versions:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)

@@ -112,3 +112,12 @@ def test_leftovers_of_a_crashed_first_write_do_not_block_the_next(tmp_path):
     (root / "v20260101T000000000000Z").mkdir()  # renamed into place, but CURRENT was never written
     write_store(root, *random_store_parts())
     assert load_store(root).records.num_items == 20
+
+
+def test_only_version_directories_count_as_store_entries(tmp_path):
+    root = tmp_path / "s"
+    write_store(root, *random_store_parts())
+    (root / "videos").mkdir()  # something of the user's, named like nothing raee writes
+    with pytest.raises(StoreError, match="it holds videos"):
+        write_store(root, *random_store_parts(seed=1))
+    assert (root / "videos").is_dir()  # and pruning never takes it for an old version
