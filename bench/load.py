@@ -36,44 +36,54 @@ def texts_from(path: str, n: int) -> list[str]:
         return [json.loads(line)["text"] for line, _ in zip(f, range(n))]
 
 
-def run_policy(address: str, task: str, policy: str, texts: list[str], concurrency: int, seconds: float,
-               batch: int) -> dict:
-    """C threads, each with its own channel, send requests back to back for `seconds`."""
-    latencies: list[float] = []
-    codes: Counter = Counter()
+def closed_loop(address: str, make_request, concurrency: int, seconds: float) -> list[tuple[str, float]]:
+    """C threads, each with its own channel, send make_request(worker, n) back to back for `seconds`.
+    Returns (status code name, seconds) for every call."""
+    calls: list[tuple[str, float]] = []
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
 
     def client(worker: int) -> None:
         stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
-        i = worker
-        mine, my_codes = [], Counter()
+        mine, n = [], 0
         while time.perf_counter() < stop_at:
-            chunk = [texts[(i + j) % len(texts)] for j in range(batch)]
-            i += concurrency * batch
+            request = make_request(worker, n)
+            n += 1
             started = time.perf_counter()
             try:
-                stub.Classify(pb.ClassifyRequest(task=task, texts=chunk, policy=POLICY[policy]), timeout=30)
-                mine.append(time.perf_counter() - started)
-                my_codes["OK"] += 1
+                stub.Classify(request, timeout=30)
+                code = "OK"
             except grpc.RpcError as exc:
-                my_codes[exc.code().name] += 1
+                code = exc.code().name
+            mine.append((code, time.perf_counter() - started))
         with lock:
-            latencies.extend(mine)
-            codes.update(my_codes)
+            calls.extend(mine)
 
-    started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return calls
+
+
+def run_policy(address: str, task: str, policy: str, texts: list[str], concurrency: int, seconds: float,
+               batch: int) -> dict:
+    """Closed-loop load with one policy; throughput and latency percentiles of the successful calls."""
+    def make_request(worker: int, n: int) -> pb.ClassifyRequest:
+        first = (worker + n * concurrency) * batch
+        return pb.ClassifyRequest(task=task, texts=[texts[(first + j) % len(texts)] for j in range(batch)],
+                                  policy=POLICY[policy])
+
+    started = time.perf_counter()
+    calls = closed_loop(address, make_request, concurrency, seconds)
     elapsed = time.perf_counter() - started
-    ms = np.array(latencies) * 1e3
-    return {"policy": policy, "requests": len(latencies), "texts_per_s": len(latencies) * batch / elapsed,
-            "requests_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+    ms = np.array([s for code, s in calls if code == "OK"]) * 1e3
+    return {"policy": policy, "requests": len(ms), "texts_per_s": len(ms) * batch / elapsed,
+            "requests_per_s": len(ms) / elapsed, "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
             "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
-            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None, "codes": dict(codes)}
+            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+            "codes": dict(Counter(code for code, _ in calls))}
 
 
 def main() -> int:

@@ -37,6 +37,9 @@ from service.api import pb, pb_grpc  # noqa: E402
 from service.client import Client, RaeeClientError  # noqa: E402
 from service.launch import ServerProcess  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from load import closed_loop  # noqa: E402
+
 TEXTS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés.",
          "it's a charming and often affecting journey.", "an ugly, pointless, stupid movie."]
 
@@ -45,30 +48,10 @@ Server = ServerProcess
 
 
 def load(address: str, seconds: float, concurrency: int, task: str = "sst2") -> tuple[Counter, list[float]]:
-    """Closed-loop traffic; returns (status codes, latencies in seconds)."""
-    codes, latencies, lock = Counter(), [], threading.Lock()
-    stop_at = time.perf_counter() + seconds
-
-    def worker(i: int) -> None:
-        stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
-        while time.perf_counter() < stop_at:
-            started = time.perf_counter()
-            try:
-                stub.Classify(pb.ClassifyRequest(task=task, texts=[TEXTS[i % 4]]), timeout=30)
-                code = "OK"
-            except grpc.RpcError as exc:
-                code = exc.code().name
-            with lock:
-                codes[code] += 1
-                latencies.append(time.perf_counter() - started)
-            i += 1
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return codes, latencies
+    """Closed-loop traffic of single sentences; returns (status codes, latencies in seconds)."""
+    calls = closed_loop(address, lambda worker, n: pb.ClassifyRequest(task=task, texts=[TEXTS[(worker + n) % 4]]),
+                        concurrency, seconds)
+    return Counter(code for code, _ in calls), [s for _, s in calls]
 
 
 def broken_copies(store: str, workdir: Path) -> dict[str, str]:
@@ -201,29 +184,11 @@ def check_overload(store: str, seconds: float) -> dict:
     server.wait_serving()
     try:
         rss_before = server.rss_mb()
-        codes, latencies, lock = Counter(), {"RESOURCE_EXHAUSTED": [], "OK": []}, threading.Lock()
-        stop_at = time.perf_counter() + seconds
-
-        def blast() -> None:
-            stub = pb_grpc.RaeeStub(grpc.insecure_channel(server.address))
-            while time.perf_counter() < stop_at:
-                started = time.perf_counter()
-                try:
-                    stub.Classify(pb.ClassifyRequest(task="sst2", texts=TEXTS), timeout=30)
-                    code = "OK"
-                except grpc.RpcError as exc:
-                    code = exc.code().name
-                with lock:
-                    codes[code] += 1
-                    latencies.setdefault(code, []).append(time.perf_counter() - started)
-
-        threads = [threading.Thread(target=blast) for _ in range(32)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        calls = closed_loop(server.address, lambda _w, _n: pb.ClassifyRequest(task="sst2", texts=TEXTS), 32,
+                            seconds)
+        codes = Counter(code for code, _ in calls)
         rss_after = server.rss_mb()
-        rejected = np.array(latencies["RESOURCE_EXHAUSTED"]) * 1e3
+        rejected = np.array([s for code, s in calls if code == "RESOURCE_EXHAUSTED"]) * 1e3
         p99 = float(np.percentile(rejected, 99)) if len(rejected) else None
         passed = (codes["RESOURCE_EXHAUSTED"] > 0 and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
                   and p99 is not None and p99 < 100 and float(np.percentile(rejected, 50)) < 25
