@@ -49,6 +49,21 @@ def shard_of(examples: list[Example], shard: tuple[int, int] | None) -> list[Exa
     return examples[len(examples) * i // n: len(examples) * (i + 1) // n]
 
 
+def readable_examples(backbone: Backbone, task: TaskDefinition, examples: list[Example],
+                      what: str = "items") -> tuple[list[Example], list[int]]:
+    """The examples the backbone can read whole, with their prompt lengths in tokens; the others are skipped and
+    their lines logged. A text past the character guard counts as too long, as the engine refuses it unread."""
+    counts = backbone.token_counts([e.text for e in examples], task)
+    counts = [c if len(e.text) <= backbone.max_tokens * MAX_CHARS_PER_TOKEN else backbone.max_tokens + 1
+              for e, c in zip(examples, counts)]
+    too_long = [e.line for e, c in zip(examples, counts) if c > backbone.max_tokens]
+    if too_long:
+        log.warning("skipping %d %s longer than %d tokens (lines %s%s)", len(too_long), what, backbone.max_tokens,
+                    ", ".join(map(str, too_long[:10])), " ..." if len(too_long) > 10 else "")
+    kept = [(e, c) for e, c in zip(examples, counts) if c <= backbone.max_tokens]
+    return [e for e, _ in kept], [c for _, c in kept]
+
+
 def calibrate(backbone: Backbone, task: TaskDefinition, examples: list[Example], key: KeySpec,
               embedder: Embedder | None = None, batch_size: int = 64, progress: bool = True,
               extra_pooled_layers: tuple[int, ...] = ()) -> CalibrationPass:
@@ -60,15 +75,7 @@ def calibrate(backbone: Backbone, task: TaskDefinition, examples: list[Example],
         raise InputError("embedder keys need an embedder")
     if key.source == "prefix" and key.layer > backbone.num_layers:
         raise InputError(f"prefix key layer {key.layer} exceeds the backbone's {backbone.num_layers} layers")
-    counts = backbone.token_counts([e.text for e in examples], task)
-    counts = [c if len(e.text) <= backbone.max_tokens * MAX_CHARS_PER_TOKEN else backbone.max_tokens + 1
-              for e, c in zip(examples, counts)]  # the engine refuses such texts before tokenizing
-    too_long = [e.line for e, c in zip(examples, counts) if c > backbone.max_tokens]
-    if too_long:
-        log.warning("skipping %d items longer than %d tokens (lines %s%s)", len(too_long), backbone.max_tokens,
-                    ", ".join(map(str, too_long[:10])), " ..." if len(too_long) > 10 else "")
-        kept = [(e, c) for e, c in zip(examples, counts) if c <= backbone.max_tokens]
-        examples, counts = [e for e, _ in kept], [c for _, c in kept]
+    examples, counts = readable_examples(backbone, task, examples, "calibration items")
     if not examples:
         raise InputError("no calibration items left to index")
     order = np.argsort(counts, kind="stable")  # similar lengths batch together: less padding

@@ -22,9 +22,6 @@ from raee.store import ExitStore, check_compatible, load_store
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("raee", "full", "static:L")
-
-
 @dataclass(frozen=True)
 class StageTimes:
     """Wall time of each stage for the batch a text was classified in, in milliseconds. With a prefix key, `key`

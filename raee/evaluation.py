@@ -9,7 +9,6 @@ full, static and the oracle.
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from raee.build import readable_examples
 from raee.data import Example
 from raee.engine import Engine
 from raee.exit_policies import PolicySpec, PolicySuite, QueryView, head_features
@@ -25,7 +25,6 @@ from raee.index import keys_of, search
 from raee.metrics import task_score
 from raee.store import ExitStore
 
-log = logging.getLogger(__name__)
 MAX_NEIGHBOURS = 32  # the widest k any default policy asks for
 
 
@@ -96,12 +95,7 @@ class Evaluator:
     """Scores and times policies for one engine on one test set."""
 
     def __init__(self, engine: Engine, examples: list[Example], batch_size: int = 64, progress: bool = True) -> None:
-        counts = engine.backbone.token_counts([e.text for e in examples], engine.task)
-        too_long = [e.line for e, c in zip(examples, counts) if c > engine.backbone.max_tokens]
-        if too_long:
-            log.warning("scoring without %d test items longer than %d tokens (lines %s)", len(too_long),
-                        engine.backbone.max_tokens, ", ".join(map(str, too_long[:10])))
-            examples = [e for e, c in zip(examples, counts) if c <= engine.backbone.max_tokens]
+        examples, _ = readable_examples(engine.backbone, engine.task, examples, "test items")
         self.engine, self.examples = engine, examples
         self.suite = PolicySuite(engine.store.records, engine.policy)
         self.view = test_view(engine, examples, batch_size, progress)

@@ -180,13 +180,16 @@ class MicroBatcher:
             return
         start = 0
         for p in live:
-            part = results[start:start + len(p.texts)]
+            _answer(p, engine, results[start:start + len(p.texts)], now)
             start += len(p.texts)
-            p.future.set_result(BatchOutcome(part, engine.store.version, (now - p.enqueued) * 1e3))
 
     def _run_alone(self, engine: Engine, p: Pending, now: float) -> None:
         try:
-            part = engine.classify(p.texts, policy=p.key.policy, k=p.key.k, with_neighbours=p.key.neighbours)
-            p.future.set_result(BatchOutcome(part, engine.store.version, (now - p.enqueued) * 1e3))
+            _answer(p, engine, engine.classify(p.texts, policy=p.key.policy, k=p.key.k,
+                                               with_neighbours=p.key.neighbours), now)
         except RaeeError as exc:
             p.future.set_exception(exc)
+
+
+def _answer(p: Pending, engine: Engine, results: list[Classification], batch_started: float) -> None:
+    p.future.set_result(BatchOutcome(results, engine.store.version, (batch_started - p.enqueued) * 1e3))

@@ -196,3 +196,11 @@ def test_policies_work_on_a_store_smaller_than_k(tmp_path):
     suite = PolicySuite(store.records, store.policy)
     assert suite.exit_layers(suite.spec("raee-k:32"), view).shape == (n,)
     choose_earliest_ratio(store, 0.7)
+
+
+def test_evaluation_skips_test_items_the_backbone_cannot_read(engine, sst2_like, caplog):
+    from raee.data import Example
+    examples = read_examples(sst2_like, TASK)[160:170]
+    unreadable = [Example("good " * 100, 1, 998), Example("x" * 10_000, 0, 999)]  # too many tokens; too many characters
+    evaluator = Evaluator(engine, [*examples, *unreadable], progress=False)
+    assert len(evaluator.examples) == 10 and "998, 999" in caplog.text
