@@ -8,6 +8,8 @@ import sys
 
 
 from raee.errors import RaeeError
+from raee.kinds import KIND_HELP, KINDS
+from raee.runtime import DTYPE_NAMES
 
 log = logging.getLogger("raee-index")
 
@@ -16,10 +18,11 @@ def _backbone_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", default=None, metavar="PATH",
                    help="local checkpoint directory (default: the embedded all-MiniLM-L6-v2)")
-    g.add_argument("--kind", default="auto", choices=["auto", "masked-lm", "causal-lm", "sentence-encoder"],
-                   help="backbone kind (default: read from the checkpoint)")
+    g.add_argument("--kind", default="auto", choices=["auto", *KINDS], metavar="KIND",
+                   help="backbone kind, read from the checkpoint by default: " +
+                        "; ".join(f"{kind}: {text}" for kind, text in KIND_HELP.items()))
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     g.add_argument("--scale", type=float, default=20.0,
                    help="sentence-encoder kind: cosine scale, i.e. inverse softmax temperature (default: 20)")
     g.add_argument("--embedder", default=None, metavar="PATH",

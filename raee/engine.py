@@ -72,15 +72,19 @@ class Engine:
 
     def __init__(self, store: ExitStore, backbone: Backbone, embedder: Embedder | None = None) -> None:
         check_compatible(store.manifest, backbone, embedder if store.key.source == "embedder" else None)
-        key_dim = embedder.identity()["dim"] if store.key.source == "embedder" else backbone.base.config.hidden_size
+        key_dim = embedder.identity()["dim"] if store.key.source == "embedder" else backbone.hidden_size
         if key_dim != store.index.d:
             raise StoreMismatchError(f"store keys are {store.index.d}-d, this key source gives {key_dim}-d")
+        if store.key.source == "prefix" and store.key.layer > backbone.max_prefix_layer:
+            raise StoreMismatchError(f"store key {store.key} pools layer {store.key.layer}; this backbone's prefix "
+                                     f"keys stop at layer {backbone.max_prefix_layer}")
         self.store, self.backbone, self.embedder = store, backbone, embedder
         self.task = store.task
         self.policy = store.policy
         self.index = on_best_device(store.index)
         self._record_probability = store.records.record_probability()
-        backbone.prepare(self.task)  # label ids / verbalization states now, not on the first request
+        self.prompting = self.task.prompting(backbone.kind, backbone.mask_token)
+        self.head = backbone.head(self.prompting.head)  # label ids / verbalization states now, not on a request
 
     @classmethod
     def load(cls, store_dir: str | Path, *, backbone: Backbone | None = None, embedder: Embedder | None = None,
@@ -99,6 +103,13 @@ class Engine:
     def num_layers(self) -> int:
         return self.backbone.num_layers
 
+    def check_texts(self, texts: list[str]) -> None:
+        """Raise InputError for texts this engine would refuse in a batch (empty, too long with the prompt, a
+        masked-LM prompt without exactly one mask), naming the text: lets a server refuse a request before it
+        joins other requests' batch."""
+        self.backbone.check_texts(texts)
+        self.backbone.check_prompts(self.prompting.prompts(texts))
+
     def classify(self, texts: list[str], *, policy: str = "raee", k: int | None = None,
                  with_neighbours: bool = False, raee: RaeeConfig | None = None) -> list[Classification]:
         """Classify a batch; each text leaves the backbone at its own exit layer.
@@ -115,12 +126,12 @@ class Engine:
         t0 = time.perf_counter()
         if fixed_exit is not None:
             exits = np.full(len(texts), fixed_exit)
-            logits = self._run_to_exits(self.backbone.start(texts, self.task), [], exits)
+            logits = self._run_to_exits(self.backbone.start(self.prompting.prompts(texts)), [], exits)
             t1 = t2 = t0
         else:
             if key_layer is None:
                 keys = self.embedder.encode(texts)
-                fwd, early = self.backbone.start(texts, self.task), []
+                fwd, early = self.backbone.start(self.prompting.prompts(texts)), []
             else:
                 fwd, early = self._prefix_pass(texts, key_layer)
                 keys = mean_pool(fwd.hidden, fwd.attention_mask).cpu().numpy()
@@ -144,12 +155,12 @@ class Engine:
 
     def _prefix_pass(self, texts: list[str], key_layer: int):
         """Run layers 1..K for the whole batch, keeping the head's logits at layers 0..K for rows that exit there."""
-        fwd = self.backbone.start(texts, self.task)
+        fwd = self.backbone.start(self.prompting.prompts(texts))
         everyone = torch.ones(len(texts), dtype=torch.bool, device=self.backbone.device)
-        early = [self.backbone.label_logits(fwd, everyone, self.task)]
+        early = [self.backbone.label_logits(fwd, everyone, self.head)]
         while fwd.layer < key_layer:
             fwd.advance()
-            early.append(self.backbone.label_logits(fwd, everyone, self.task))
+            early.append(self.backbone.label_logits(fwd, everyone, self.head))
         return fwd, early
 
     def _run_to_exits(self, fwd, early: list[torch.Tensor], exits: np.ndarray) -> np.ndarray:
@@ -161,6 +172,6 @@ class Engine:
         if not done.all():
             keep = torch.from_numpy(~done).to(fwd.hidden.device)
             fwd.keep_rows(keep)
-            out = self.backbone.finish(fwd, torch.from_numpy(exits[~done]), self.task)
+            out = self.backbone.finish(fwd, torch.from_numpy(exits[~done]), self.head)
             logits[~done] = out[torch.from_numpy(~done)].cpu().numpy()
         return logits

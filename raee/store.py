@@ -168,8 +168,10 @@ def check_compatible(manifest: dict, backbone, embedder=None) -> None:
     """Raise StoreMismatchError naming every difference between the store's backbone/embedder and the running ones."""
     built = manifest["backbone"]
     running = backbone.identity()
-    diffs = [f"backbone {field}: store has {built.get(field)!r}, running {running[field]!r}"
-             for field in ("kind", "num_layers", "fingerprint", "settings") if built.get(field) != running[field]]
+    built = {"pooling": "mean"} | built if built.get("kind") == "sentence-encoder" else built  # before pooling was saved
+    diffs = [f"backbone {field}: store has {built.get(field)!r}, running {running.get(field)!r}"
+             for field in ("kind", "num_layers", "fingerprint", "settings", "pooling")
+             if built.get(field) != running.get(field)]
     if manifest.get("embedder"):
         if embedder is None:
             diffs.append(f"the store's keys come from embedder {manifest['embedder']['source']}, none is loaded")

@@ -92,7 +92,7 @@ class RaeeServicer(raee_pb2_grpc.RaeeServicer):
             if len(text.encode("utf-8")) > self.config.max_text_bytes:
                 raise InputError(f"text {i} is {len(text.encode('utf-8'))} bytes; the limit is "
                                  f"{self.config.max_text_bytes}")
-        engine.backbone.check_prompts(list(request.texts), engine.task)
+        engine.check_texts(list(request.texts))
         if request.policy == pb.POLICY_KIND_STATIC:
             if request.static_layer > engine.num_layers:
                 raise InputError(f"static_layer {request.static_layer} is past the last layer ({engine.num_layers})")

@@ -12,7 +12,8 @@ from raee.errors import StoreError, StoreMismatchError
 from raee.index import IndexSpec, build_index
 from raee.records import ExitRecords
 from raee.store import check_compatible, load_store, resolve_version, write_store
-from tests.conftest import tiny_backbone
+from raee.backbones import MaskedLMBackbone
+from tests.tiny import make_tokenizer, tiny_backbone, tiny_model
 
 
 def random_store_parts(n=20, layers=3, labels=2, dim=8, seed=0):
@@ -95,9 +96,10 @@ def test_unknown_format_and_non_stores_are_refused(tmp_path):
 
 def test_a_store_for_other_weights_is_refused_with_the_difference():
     built_on = tiny_backbone("bert-mlm")
-    other = tiny_backbone("bert-mlm")
+    model = tiny_model("bert-mlm")
     with __import__("torch").no_grad():
-        next(other.model.parameters()).add_(1.0)
+        next(model.parameters()).add_(1.0)
+    other = MaskedLMBackbone(model, make_tokenizer(), source="other weights")
     manifest = {"backbone": built_on.identity(), "task": {"name": "sst2"}, "version": "v1"}
     check_compatible(manifest, built_on)
     with pytest.raises(StoreMismatchError, match="backbone fingerprint"):
