@@ -1,7 +1,7 @@
 """Where raee keeps what it derives from a checkpoint and can rebuild (self-check verdicts, runtime exports).
 
-RAEE_CACHE_DIR, else $XDG_CACHE_HOME/raee, else ~/.cache/raee. A cache is an optimisation: an unwritable one is
-logged once and skipped, never an error.
+--cache-dir (`use`), else RAEE_CACHE_DIR, else $XDG_CACHE_HOME/raee, else ~/.cache/raee. A cache is an
+optimisation: an unwritable one is logged and skipped, never an error.
 """
 
 from __future__ import annotations
@@ -16,7 +16,18 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+_chosen: Path | None = None
+
+
+def use(directory: str | Path | None) -> None:
+    """Use `directory` as the cache from now on (a --cache-dir flag); None goes back to the default."""
+    global _chosen
+    _chosen = Path(directory).expanduser() if directory else None
+
+
 def cache_dir() -> Path:
+    if _chosen is not None:
+        return _chosen
     if os.environ.get("RAEE_CACHE_DIR"):
         return Path(os.environ["RAEE_CACHE_DIR"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "raee"

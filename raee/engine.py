@@ -16,7 +16,7 @@ from raee.backbones.loading import load_backbone
 from raee.errors import InputError, StoreMismatchError
 from raee.index import on_best_device, search
 from raee.keys import Embedder
-from raee.policy import RaeeConfig, layer_scores, exit_layers_from_scores
+from raee.policy import RaeeConfig, exit_layers_from_scores, layer_scores
 from raee.records import softmax
 from raee.store import ExitStore, check_compatible, load_store
 
@@ -67,11 +67,25 @@ def parse_policy(policy: str, num_layers: int) -> int | None:
     raise InputError(f"policy {policy!r} is not one of raee, full, static:L with L in 0..{num_layers}")
 
 
+def load_backbone_for(manifest: dict, *, source: str | None = None, device: str = "cpu", runtime: str = "auto",
+                      precision: str | None = None, allow_precision_mismatch: bool = False) -> Backbone:
+    """The backbone a store was built with (source, kind, dtype, settings), on the runtime asked for, at the store's
+    precision unless another is asked for."""
+    built = manifest["backbone"]
+    wanted = precision or built.get("precision")
+    if precision is None and runtime == "torch" and wanted == "int8" and allow_precision_mismatch:
+        wanted = None  # int8 records served by torch's own precision, as asked
+    return load_backbone(source or built["source"], kind=built["kind"], device=device, dtype=built["dtype"],
+                         runtime=runtime, precision=wanted, **built["settings"])
+
+
 class Engine:
     """A backbone with one task's exit store. `classify` is safe to call from one thread at a time."""
 
-    def __init__(self, store: ExitStore, backbone: Backbone, embedder: Embedder | None = None) -> None:
-        check_compatible(store.manifest, backbone, embedder if store.key.source == "embedder" else None)
+    def __init__(self, store: ExitStore, backbone: Backbone, embedder: Embedder | None = None,
+                 allow_precision_mismatch: bool = False) -> None:
+        check_compatible(store.manifest, backbone, embedder if store.key.source == "embedder" else None,
+                         allow_precision_mismatch)
         key_dim = embedder.identity()["dim"] if store.key.source == "embedder" else backbone.hidden_size
         if key_dim != store.index.d:
             raise StoreMismatchError(f"store keys are {store.index.d}-d, this key source gives {key_dim}-d")
@@ -88,16 +102,20 @@ class Engine:
 
     @classmethod
     def load(cls, store_dir: str | Path, *, backbone: Backbone | None = None, embedder: Embedder | None = None,
-             device: str = "cpu") -> "Engine":
-        """Load a store and the backbone (and embedder) it was built with, from the sources its manifest names."""
+             device: str = "cpu", source: str | None = None, runtime: str = "auto", precision: str | None = None,
+             allow_precision_mismatch: bool = False) -> "Engine":
+        """Load a store and the backbone (and embedder) it was built with, from the sources its manifest names.
+
+        source: the backbone checkpoint, when it has moved since the build (its weights must still match).
+        runtime, precision: see raee.backbones.load_backbone; precision defaults to the store's own.
+        """
         store = load_store(store_dir)
-        built = store.manifest["backbone"]
         if backbone is None:
-            backbone = load_backbone(built["source"], kind=built["kind"], device=device, dtype=built["dtype"],
-                                     **built["settings"])
+            backbone = load_backbone_for(store.manifest, source=source, device=device, runtime=runtime,
+                                         precision=precision, allow_precision_mismatch=allow_precision_mismatch)
         if embedder is None and store.manifest.get("embedder"):
             embedder = Embedder(store.manifest["embedder"]["source"], device=device)
-        return cls(store, backbone, embedder)
+        return cls(store, backbone, embedder, allow_precision_mismatch)
 
     @property
     def num_layers(self) -> int:

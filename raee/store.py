@@ -28,6 +28,7 @@ from raee.index import IndexSpec, configure_search, read_index
 from raee.keys import KeySpec
 from raee.policy import RaeeConfig
 from raee.records import ExitRecords
+from raee.runtime import DTYPE_PRECISION
 from raee.tasks import TaskDefinition
 
 log = logging.getLogger(__name__)
@@ -164,14 +165,26 @@ def _store_entry(name: str) -> bool:
     return name in ("CURRENT", ".CURRENT.tmp") or name.startswith(".incoming-") or bool(VERSION_NAME.fullmatch(name))
 
 
-def check_compatible(manifest: dict, backbone, embedder=None) -> None:
-    """Raise StoreMismatchError naming every difference between the store's backbone/embedder and the running ones."""
-    built = manifest["backbone"]
+def check_compatible(manifest: dict, backbone, embedder=None, allow_precision_mismatch: bool = False) -> None:
+    """Raise StoreMismatchError naming every difference between the store's backbone/embedder and the running ones.
+
+    The records' precision must be the running one's (int8 changes per-layer predictions, so int8 records steer
+    exits wrongly under fp32 and back); allow_precision_mismatch serves it anyway, with a warning. The runtime may
+    differ: torch and onnxruntime at one precision give the same states within float tolerance."""
+    built = dict(manifest["backbone"])
     running = backbone.identity()
-    built = {"pooling": "mean"} | built if built.get("kind") == "sentence-encoder" else built  # before pooling was saved
+    if built.get("kind") == "sentence-encoder":
+        built.setdefault("pooling", "mean")  # stores from before pooling was saved all mean-pooled
+    built.setdefault("precision", DTYPE_PRECISION.get(built.get("dtype", "float32")))  # from before it was saved
+    fields = ["kind", "num_layers", "fingerprint", "settings", "pooling"]
+    if built["precision"] != running["precision"]:
+        if allow_precision_mismatch:
+            log.warning("serving a store whose records come from %s with a %s backbone, as asked: exits may differ "
+                        "from the calibration's", built["precision"], running["precision"])
+        else:
+            fields.append("precision")
     diffs = [f"backbone {field}: store has {built.get(field)!r}, running {running.get(field)!r}"
-             for field in ("kind", "num_layers", "fingerprint", "settings", "pooling")
-             if built.get(field) != running.get(field)]
+             for field in fields if built.get(field) != running.get(field)]
     if manifest.get("embedder"):
         if embedder is None:
             diffs.append(f"the store's keys come from embedder {manifest['embedder']['source']}, none is loaded")
@@ -179,8 +192,10 @@ def check_compatible(manifest: dict, backbone, embedder=None) -> None:
             diffs.append(f"embedder weights: store has {manifest['embedder']['fingerprint']} "
                          f"({manifest['embedder']['source']}), running {embedder.fingerprint()} ({embedder.source})")
     if diffs:
+        advice = (" (serve it at the precision it was built with, --precision, or rebuild it; "
+                  "--allow-precision-mismatch serves it anyway)" if "precision" in fields else "")
         raise StoreMismatchError(f"store {manifest.get('task', {}).get('name')} {manifest.get('version')} does not "
-                                 "match: " + "; ".join(diffs))
+                                 "match: " + "; ".join(diffs) + advice)
 
 
 def sha256_file(path: Path) -> str:

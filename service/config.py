@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raee.errors import InputError
+from raee.runtime import PRECISIONS, RUNTIMES
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464
@@ -29,6 +30,11 @@ class ServerConfig:
     rpc_threads: int = 32  # gRPC handler threads
     device: str = "cpu"  # cpu, cuda or cuda:N
     backbone: str | None = None  # backbone checkpoint; default: the source the stores' manifests name
+    runtime: str = "auto"  # auto (onnxruntime on the CPU where the family exports, else torch), torch, onnxruntime
+    precision: str | None = None  # fp32 or int8 (onnxruntime); default: the precision the stores were built at
+    allow_precision_mismatch: bool = False  # serve stores built at another precision (exits may differ), warning
+    threads: int = 0  # threads for torch, onnxruntime and FAISS; 0 = the container's CPU quota
+    cache_dir: str | None = None  # where onnxruntime exports live (default RAEE_CACHE_DIR or ~/.cache/raee)
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS
     tls_key: str | None = None  # PEM private key
     admin: bool = True  # allow ReloadStore
@@ -45,6 +51,12 @@ class ServerConfig:
             raise InputError(f"ports must lie in 0..65535 (metrics -1 = off), got {self.port}, {self.metrics_port}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InputError("TLS needs both tls_cert and tls_key")
+        if self.runtime not in RUNTIMES:
+            raise InputError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise InputError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.threads < 0:
+            raise InputError(f"threads must be 0 (the CPU quota) or more, got {self.threads}")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}

@@ -19,8 +19,9 @@ class UnknownTask(InputError):
 
 
 class StoreRegistry:
-    def __init__(self, backbone: Backbone, device: str = "cpu") -> None:
+    def __init__(self, backbone: Backbone, device: str = "cpu", allow_precision_mismatch: bool = False) -> None:
         self.backbone, self.device = backbone, device
+        self.allow_precision_mismatch = allow_precision_mismatch
         self._engines: dict[str, Engine] = {}
         self._embedders: dict[str, Embedder] = {}
         self._lock = threading.Lock()  # guards _engines
@@ -35,7 +36,7 @@ class StoreRegistry:
             if source not in self._embedders:
                 self._embedders[source] = Embedder(source, device=self.device)
             embedder = self._embedders[source]
-        return Engine(store, self.backbone, embedder)
+        return Engine(store, self.backbone, embedder, self.allow_precision_mismatch)
 
     def add(self, store_dir: str) -> Engine:
         with self._reload_lock:

@@ -14,8 +14,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from raee.backbones import Backbone, load_backbone
+from raee import cache
+from raee.backbones import Backbone
+from raee.engine import load_backbone_for
 from raee.errors import RaeeError
+from raee.runtime import configure_threads
 from raee.store import load_store
 from service.api import pb as raee_pb2
 from service.api import pb_grpc as raee_pb2_grpc
@@ -35,6 +38,8 @@ class RaeeServer:
     def __init__(self, config: ServerConfig, backbone: Backbone | Callable[[], Backbone] | None = None) -> None:
         """backbone: a loaded backbone, a function that loads one, or None to load what the stores name."""
         self.config = config
+        cache.use(config.cache_dir)
+        configure_threads(config.threads or None)
         self.metrics = ServerMetrics()
         self.servicer = RaeeServicer(config, self.metrics)
         self.health = health.HealthServicer()
@@ -77,7 +82,7 @@ class RaeeServer:
                 backbone = self._backbone
             else:
                 backbone = (self._backbone or self._load_backbone)()
-            registry = StoreRegistry(backbone, self.config.device)
+            registry = StoreRegistry(backbone, self.config.device, self.config.allow_precision_mismatch)
             for store in self.config.stores:
                 registry.add(store)
             self.batcher = MicroBatcher(registry.get, self.config.max_batch, self.config.max_wait_ms,
@@ -95,9 +100,10 @@ class RaeeServer:
             self.loaded.set()
 
     def _load_backbone(self) -> Backbone:
-        built = load_store(self.config.stores[0]).manifest["backbone"]
-        return load_backbone(self.config.backbone or built["source"], kind=built["kind"], device=self.config.device,
-                             dtype=built["dtype"], **built["settings"])
+        c = self.config
+        return load_backbone_for(load_store(c.stores[0]).manifest, source=c.backbone, device=c.device,
+                                 runtime=c.runtime, precision=c.precision,
+                                 allow_precision_mismatch=c.allow_precision_mismatch)
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period, stop."""

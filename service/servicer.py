@@ -205,7 +205,8 @@ class RaeeServicer(raee_pb2_grpc.RaeeServicer):
         c = self.config
         return pb.GetInfoResponse(
             backbone=pb.BackboneInfo(source=b["source"], kind=b["kind"], num_layers=b["num_layers"],
-                                     fingerprint=b["fingerprint"], dtype=b["dtype"]),
+                                     fingerprint=b["fingerprint"], dtype=b["dtype"], runtime=b["runtime"],
+                                     precision=b["precision"]),
             tasks=[pb.TaskInfo(name=e.task.name, labels=list(e.task.labels), store_version=e.store.version,
                                store_path=str(e.store.path), manifest_json=json.dumps(e.store.manifest))
                    for e in self.registry.engines()],

@@ -65,3 +65,14 @@ def test_real_model_truncation_matches_full_hidden_states(engine):
         fwd.advance()
         real = enc["attention_mask"].bool()
         torch.testing.assert_close(fwd.hidden[real], reference[layer][real], atol=1e-4, rtol=1e-4)
+
+
+def test_the_embedded_default_runs_on_onnxruntime_and_answers_as_torch(engine):
+    """The default runtime on the CPU is onnxruntime; at fp32 its exits and labels are torch's."""
+    assert (engine.backbone.runtime, engine.backbone.precision) == ("onnxruntime", "fp32")
+    assert engine.store.manifest["backbone"]["runtime"] == "onnxruntime"
+    texts = [e.text for e in read_examples(DATA / "test.jsonl", TASK, limit=64)]
+    on_torch = Engine(engine.store, load_backbone(runtime="torch")).classify(texts)
+    on_ort = engine.classify(texts)
+    assert [(r.exit_layer, r.label) for r in on_ort] == [(r.exit_layer, r.label) for r in on_torch]
+    np.testing.assert_allclose([r.scores for r in on_ort], [r.scores for r in on_torch], atol=1e-4)

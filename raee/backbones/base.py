@@ -124,10 +124,28 @@ class Backbone(ABC):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def runtime(self) -> str:
+        return self.family.runtime
+
+    @property
+    def precision(self) -> str:
+        return self.family.precision
+
     def identity(self) -> dict:
         return {"source": self.source, "kind": self.kind, "family": self.family.name,
                 "num_layers": self.num_layers, "fingerprint": self.fingerprint(),
-                "dtype": str(self.dtype).removeprefix("torch."), "settings": self.settings()}
+                "dtype": str(self.dtype).removeprefix("torch."), "runtime": self.runtime,
+                "precision": self.precision, "settings": self.settings()}
+
+    def use_family(self, family: Family, verify: bool = True) -> None:
+        """Run on another adapter of the same model (another runtime): self-checked again, heads made again."""
+        self.family = family
+        with self._heads_lock:
+            self._heads.clear()
+        if verify:
+            from raee.backbones.selfcheck import verify_backbone
+            verify_backbone(self)
 
     def fingerprint(self) -> str:
         """Hash of every weight (names, shapes, dtypes, bytes): ties a store to the exact weights it was built on."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from raee.backbones.layerwise import capture_inputs, capture_layer_inputs
 from raee.errors import BackboneError
+from raee.runtime import DTYPE_PRECISION
 
 if TYPE_CHECKING:
     from raee.backbones.layerwise import LayerwiseForward
@@ -64,6 +65,9 @@ class Family:
     final_norm_paths: ClassVar[tuple[str, ...]] = FINAL_NORM_PATHS  # a norm after the last layer (decoders)
     shared_inputs: ClassVar[frozenset[str]] = frozenset()  # layer inputs that are not per-row whatever their shape
 
+    runtime: str = "torch"  # what runs the layers; raee.backbones.onnx swaps in onnxruntime
+    exportable: ClassVar[bool] = False  # whether `embed` and `export_layer` give graphs onnxruntime can run
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
@@ -97,6 +101,11 @@ class Family:
     def run_layer(self, fwd: LayerwiseForward, index: int) -> torch.Tensor:
         """Run layer `index` on the rows of `fwd`; return the new hidden state (the adapter may update fwd.carry)."""
         return layer_output(self.layers[index](fwd.hidden, **fwd.inputs))
+
+    @property
+    def precision(self) -> str:
+        """fp32, fp16, bf16 (the torch weights' dtype) or int8 (a quantized runtime)."""
+        return DTYPE_PRECISION[str(next(self.model.parameters()).dtype).removeprefix("torch.")]
 
     def finalize(self, hidden: torch.Tensor) -> torch.Tensor:
         """What the model applies after its last layer before reporting it (a decoder's final norm)."""
@@ -217,3 +226,32 @@ class LayerTypedMasks(Family):
     def run_layer(self, fwd: LayerwiseForward, index: int) -> torch.Tensor:
         inputs = {**fwd.inputs, "attention_mask": fwd.carry["masks"][self.config.layer_types[index]]}
         return layer_output(self.layers[index](fwd.hidden, **inputs))
+
+
+class ExportableEncoder(Family):
+    """Encoder families whose layers need only the hidden state and the padding mask (BERT and its kin): each layer
+    exports to one ONNX graph (hidden (B, T, H), mask (B, T)) -> hidden, and the embeddings to another, which is how
+    the onnxruntime runtime stops at any layer."""
+
+    exportable = True
+    final_norm_paths = ()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """What the model does before its first layer: input_ids (B, T) -> hidden (B, T, H)."""
+        return self.base.embeddings(input_ids=input_ids)
+
+    def export_layer(self, index: int) -> nn.Module:
+        return _MaskedLayer(self.layers[index])
+
+
+class _MaskedLayer(nn.Module):
+    """One encoder layer as a function of (hidden, 0/1 padding mask): the additive mask is made inside, as eager
+    attention takes it."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min  # (B, 1, 1, T)
+        return layer_output(self.layer(hidden, attention_mask=additive))

@@ -17,7 +17,7 @@ from raee.backbones.pooling import checkpoint_pooling
 from raee.backbones.sentence_encoder import DEFAULT_SCALE, SentenceEncoderBackbone
 from raee.errors import BackboneError
 from raee.kinds import KINDS
-from raee.runtime import DTYPE_NAMES
+from raee.runtime import DTYPE_NAMES, PRECISIONS, RUNTIMES
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,16 @@ def detect_kind(path: Path) -> str:
 
 
 def load_backbone(source: str | None = None, *, kind: str = "auto", device: str = "cpu", dtype: str = "float32",
-                  scale: float = DEFAULT_SCALE, max_tokens: int | None = None, verify: bool = True) -> Backbone:
+                  scale: float = DEFAULT_SCALE, max_tokens: int | None = None, verify: bool = True,
+                  runtime: str = "auto", precision: str | None = None, threads: int | None = None) -> Backbone:
     """Load a backbone from a local checkpoint directory, or the embedded default when source is None.
 
     kind: "auto" (from the checkpoint) or one of raee.kinds.KINDS.
     scale: the sentence-encoder kind's cosine scale (inverse temperature).
     verify: run the load-time self-check (see raee.backbones.selfcheck); turn it off only in tests of the check.
+    runtime: "auto" (onnxruntime on the CPU where the family exports, else torch), "torch" or "onnxruntime".
+    precision: onnxruntime's fp32 (default) or int8; torch runs in its weights' dtype.
+    threads: onnxruntime's intra-op threads (default: raee.runtime.thread_count()).
     """
     import transformers
 
@@ -104,9 +108,29 @@ def load_backbone(source: str | None = None, *, kind: str = "auto", device: str 
         extra = {"scale": scale, "pooling": checkpoint_pooling(path)}
     max_tokens = max_tokens or _sentence_transformers_max_tokens(path)
     backbone = BACKBONE_CLASSES[kind](model, tokenizer, source=ident, max_tokens=max_tokens, verify=verify, **extra)
-    log.info("loaded %s backbone %s (%s adapter): %d layers, %s on %s", kind, ident, backbone.family.name,
-             backbone.num_layers, dtype, device)
+    place_on_runtime(backbone, runtime, precision, threads, verify)
+    log.info("loaded %s backbone %s (%s adapter): %d layers, %s on %s, runtime %s", kind, ident,
+             backbone.family.name, backbone.num_layers, backbone.precision, device, backbone.runtime)
     return backbone
+
+
+def place_on_runtime(backbone: Backbone, runtime: str = "auto", precision: str | None = None,
+                     threads: int | None = None, verify: bool = True) -> None:
+    """Move a torch backbone onto the runtime asked for (see load_backbone); refuse a combination that cannot run."""
+    from raee.backbones.onnx import supports_onnxruntime, use_onnxruntime
+
+    if runtime not in RUNTIMES:
+        raise BackboneError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise BackboneError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if runtime == "auto":
+        runtime = "onnxruntime" if supports_onnxruntime(backbone) or precision == "int8" else "torch"
+    if runtime == "torch":
+        if precision not in (None, backbone.precision):
+            raise BackboneError(f"precision {precision} asked for, but the torch runtime runs this backbone in "
+                                f"{backbone.precision} (its --dtype); int8 runs on --runtime onnxruntime")
+        return
+    use_onnxruntime(backbone, precision or "fp32", threads, verify)
 
 
 def _sentence_transformers_max_tokens(path: Path) -> int | None:

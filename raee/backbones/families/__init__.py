@@ -4,6 +4,18 @@ Encoders (masked LM, sentence encoder): bert, roberta, xlm-roberta, distilbert, 
 Decoders (causal LM): gpt2, llama, mistral, qwen2, opt, gemma2. Encoder-decoder: t5.
 """
 
-from raee.backbones.families import bert, deberta_v2, distilbert, electra, roberta, xlm_roberta  # noqa: F401
-from raee.backbones.families import gemma2, gpt2, llama, mistral, opt, qwen2  # noqa: F401
-from raee.backbones.families import t5  # noqa: F401
+from raee.backbones.families import (  # noqa: F401  # noqa: F401
+    bert,
+    deberta_v2,
+    distilbert,
+    electra,
+    gemma2,
+    gpt2,
+    llama,
+    mistral,
+    opt,
+    qwen2,
+    roberta,
+    t5,  # noqa: F401
+    xlm_roberta,
+)

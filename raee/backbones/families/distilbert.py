@@ -2,15 +2,17 @@
 
 import torch
 
-from raee.backbones.family import Family, VocabularyHead, register
+from raee.backbones.family import ExportableEncoder, VocabularyHead, register
 
 
 @register
-class DistilBert(Family):
+class DistilBert(ExportableEncoder):
     name = "distilbert"
     model_types = ("distilbert",)
     stack_paths = ("transformer.layer",)
-    final_norm_paths = ()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embeddings(input_ids)
 
     def mlm_head(self) -> VocabularyHead:
         m = self.model

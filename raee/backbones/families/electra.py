@@ -1,14 +1,21 @@
-"""ELECTRA (its generator, the masked LM): the head is two modules beside the base model."""
+"""ELECTRA (its generator, the masked LM): embeddings narrower than the layers, projected up before the first; the
+head is two modules beside the base model."""
 
-from raee.backbones.family import Family, VocabularyHead, register
+import torch
+
+from raee.backbones.family import ExportableEncoder, VocabularyHead, register
 
 
 @register
-class Electra(Family):
+class Electra(ExportableEncoder):
     name = "electra"
     model_types = ("electra",)
     stack_paths = ("encoder.layer",)
-    final_norm_paths = ()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.base.embeddings(input_ids=input_ids)
+        project = getattr(self.base, "embeddings_project", None)
+        return project(hidden) if project is not None else hidden
 
     def mlm_head(self) -> VocabularyHead:
         projection = self.model.generator_lm_head
