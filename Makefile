@@ -62,6 +62,24 @@ results: install
 	$(BIN)/raee-eval --suite --no-progress $(foreach t,$(SUITE_TASKS),--store $(SUITE_OUT)/stores/$(t) --test $(DATA)/$(t)/test.jsonl) \
 	  --json $(SUITE_OUT)/results.json --plot $(SUITE_OUT)/policies.png | tee $(SUITE_OUT)/results.md
 
+# raee against the whole model on onnxruntime and torch, one process, interleaved (docs/PERFORMANCE.md).
+# make bench-baselines                                  sst2 from data/, the demo's settings
+# make bench-baselines TASK=mr TRAIN=../shared/data/mr/train.jsonl TEST=../shared/data/mr/test.jsonl BUILD_ARGS=
+TASK ?= sst2
+TRAIN ?= data/$(TASK)/train.jsonl
+TEST ?= data/$(TASK)/test.jsonl
+BUILD_ARGS ?= $(SST2_SETTINGS)
+BASELINES := out/baselines/$(TASK)
+.PHONY: bench-baselines
+bench-baselines: install
+	mkdir -p $(BASELINES)
+	[ -f $(BASELINES)/fp32/CURRENT ] || $(BIN)/raee-index build --task $(TASK) --train $(TRAIN) \
+	  --out $(BASELINES)/fp32 --precision fp32 --no-progress $(BUILD_ARGS)
+	[ -f $(BASELINES)/int8/CURRENT ] || $(BIN)/raee-index build --task $(TASK) --train $(TRAIN) \
+	  --out $(BASELINES)/int8 --precision int8 --no-progress $(BUILD_ARGS)
+	$(BIN)/python bench/baselines.py --store $(BASELINES)/fp32 --store-int8 $(BASELINES)/int8 --test $(TEST) \
+	  --json $(BASELINES)/baselines.json | tee $(BASELINES)/baselines.md
+
 # Issue-5 tools: figures for docs/PERFORMANCE.md and docs/RELIABILITY.md (each prints the table it writes).
 .PHONY: bench-load bench-cost bench-faiss bench-keys reliability reliability-quick
 bench-load: install $(STORE)/CURRENT
