@@ -151,6 +151,7 @@ def grpc_rows(store: str, task: str, texts: list[str], clients: int, seconds: fl
               threads: int) -> dict[str, dict]:
     """Closed-loop clients against one raee-serve on the store: the served policy and full depth alternating."""
     from load import run_policy
+
     from service.launch import ServerProcess
 
     server = ServerProcess([store], "--threads", str(threads))
@@ -246,6 +247,14 @@ def report(args, task, reference: Engine, threads: int, accuracy, layers, timing
         out_rows.append({"row": name, "score": accuracy[name], "layers_run": run, **t,
                          "p50_vs_whole_onnxruntime": t["p50_ms"] / base["p50_ms"],
                          "throughput_vs_whole_onnxruntime": t["texts_per_s"] / base["texts_per_s"]})
+    cut, one = timing["raee per-layer graphs, full depth, onnxruntime fp32"], whole["fp32"]
+    calls = reference.num_layers + 1  # the embeddings graph and one per layer, against one graph
+    per_call = {"batch 1 (p50)": (cut["p50_ms"] - one["p50_ms"]) / calls,
+                f"batch {args.batch} (per batch)": (args.batch / cut["texts_per_s"] - args.batch / one["texts_per_s"])
+                * 1e3 / calls}
+    print(f"\nCost of cutting the model into {calls} graphs, per graph call: " +
+          ", ".join(f"{k} {v:+.3f} ms" for k, v in per_call.items()) +
+          f" (whole model: {one['p50_ms']:.2f} ms at batch 1)")
     print("\nWhere the served policy's time goes (ms per text; key = tokenizing, embeddings and the key's layers):\n")
     print("| runtime | batch | key | search | rest of the backbone |")
     print("|---|---|---|---|---|")
@@ -261,13 +270,15 @@ def report(args, task, reference: Engine, threads: int, accuracy, layers, timing
         print("|---|---|---|---|---|")
         for policy, r in grpc.items():
             print(f"| {policy} | {r['texts_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['codes']} |")
-        print(f"\nserved policy / full depth on the same server: {grpc['raee']['texts_per_s'] / grpc['full']['texts_per_s']:.2f}x; "
-              f"whole-model onnxruntime in process (no gRPC), batch {args.batch}: {base['texts_per_s']:.0f} texts/s, "
-              f"batch 1: {1e3 / base['p50_ms']:.0f} texts/s")
+        ratio = grpc["raee"]["texts_per_s"] / grpc["full"]["texts_per_s"]
+        print(f"\nserved policy / full depth on the same server: {ratio:.2f}x; whole-model onnxruntime in process "
+              f"(no gRPC), batch {args.batch}: {base['texts_per_s']:.0f} texts/s, batch 1: "
+              f"{1e3 / base['p50_ms']:.0f} texts/s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "task": task.name, "n": n, "machine": machine, "policy": policy, "rows": out_rows,
+            "graph_call_overhead_ms": per_call,
             "stage_ms_per_text": profile, "grpc": grpc, "args": vars(args)}, indent=2))
 
 
