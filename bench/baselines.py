@@ -109,6 +109,15 @@ def raee_row(engine: Engine, policy: str) -> Classify:
     return classify
 
 
+def with_torch_threads(fn: Classify, threads: int) -> Classify:
+    """Run a row with torch's pool at its own size: all the threads where torch runs the layers, one where
+    onnxruntime does (as raee sets it when a backbone moves onto onnxruntime)."""
+    def classify(texts: list[str]) -> np.ndarray:
+        torch.set_num_threads(threads)
+        return fn(texts)
+    return classify
+
+
 def measure(rows: dict[str, Classify], texts: list[str], repeats: int, batch: int) -> dict[str, dict]:
     """Batch-1 latencies and batch-`batch` throughput per row, every repeat visiting the rows in a new order."""
     latencies: dict[str, list[float]] = {name: [] for name in rows}
@@ -209,6 +218,8 @@ def main() -> int:
         }
         for name, engine in engines.items():
             rows[f"raee served policy, {name}"] = raee_row(engine, "raee")
+        rows = {name: with_torch_threads(fn, threads if name.startswith("torch") or "torch fp32" in name else 1)
+                for name, fn in rows.items()}
         accuracy = {}
         for name, fn in rows.items():
             predicted = np.concatenate([fn(texts[i:i + args.batch]) for i in range(0, len(texts), args.batch)])
@@ -217,8 +228,10 @@ def main() -> int:
                                        for r in engine.classify(texts[i:i + args.batch])]))
                   for name, engine in engines.items()}
         timing = measure(rows, sample, args.repeats, args.batch)
-    profile = {name: {size: stage_profile(engine, sample, size) for size in (1, args.batch)}
-               for name, engine in engines.items()}
+    profile = {}
+    for name, engine in engines.items():
+        torch.set_num_threads(threads if engine.backbone.runtime == "torch" else 1)
+        profile[name] = {size: stage_profile(engine, sample, size) for size in (1, args.batch)}
     grpc = (grpc_rows(args.store, task.name, texts, args.grpc_clients, args.grpc_seconds, args.grpc_rounds, threads)
             if args.grpc_clients else None)
     report(args, task, reference, threads, accuracy, layers, timing, profile, grpc, len(texts))

@@ -14,10 +14,12 @@ import faiss
 import numpy as np
 
 from raee.errors import InputError, StoreError
+from raee.runtime import thread_count
 
 log = logging.getLogger(__name__)
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
+FEW_QUERIES = 20  # below this many queries FAISS's flat search does not use BLAS
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,10 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != index.d:
         raise InputError(f"queries must be (Q, {index.d}), got {queries.shape}")
+    if hasattr(faiss, "omp_set_num_threads"):
+        # A few queries are searched on one thread: waking (and then spinning) an OpenMP pool costs more than it
+        # saves, and the spinning slows onnxruntime's own pool. Many queries use every configured thread.
+        faiss.omp_set_num_threads(1 if len(queries) < FEW_QUERIES else thread_count())
     return index.search(queries, min(k, index.ntotal))
 
 
