@@ -1,41 +1,37 @@
-"""Exit policies compared side by side, as pure functions of per-layer arrays.
+"""The policies RAEE is compared against, as pure functions of per-layer head outputs: the oracle (an upper bound
+that reads the gold label), AdaInfer and calibrated confidence. Full depth and static exits need no function.
 
-Every policy maps a test item's per-layer head outputs (and, for RAEE, its neighbours in the exit store) to an
-exit layer. Policies that learn (AdaInfer's SVM, calibrated confidence thresholds) learn only from the exit store's
-calibration records, never from test data. `oracle` reads the gold label: an upper bound, not a usable policy.
+Policies that learn (AdaInfer's SVM, the confidence thresholds) learn only from the exit store's calibration
+records, never from test data. The RAEE rule is in raee/raee_rule.py, ours in raee/accuracy_rule.py.
+
+AdaInfer's two features per layer are the gap (top-1 minus top-2 probability) and the top probability of the head's
+distribution. AdaInfer reads the full next-token (vocabulary) distribution; language-model records carry its top two
+probabilities (`vocab_top2`) and those are used when present. Sentence encoders have no vocabulary, and there the
+features come from the softmax over the label words only, where, on a binary task, gap = 2 * top - 1: the two
+features collapse into one. Labelling follows AdaInfer: a layer is a "stop" example when its prediction is right.
+That assumes a right answer at a layer means stopping there is good, which holds for a single-label classifier
+(later layers can only change a right answer, never improve it) but says nothing about how confident it was.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import numpy as np
 
-from raee.errors import InputError
-from raee.policy import RaeeConfig, exit_layers_from_scores, layer_scores
-from raee.records import ExitRecords, softmax
+from raee.records import ExitRecords, earliest_correct_layers, softmax
 
-POLICY_FORMS = ("full", "static:L", "oracle", "raee", "raee-no-tau", "raee-k:K", "raee-earliest:A", "adainfer",
-                "confidence[:RATE]")
+DEFAULT_AGREEMENT = 0.95  # calibrated confidence: exits agree with full depth at least this often on calibration
 
 
-@dataclass(frozen=True)
-class QueryView:
-    """What policies may look at for Q test items."""
-
-    label_logits: np.ndarray  # (Q, L+1, C) head outputs at every layer
-    similarities: np.ndarray  # (Q, kmax) to the store's neighbours
-    neighbour_ids: np.ndarray  # (Q, kmax), -1 = none
-    gold: np.ndarray | None = None  # (Q,), only the oracle reads it
-
-    @property
-    def num_layers(self) -> int:
-        return self.label_logits.shape[1] - 1
+def oracle_exit_layers(label_logits: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """(Q,) the earliest layer whose prediction is right, else full depth. Reads the gold label: an upper bound."""
+    return earliest_correct_layers(label_logits, gold, missing=label_logits.shape[1] - 1)
 
 
-def head_features(label_logits: np.ndarray) -> np.ndarray:
-    """(..., L+1, 2): AdaInfer's per-layer features, gap (top-1 minus top-2 probability) and top probability."""
+def head_features(label_logits: np.ndarray, vocab_top2: np.ndarray | None = None) -> np.ndarray:
+    """(..., L+1, 2): AdaInfer's per-layer features, gap (top-1 minus top-2 probability) and top probability; from
+    the full vocabulary's top two when given, else from the softmax over the label words."""
+    if vocab_top2 is not None:
+        return np.stack([vocab_top2[..., 0] - vocab_top2[..., 1], vocab_top2[..., 0]], axis=-1)
     probs = np.sort(softmax(label_logits), axis=-1)
     return np.stack([probs[..., -1] - probs[..., -2], probs[..., -1]], axis=-1)
 
@@ -78,17 +74,21 @@ class LinearSVM:
 def fit_adainfer(records: ExitRecords) -> LinearSVM:
     """Train the stop classifier on calibration records: features at every layer but the last, label = that layer's
     prediction is right (AdaInfer's labelling)."""
-    features = head_features(records.label_logits)[:, :-1].reshape(-1, 2)
+    features = head_features(records.label_logits, records.vocab_top2)[:, :-1].reshape(-1, 2)
     return LinearSVM().fit(features, records.correct[:, :-1].reshape(-1))
 
 
-def calibrate_confidence(records: ExitRecords, target: float = 0.95, holdout: float = 0.3,
-                         seed: int = 0) -> np.ndarray:
-    """Per-layer max-probability thresholds (L+1,), chosen on a held-out part of the calibration items: at each layer
-    the lowest threshold whose exits agree with the full-depth prediction at least `target` of the time (inf where no
-    threshold does). The last layer's threshold is 0."""
-    rows = np.random.default_rng(seed).permutation(records.num_items)[:max(1, int(records.num_items * holdout))]
-    probs = softmax(records.label_logits[rows])
+def adainfer_exit_layers(svm: LinearSVM, label_logits: np.ndarray, vocab_top2: np.ndarray | None) -> np.ndarray:
+    """(Q,) the first layer the SVM says to stop at."""
+    features = head_features(label_logits, vocab_top2)
+    return first_stop(svm.decide(features.reshape(-1, 2)).reshape(features.shape[:2]))
+
+
+def calibrate_confidence(records: ExitRecords, target: float = DEFAULT_AGREEMENT) -> np.ndarray:
+    """Per-layer max-probability thresholds (L+1,), chosen on every calibration item: at each layer the lowest
+    threshold whose exits agree with the full-depth prediction at least `target` of the time among the items it lets
+    leave (inf where no threshold does). The last layer's threshold is 0."""
+    probs = softmax(records.label_logits)
     confidence, predicted = probs.max(axis=-1), probs.argmax(axis=-1)
     agrees = predicted == predicted[:, -1:]
     thresholds = np.full(records.num_layers + 1, np.inf)
@@ -102,86 +102,6 @@ def calibrate_confidence(records: ExitRecords, target: float = 0.95, holdout: fl
     return thresholds
 
 
-@dataclass(frozen=True)
-class PolicySpec:
-    """A parsed policy name."""
-
-    name: str
-    kind: str  # fixed | oracle | raee | adainfer | confidence
-    layer: int | None = None
-    raee: RaeeConfig | None = None
-    rate: float | None = None
-
-
-def parse(name: str, num_layers: int, store_config: RaeeConfig) -> PolicySpec:
-    head, _, arg = name.partition(":")
-    try:
-        if name == "full":
-            return PolicySpec(name, "fixed", layer=num_layers)
-        if head == "static" and arg.isdigit() and int(arg) <= num_layers:
-            return PolicySpec(name, "fixed", layer=int(arg))
-        if name == "oracle":
-            return PolicySpec(name, "oracle")
-        if name == "raee":
-            return PolicySpec(name, "raee", raee=store_config)
-        if name == "raee-no-tau":
-            return PolicySpec(name, "raee", raee=dataclasses.replace(store_config, use_tau=False))
-        if head == "raee-k" and arg.isdigit():
-            return PolicySpec(name, "raee", raee=dataclasses.replace(store_config, k=int(arg)))
-        if head == "raee-earliest" and arg:
-            return PolicySpec(name, "raee", raee=dataclasses.replace(store_config, earliest_ratio=float(arg)))
-        if name == "adainfer":
-            return PolicySpec(name, "adainfer")
-        if head == "confidence" and (not arg or 0 < float(arg) <= 1):
-            return PolicySpec(name, "confidence", rate=float(arg) if arg else 0.95)
-    except ValueError:
-        pass
-    raise InputError(f"policy {name!r} is not one of {', '.join(POLICY_FORMS)} (L in 0..{num_layers})")
-
-
-class PolicySuite:
-    """Exit decisions of many policies over one store; learned parts are fitted once, on the store's records."""
-
-    def __init__(self, records: ExitRecords, store_config: RaeeConfig) -> None:
-        self.records, self.store_config = records, store_config
-        self.record_probability = records.record_probability()
-        self._adainfer: LinearSVM | None = None
-        self._thresholds: dict[float, np.ndarray] = {}
-
-    def spec(self, name: str) -> PolicySpec:
-        return parse(name, self.records.num_layers, self.store_config)
-
-    def adainfer(self) -> LinearSVM:
-        if self._adainfer is None:
-            self._adainfer = fit_adainfer(self.records)
-        return self._adainfer
-
-    def thresholds(self, rate: float) -> np.ndarray:
-        if rate not in self._thresholds:
-            self._thresholds[rate] = calibrate_confidence(self.records, rate)
-        return self._thresholds[rate]
-
-    def stops(self, spec: PolicySpec, label_logits: np.ndarray) -> np.ndarray:
-        """(Q, L+1) per-layer stop decisions of the head-reading policies (adainfer, confidence)."""
-        if spec.kind == "adainfer":
-            features = head_features(label_logits)
-            return self.adainfer().decide(features.reshape(-1, 2)).reshape(features.shape[:2])
-        if spec.kind == "confidence":
-            return softmax(label_logits).max(axis=-1) >= self.thresholds(spec.rate)
-        raise InputError(f"{spec.name} does not decide layer by layer")
-
-    def exit_layers(self, spec: PolicySpec, view: QueryView) -> np.ndarray:
-        q, num_layers = view.label_logits.shape[0], view.num_layers
-        if spec.kind == "fixed":
-            return np.full(q, spec.layer)
-        if spec.kind == "oracle":
-            if view.gold is None:
-                raise InputError("the oracle needs gold labels")
-            correct = view.label_logits.argmax(axis=-1) == view.gold[:, None]
-            return np.where(correct.any(axis=1), correct.argmax(axis=1), num_layers)
-        if spec.kind == "raee":
-            k = min(spec.raee.k, view.neighbour_ids.shape[1])  # a store smaller than k: every item is a neighbour
-            scores = layer_scores(view.similarities[:, :k], view.neighbour_ids[:, :k], self.record_probability,
-                                  spec.raee)
-            return exit_layers_from_scores(scores, spec.raee.earliest_ratio)
-        return first_stop(self.stops(spec, view.label_logits))
+def confidence_exit_layers(thresholds: np.ndarray, label_logits: np.ndarray) -> np.ndarray:
+    """(Q,) the first layer whose top label probability reaches its threshold."""
+    return first_stop(softmax(label_logits).max(axis=-1) >= thresholds)
