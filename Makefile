@@ -49,7 +49,9 @@ eval-sst2: install $(STORE)/CURRENT
 clean:
 	rm -rf $(VENV) stores .pytest_cache
 
-# The seven-task suite of docs/RESULTS.md: one store per task at default settings, every policy, one table.
+# The seven-task suite of docs/RESULTS.md: one store per task at default settings (the build calibrates the served
+# policy: match-full), every policy on every test file once, the cross-domain table over the tasks that share labels
+# (sst2, mr, cr, mpqa), and one store's calibration curve as a plot.
 DATA ?= ../shared/data
 SUITE_TASKS := sst2 sst5 mr cr mpqa subj cola
 SUITE_OUT ?= out/suite
@@ -58,9 +60,12 @@ results: install
 	mkdir -p $(SUITE_OUT)
 	for t in $(SUITE_TASKS); do \
 	  [ -f $(SUITE_OUT)/stores/$$t/CURRENT ] || $(BIN)/raee-index build --task $$t --train $(DATA)/$$t/train.jsonl \
-	    --out $(SUITE_OUT)/stores/$$t --no-progress || exit 1; done
-	$(BIN)/raee-eval --suite --no-progress $(foreach t,$(SUITE_TASKS),--store $(SUITE_OUT)/stores/$(t) --test $(DATA)/$(t)/test.jsonl) \
+	    --out $(SUITE_OUT)/stores/$$t --no-progress > $(SUITE_OUT)/build-$$t.txt || exit 1; done
+	$(BIN)/raee-eval --suite --cross-domain --no-progress \
+	  $(foreach t,$(SUITE_TASKS),--store $(SUITE_OUT)/stores/$(t) --test $(DATA)/$(t)/test.jsonl) \
 	  --json $(SUITE_OUT)/results.json --plot $(SUITE_OUT)/policies.png | tee $(SUITE_OUT)/results.md
+	$(BIN)/raee-index inspect $(SUITE_OUT)/stores/sst2 --calibration-plot $(SUITE_OUT)/calibration-sst2.png \
+	  > $(SUITE_OUT)/inspect-sst2.txt
 
 # Issue-5 tools: figures for docs/PERFORMANCE.md and docs/RELIABILITY.md (each prints the table it writes).
 .PHONY: bench-load bench-cost bench-faiss bench-keys reliability reliability-quick

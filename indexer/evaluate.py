@@ -20,7 +20,7 @@ from pathlib import Path
 
 from raee.data import read_examples
 from raee.engine import Engine
-from raee.errors import RaeeError
+from raee.errors import InputError, RaeeError
 from raee.evaluation import Evaluator, PolicyResult, markdown_table
 from raee.exit_policy import FORMS, ExitPolicy, parse_policy_list
 
@@ -52,8 +52,8 @@ def parser() -> argparse.ArgumentParser:
                         "comparison)")
     p.add_argument("--suite", action="store_true", help="also print one table over all stores, with averages")
     p.add_argument("--cross-domain", action="store_true",
-                   help="also score every store on every other store's test file (" + ", ".join(CROSS_POLICIES) +
-                        "); the tasks must share labels")
+                   help="also score every store on the test files of the other tasks with the same labels (" +
+                        ", ".join(CROSS_POLICIES) + "); each policy must be among --policies")
     p.add_argument("--timing-sample", type=int, default=200, metavar="N",
                    help="test texts timed per policy (200; 0 = no timing)")
     p.add_argument("--timed", default=",".join(TIMED), metavar="LIST",
@@ -124,12 +124,20 @@ def suite_table(tasks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cross_domain(engines: list[Engine], test_files: list[str], args: argparse.Namespace) -> dict:
-    """Every store on every test file: per policy, the score and layers run."""
+def cross_domain(engines: list[Engine], test_files: list[str], tasks: list[dict],
+                 args: argparse.Namespace) -> dict:
+    """Every store on every other test file of a task with the same labels (a store's own file is taken from its
+    task table): per policy, the score and layers run. Keys: "STORE->QUERIES"."""
     cells = {}
-    for engine in engines:
-        for test_file, owner in zip(test_files, engines):
-            examples = read_examples(test_file, engine.task, limit=args.limit)
+    for i, engine in enumerate(engines):
+        for j, owner in enumerate(engines):
+            if owner.task.labels != engine.task.labels or len(_peers(engines, engine)) < 2:
+                continue
+            if i == j:
+                cells[f"{engine.task.name}->{owner.task.name}"] = {name: tasks[i]["policies"][name]
+                                                                  for name in CROSS_POLICIES}
+                continue
+            examples = read_examples(test_files[j], engine.task, limit=args.limit)
             evaluator = Evaluator(engine, examples, list(CROSS_POLICIES), args.batch_size, not args.no_progress)
             cells[f"{engine.task.name}->{owner.task.name}"] = {
                 name: evaluator.evaluate(name, 0).to_dict() for name in CROSS_POLICIES}
@@ -137,9 +145,13 @@ def cross_domain(engines: list[Engine], test_files: list[str], args: argparse.Na
     return cells
 
 
+def _peers(engines: list[Engine], engine: Engine) -> list[Engine]:
+    return [e for e in engines if e.task.labels == engine.task.labels]
+
+
 def cross_table(engines: list[Engine], cells: dict) -> str:
     """Rows: store task; columns: query task; per policy the score minus full depth's on those queries."""
-    names = [e.task.name for e in engines]
+    names = [e.task.name for e in engines if len(_peers(engines, e)) >= 2]
     lines = []
     for policy in CROSS_POLICIES:
         lines += [f"\n**{policy}**: score on the column's test file minus full depth's (layers run; share sent to "
@@ -208,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         for engine, test_file in zip(engines, args.test):
             tasks.append(evaluate_task(engine, test_file, policy_names(args, engine.num_layers), args, timed))
         if args.cross_domain:
-            cells = cross_domain(engines, args.test, args)
+            missing = [p for p in CROSS_POLICIES if p not in tasks[0]["policies"]]
+            if missing:
+                raise InputError(f"--cross-domain needs {', '.join(missing)} among --policies")
+            cells = cross_domain(engines, args.test, tasks, args)
     except RaeeError as exc:
         print(f"raee-eval: error: {exc}", file=sys.stderr)
         return 2

@@ -122,14 +122,15 @@ def test_raee_eval_suite_and_cross_domain_cli(sst2_like, tmp_path, capsys):
                 progress=False)
     args = ["--store", store, "--test", str(sst2_like), "--store", store, "--test", str(sst2_like), "--suite",
             "--cross-domain", "--limit", "30", "--timing-sample", "5", "--json", str(tmp_path / "r.json"),
-            "--plot", str(tmp_path / "p.png"), "--no-progress", "--policies", "full,raee:k=4,tau=0.8,oracle,calibrated"]
+            "--plot", str(tmp_path / "p.png"), "--no-progress", "--policies", "full,raee:k=4,tau=0.8,oracle,calibrated,calibrated:best,raee"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| policy | score | unseen only |" in out and "avg score" in out and "Cross-domain" in out
     assert "raee:k=4,tau=0.8 (key prefix:1)" in out and "30 test items (" in out
     figures = json.loads((tmp_path / "r.json").read_text())
     task = figures["tasks"][0]
-    assert task["n"] == 30 and set(task["policies"]) == {"full", "raee:k=4,tau=0.8", "oracle", "calibrated"}
+    assert task["n"] == 30 and set(task["policies"]) == {"full", "raee:k=4,tau=0.8", "oracle", "calibrated",
+                                                         "calibrated:best", "raee"}
     assert task["policies"]["calibrated"]["guarantee"] in ("held", "missed")
     assert task["calibration_evidence"]["num_items"] == 120
     assert set(figures["cross_domain"]) == {"sst2->sst2"}
