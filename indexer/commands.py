@@ -114,8 +114,8 @@ def tune(args: argparse.Namespace) -> int:
     best = choose(results, backbone.num_layers, args.depth_budget)
     scale_flag = f" --scale {best.scale:g}" if best.scale is not None else ""
     print(f"\nchosen (best score within {args.depth_budget:.0%} of the layers): key {best.key}, scale {best.scale}, "
-          f"k {best.k}, tau {best.tau}, earliest ratio {best.earliest_ratio}: score {best.score:.4f} vs full depth {best.full_score:.4f}, "
-          f"{best.avg_layers_run:.2f} layers run on average")
+          f"k {best.k}, tau {best.tau}, earliest ratio {best.earliest_ratio}: score {best.score:.4f} vs full depth "
+          f"{best.full_score:.4f}, {best.avg_layers_run:.2f} layers run on average")
     if any(s.source == "embedder" for s in specs):
         print("note: 'layers run' counts backbone layers only; embedder keys also cost the embedder's own pass")
     print(f"build with: raee-index build --task {args.task} --train {args.train} --out DIR --key {best.key}"

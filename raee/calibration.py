@@ -152,17 +152,46 @@ class _Candidate:
 
 
 def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray, *, key_layer: int,
-              metric: str, raee: RaeeConfig, settings: CalibrationSettings) -> tuple[CalibratedPolicy,
-                                                                                      CalibrationEvidence]:
+              metric: str, raee: RaeeConfig,
+              settings: CalibrationSettings) -> tuple[CalibratedPolicy, CalibrationEvidence]:
     """Choose the served policy. similarities, neighbour_ids: (N, >= SEARCH_WIDTH) leave-one-out neighbours of
     every calibration item (-1 = none); key_layer: the prefix key's layer (0 for an embedder key)."""
     started = time.perf_counter()
     n, num_layers = records.num_items, records.num_layers
     if neighbour_ids.shape[0] != n:
         raise InputError(f"{neighbour_ids.shape[0]} neighbour rows for {n} calibration items")
-    correct = records.correct
-    full_right = correct[:, num_layers]
+    gated = _gate_maker(records, similarities, neighbour_ids, settings)
+    if settings.objective == "match-full":
+        paths = [list(_accuracy_path(records, similarities, neighbour_ids, AccuracyRuleConfig(), key_layer, gated))]
+    elif settings.objective == "best":
+        paths = [list(_accuracy_path(records, similarities, neighbour_ids, s, key_layer, gated))
+                 for s in BEST_STRUCTURES]
+        paths.append(list(_raee_path(records, similarities, neighbour_ids, raee, gated)))
+    else:
+        paths = [list(_raee_path(records, similarities, neighbour_ids, raee, lambda rule, exits: _Candidate(
+            rule, exits, np.zeros(n, dtype=bool), None)))]
+    curves = [[_point(c, records, metric, key_layer) for c in path] for path in paths]
+    chosen_path, chosen, curve = _choose(curves, n, settings)
+    gamma = GAMMA_SHARE * settings.delta
+    curve = [dataclasses.replace(p, risk_bound=PairedRiskTest.of(p.harms, p.helps, n, gamma).upper_bound(
+        settings.delta)) for p in curve]
+    if chosen >= 0:
+        c = paths[chosen_path][chosen]
+        policy = CalibratedPolicy(settings, c.rule, None if settings.gate_alpha == 0 and settings.stream_p == 0
+                                  else c.gate)
+    else:
+        policy = CalibratedPolicy(settings, None, None)
     full_score = task_score(metric, records.predicted[:, num_layers], records.gold)
+    evidence = CalibrationEvidence(n, full_score, float(records.correct[:, num_layers].mean()), tuple(curve), chosen,
+                                   sum(len(p) for p in paths), round(time.perf_counter() - started, 3))
+    return policy, evidence
+
+
+def _gate_maker(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
+                settings: CalibrationSettings):
+    """A function (rule, exits) -> _Candidate that applies the off-domain gate calibrated for those exits: the far
+    threshold from the items' nearest similarities, the disagree threshold from their agreement at these exits."""
+    n, num_layers = records.num_items, records.num_layers
     nearest = np.where(neighbour_ids[:, 0] >= 0, similarities[:, 0], -np.inf)
     far_threshold, quantiles = fit_similarity(nearest, settings.gate_alpha)
     agreement_rule = AccuracyRuleConfig()
@@ -176,51 +205,35 @@ def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.
                              agreement_rule.k, agreement_rule.temperature, quantiles, n, settings.stream_p)
         off = off_domain_reasons(gate, nearest, agreement, no_alarms) != ""
         return _Candidate(rule, np.where(off, num_layers, exits), off, gate)
+    return gated
 
+
+def _point(c: _Candidate, records: ExitRecords, metric: str, key_layer: int) -> CurvePoint:
+    """One setting's calibration figures."""
+    n, num_layers = records.num_items, records.num_layers
+    exit_right = records.correct[np.arange(n), c.exits]
+    harms, helps = harms_and_helps(records.correct[:, num_layers], exit_right)
+    layers = np.where(c.gated, num_layers, np.maximum(c.exits, key_layer)).mean() / num_layers
+    score = task_score(metric, records.predicted[np.arange(n), c.exits], records.gold)
+    return CurvePoint(_rule_name(c.rule), score, float(exit_right.mean()), float(layers), float(c.gated.mean()),
+                      harms, helps, float("nan"))
+
+
+def _choose(curves: list[list[CurvePoint]], n: int,
+            settings: CalibrationSettings) -> tuple[int, int, list[CurvePoint]]:
+    """(path index, setting index or -1 for full depth, the chosen path's curve) for the objective."""
     if settings.objective == "match-full":
-        paths = [list(_accuracy_path(records, similarities, neighbour_ids, AccuracyRuleConfig(), key_layer, gated))]
-    elif settings.objective == "best":
-        paths = [list(_accuracy_path(records, similarities, neighbour_ids, s, key_layer, gated))
-                 for s in BEST_STRUCTURES]
-        paths.append(list(_raee_path(records, similarities, neighbour_ids, raee, gated)))
-    else:
-        paths = [list(_raee_path(records, similarities, neighbour_ids, raee, lambda rule, exits: _Candidate(
-            rule, exits, np.zeros(n, dtype=bool), None)))]
-
-    def point(c: _Candidate) -> CurvePoint:
-        exit_right = correct[np.arange(n), c.exits]
-        harms, helps = harms_and_helps(full_right, exit_right)
-        layers = np.where(c.gated, num_layers, np.maximum(c.exits, key_layer)).mean() / num_layers
-        return CurvePoint(_rule_name(c.rule), task_score(metric, records.predicted[np.arange(n), c.exits],
-                                                         records.gold), float(exit_right.mean()), float(layers),
-                          float(c.gated.mean()), harms, helps, float("nan"))
-
-    curves = [[point(c) for c in path] for path in paths]
-    gamma = GAMMA_SHARE * settings.delta
-    if settings.objective == "match-full":
-        (path,), (curve,) = paths, curves
-        tests = [PairedRiskTest.of(p.harms, p.helps, n, gamma) for p in curve]
-        chosen_path, chosen = 0, fixed_sequence([t.pvalue(settings.epsilon) for t in tests], settings.delta)
-        curve = [dataclasses.replace(p, accepted=i <= chosen) for i, p in enumerate(curve)]
-        curves = [curve]
-    elif settings.objective == "best":
+        (curve,) = curves
+        gamma = GAMMA_SHARE * settings.delta
+        pvalues = [PairedRiskTest.of(p.harms, p.helps, n, gamma).pvalue(settings.epsilon) for p in curve]
+        chosen = fixed_sequence(pvalues, settings.delta)
+        return 0, chosen, [dataclasses.replace(p, accepted=i <= chosen) for i, p in enumerate(curve)]
+    if settings.objective == "best":
         flat = [(i, j) for i, curve in enumerate(curves) for j in range(len(curve))]
-        chosen_path, chosen = flat[best_within_budget([curves[i][j].score for i, j in flat],
-                                                      [curves[i][j].layers_run for i, j in flat],
-                                                      settings.depth_budget)]
-    else:
-        chosen_path, chosen = 0, 0
-    curve = [dataclasses.replace(p, risk_bound=PairedRiskTest.of(p.harms, p.helps, n, gamma).upper_bound(
-        settings.delta)) for p in curves[chosen_path]]
-    if chosen >= 0:
-        c = paths[chosen_path][chosen]
-        gate = None if settings.gate_alpha == 0 and settings.stream_p == 0 else c.gate
-        policy = CalibratedPolicy(settings, c.rule, gate)
-    else:
-        policy = CalibratedPolicy(settings, None, None)
-    evidence = CalibrationEvidence(n, full_score, float(full_right.mean()), tuple(curve), chosen,
-                                   sum(len(p) for p in paths), round(time.perf_counter() - started, 3))
-    return policy, evidence
+        path, chosen = flat[best_within_budget([curves[i][j].score for i, j in flat],
+                                               [curves[i][j].layers_run for i, j in flat], settings.depth_budget)]
+        return path, chosen, curves[path]
+    return 0, 0, curves[0]
 
 
 def best_within_budget(scores: list[float], layers_run: list[float], budget: float) -> int:

@@ -45,7 +45,9 @@ def split_indices(n: int, holdout: float, seed: int = 0) -> tuple[np.ndarray, np
 def grid_search(records: ExitRecords, keys: dict[str, np.ndarray], metric: str, *, holdout: float = 0.2,
                 scales: list[float | None] = (None,), base_scale: float | None = None, ks: list[int] = (12,),
                 taus: list[float] = (0.9,), ratios: list[float] = (1.0,), seed: int = 0) -> list[TrialResult]:
-    """Score every (key, scale, k, tau, earliest ratio) on the held-out split. keys: key name ("prefix:1", "embedder") -> (N, D)."""
+    """Score every (key, scale, k, tau, earliest ratio) on the held-out split.
+
+    keys: key name ("prefix:1", "embedder") -> (N, D)."""
     store_rows, held_rows = split_indices(records.num_items, holdout, seed)
     gold = records.gold[held_rows]
     results = []

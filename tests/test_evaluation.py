@@ -122,7 +122,8 @@ def test_raee_eval_suite_and_cross_domain_cli(sst2_like, tmp_path, capsys):
                 progress=False)
     args = ["--store", store, "--test", str(sst2_like), "--store", store, "--test", str(sst2_like), "--suite",
             "--cross-domain", "--limit", "30", "--timing-sample", "5", "--json", str(tmp_path / "r.json"),
-            "--plot", str(tmp_path / "p.png"), "--no-progress", "--policies", "full,raee:k=4,tau=0.8,oracle,calibrated,calibrated:best,raee"]
+            "--plot", str(tmp_path / "p.png"), "--no-progress",
+            "--policies", "full,raee:k=4,tau=0.8,oracle,calibrated,calibrated:best,raee"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| policy | score | unseen only |" in out and "avg score" in out and "Cross-domain" in out
