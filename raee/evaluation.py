@@ -29,6 +29,7 @@ from raee.engine import Engine
 from raee.errors import InputError
 from raee.exit_policy import ExitPolicy
 from raee.exits import decide
+from raee.guarantee import harms_and_helps
 from raee.index import search
 from raee.metrics import task_score
 from raee.offdomain import conformal_pvalues, cusum_alarms
@@ -46,6 +47,9 @@ class PolicyResult:
     avg_layers_run: float  # a retrieval policy with a prefix key runs at least K layers
     layers_saved: float  # 1 - avg_layers_run / L
     off_domain: float  # share of texts the off-domain gate sent to full depth
+    off_domain_reasons: dict[str, int]  # texts per reason: far, disagree, shifted
+    harms: int  # texts right at full depth but wrong at this policy's exit
+    helps: int  # texts wrong at full depth but right at the exit
     guarantee: str  # "held" / "missed": match-full's accuracy within epsilon of full depth's; "" = none claimed
     latency_ms_p50: float | None  # one text per call
     throughput_per_s: float | None  # texts per second in calls of 32
@@ -149,8 +153,10 @@ class Evaluator:
     def evaluate(self, name: ExitPolicy | str, timing_sample: int = 200) -> PolicyResult:
         policy = ExitPolicy.parse(name)
         exits, off_domain = self.exits(policy)
-        accuracy = float(np.mean(self.view.label_logits[np.arange(len(exits)), exits].argmax(axis=1) ==
-                                 self.view.gold))
+        right = self.view.label_logits[np.arange(len(exits)), exits].argmax(axis=1) == self.view.gold
+        harms, helps = harms_and_helps(self.view.label_logits[:, -1].argmax(axis=1) == self.view.gold, right)
+        accuracy = float(right.mean())
+        reasons = {reason: int((off_domain == reason).sum()) for reason in ("far", "disagree", "shifted")}
         layers_run = self.layers_run(policy, exits)
         latency = throughput = None
         if timing_sample > 0 and self.timeable(policy):
@@ -159,7 +165,7 @@ class Evaluator:
         return PolicyResult(
             str(name), self.engine.task.metric, self.score(exits), self.score(exits, ~self.view.seen), accuracy,
             self.full_accuracy, float(exits.mean()), float(layers_run.mean()),
-            float(1 - layers_run.mean() / num_layers), float(np.mean(off_domain != "")),
+            float(1 - layers_run.mean() / num_layers), float(np.mean(off_domain != "")), reasons, harms, helps,
             self.guarantee(policy, accuracy), latency, throughput)
 
     def guarantee(self, policy: ExitPolicy, accuracy: float) -> str:
@@ -208,12 +214,13 @@ class Evaluator:
 
 
 def markdown_table(results: list[PolicyResult]) -> str:
-    lines = ["| policy | score | unseen only | avg exit layer | layers run | off-domain | guarantee | "
-             "latency p50 ms (batch 1) | throughput/s (batch 32) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | score | unseen only | avg exit layer | layers run | off-domain | right/wrong vs full | "
+             "guarantee | latency p50 ms (batch 1) | throughput/s (batch 32) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         latency = f"{r.latency_ms_p50:.1f}" if r.latency_ms_p50 is not None else "-"
         throughput = f"{r.throughput_per_s:.0f}" if r.throughput_per_s is not None else "-"
         lines.append(f"| {r.policy} | {100 * r.score:.2f} | {100 * r.score_unseen:.2f} | {r.avg_exit_layer:.2f} | "
-                     f"{1 - r.layers_saved:.0%} | {r.off_domain:.0%} | {r.guarantee or '-'} | {latency} | "
-                     f"{throughput} |")
+                     f"{1 - r.layers_saved:.0%} | {r.off_domain:.0%} | +{r.helps} / -{r.harms} | "
+                     f"{r.guarantee or '-'} | {latency} | {throughput} |")
     return "\n".join(lines)

@@ -89,6 +89,10 @@ def test_results_carry_timings_guarantee_and_layers_run(evaluator):
     exits, _ = evaluator.exits(ExitPolicy.parse("raee"))
     assert raee.avg_layers_run == pytest.approx(np.maximum(exits, 1).mean())  # prefix:1 counted
     assert raee.guarantee == "" and raee.latency_ms_p50 is None
+    right = evaluator.view.label_logits[np.arange(len(exits)), exits].argmax(axis=1) == evaluator.view.gold
+    full_right = evaluator.view.label_logits[:, -1].argmax(axis=1) == evaluator.view.gold
+    assert (raee.helps, raee.harms) == (int((right & ~full_right).sum()), int((full_right & ~right).sum()))
+    assert raee.accuracy - raee.accuracy_full == pytest.approx((raee.helps - raee.harms) / len(exits))
     static = evaluator.evaluate("static:0", timing_sample=0)
     assert static.avg_layers_run == 0  # fixed exits run no key
 
