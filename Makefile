@@ -73,7 +73,7 @@ bench-load: install $(STORE)/CURRENT
 	mkdir -p out && $(BIN)/python bench/load.py --store $(STORE) --concurrency 8 --seconds 30 --json out/load.json
 bench-cost: install
 	mkdir -p out && $(BIN)/python bench/cost_curve.py --repeats 3 \
-	  --exit-fractions "raee=0.85,raee-earliest:auto=0.63,oracle=0.27" --json out/cost_curve.json
+	  --exit-fractions "raee=0.85,calibrated=0.50,calibrated:best=0.60,oracle=0.27" --json out/cost_curve.json
 bench-faiss: install
 	mkdir -p out && $(BIN)/python bench/faiss_scale.py --n 1000000 --json out/faiss_scale.json
 bench-keys: install
