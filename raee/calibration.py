@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from raee.accuracy_rule import (AccuracyRuleConfig, estimated_accuracy, exit_layers_from_estimate)
+from raee.accuracy_rule import AccuracyRuleConfig, estimated_accuracy, exit_layers_from_estimate
 from raee.errors import InputError, StoreError
 from raee.exit_policy import OBJECTIVES, ExitPolicy, Objective
 from raee.guarantee import GAMMA_SHARE, PairedRiskTest, fixed_sequence, harms_and_helps

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy
-from raee.calibration import (COSTS, EARLIEST_RATIOS, MARGINS, SEARCH_WIDTH, CalibratedPolicy, CalibrationSettings,
-                              best_within_budget, calibrate)
+from raee.calibration import (COSTS, EARLIEST_RATIOS, MARGINS, SEARCH_WIDTH, CalibratedPolicy,
+                              CalibrationSettings, best_within_budget, calibrate)
+from raee.data import text_groups
 from raee.errors import InputError
 from raee.guarantee import GAMMA_SHARE, risk_pvalue
 from raee.index import IndexSpec, build_index, leave_one_out_search, search
-from raee.data import text_groups
 from raee.metrics import task_score
 from raee.raee_rule import RaeeConfig, raee_exit_layers
 from raee.records import ExitRecords
