@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from raee.index import IndexSpec, build_index, search  # noqa: E402
-from raee.policy import RaeeConfig, raee_exit_layers  # noqa: E402
+from raee.raee_rule import RaeeConfig, raee_exit_layers  # noqa: E402
 
 
 def rss_mb() -> float:

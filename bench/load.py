@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from service.api import pb, pb_grpc  # noqa: E402
 from service.launch import ServerProcess  # noqa: E402
 
-POLICY = {"raee": pb.POLICY_KIND_RAEE, "full": pb.POLICY_KIND_FULL}
+POLICY = {"calibrated": pb.POLICY_KIND_UNSPECIFIED, "raee": pb.POLICY_KIND_RAEE, "full": pb.POLICY_KIND_FULL}
 
 
 def texts_from(path: str, n: int) -> list[str]:

@@ -7,11 +7,16 @@ import logging
 import os
 import sys
 
+from raee.calibration import CalibrationSettings
 from raee.errors import RaeeError
+from raee.exit_policy import OBJECTIVES
+from raee.index import INDEX_TYPES
 from raee.kinds import KIND_HELP, KINDS
+from raee.raee_rule import RaeeConfig
 from raee.runtime import DTYPE_NAMES, ONNXRUNTIME_PRECISIONS, RUNTIMES
 
 log = logging.getLogger("raee-index")
+SETTINGS, RAEE = CalibrationSettings(), RaeeConfig()
 
 
 def _backbone_args(p: argparse.ArgumentParser) -> None:
@@ -77,20 +82,42 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--key", default="prefix:2", metavar="embedder|prefix:K",
                    help="retrieval key: a sentence embedding, or the backbone's mean-pooled layer-K state, which "
                         "the serving pass reuses (default prefix:2; README: 'Why the default key')")
-    b.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivf"], help="FAISS index (default flat)")
-    b.add_argument("--k", type=int, default=12, help="RAEE neighbours saved as the store's default (12)")
-    b.add_argument("--tau", type=float, default=0.9, help="RAEE record threshold saved as the default (0.9)")
-    b.add_argument("--earliest-ratio", type=float, default=1.0, metavar="A",
-                   help="exit at the earliest layer whose RAEE score reaches A x the best layer's (1 = RAEE)")
+    b.add_argument("--index", default="flat", choices=INDEX_TYPES, help="FAISS index (default flat)")
+    c = b.add_argument_group(
+        "calibration", "The store serves, by default, a policy calibrated here on the calibration items alone "
+        "(leave-one-out); its evidence, the calibration curve, is saved with it (raee-index inspect --plot).")
+    c.add_argument("--objective", default=SETTINGS.objective, choices=OBJECTIVES,
+                   help="match-full: the fewest layers whose accuracy is at most --epsilon below full depth's, "
+                        "with probability 1 - --delta (exact test, fixed-sequence over the rule's settings); "
+                        "best: the highest calibration score within --depth-budget; raee: faithful RAEE "
+                        f"(default {SETTINGS.objective})")
+    c.add_argument("--epsilon", type=float, default=SETTINGS.epsilon,
+                   help=f"match-full: accuracy loss allowed, a share (default {SETTINGS.epsilon} = 0.5 point)")
+    c.add_argument("--delta", type=float, default=SETTINGS.delta,
+                   help=f"match-full: chance the guarantee may fail (default {SETTINGS.delta})")
+    c.add_argument("--depth-budget", type=float, default=SETTINGS.depth_budget, metavar="F",
+                   help=f"best: share of layers run allowed on average (default {SETTINGS.depth_budget})")
+    c.add_argument("--gate-alpha", type=float, default=SETTINGS.gate_alpha,
+                   help="off-domain gate: share of in-domain queries its per-query tests (far, disagree) send to "
+                        f"full depth; 0 = none (default {SETTINGS.gate_alpha})")
+    c.add_argument("--stream-p", type=float, default=SETTINGS.stream_p,
+                   help="off-domain gate: in-domain false alarms per query of its stream test; 0 = none "
+                        f"(default {SETTINGS.stream_p})")
+    c.add_argument("--k", type=int, default=RAEE.k, help=f"faithful RAEE's neighbours (policy raee; {RAEE.k})")
+    c.add_argument("--tau", type=float, default=RAEE.tau,
+                   help=f"faithful RAEE's record threshold (policy raee; {RAEE.tau})")
     b.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                    help="build only the I-th of N contiguous parts; join parts with raee-index merge")
     b.add_argument("--plot", default=None, metavar="PNG", help="also draw per-layer accuracy and exits")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     _backbone_args(b)
 
-    i = sub.add_parser("inspect", help="print a store's manifest and its earliest-correct-layer histogram")
+    i = sub.add_parser("inspect", help="print a store's manifest, its earliest-correct-layer histogram and the "
+                                       "calibrated policy with its evidence")
     i.add_argument("store", metavar="DIR")
     i.add_argument("--plot", default=None, metavar="PNG", help="also draw per-layer accuracy and exits")
+    i.add_argument("--calibration-plot", default=None, metavar="PNG",
+                   help="also draw the calibration curve: score and risk bound against layers run")
 
     m = sub.add_parser("merge", help="join shard stores into one store",
                        description="Join the parts written by build --shard I/N into a store that answers "

@@ -7,13 +7,14 @@ import json
 import logging
 from pathlib import Path
 
-from indexer.summary import layer_table, plot_layers
+from indexer.summary import calibration_summary, layer_table, plot_calibration, plot_layers
 from raee.backbones import load_backbone
-from raee.build import build_store, calibrate, merge_stores
+from raee.build import build_store, merge_stores, run_calibration_pass
+from raee.calibration import CalibrationSettings
 from raee.data import read_examples
 from raee.index import IndexSpec
 from raee.keys import Embedder, KeySpec
-from raee.policy import RaeeConfig
+from raee.raee_rule import RaeeConfig
 from raee.store import load_store
 from raee.tasks import load_task
 from raee.tuning import choose, grid_search
@@ -34,18 +35,28 @@ def _backbone(args: argparse.Namespace):
 
 
 def build(args: argparse.Namespace) -> int:
-    task, examples, backbone = _load(args)
+    settings = CalibrationSettings(args.objective, args.epsilon, args.delta, args.depth_budget, args.gate_alpha,
+                                   args.stream_p)  # bad settings are refused before anything is loaded
+    policy = RaeeConfig(k=args.k, tau=args.tau)
     key = KeySpec.parse(args.key)
+    task, examples, backbone = _load(args)
     embedder = Embedder(args.embedder, device=args.device) if key.source == "embedder" else None
     version, calibration = build_store(
         args.out, task, backbone, examples, key=key, embedder=embedder, index_spec=IndexSpec(args.index),
-        policy=RaeeConfig(k=args.k, tau=args.tau, earliest_ratio=args.earliest_ratio), batch_size=args.batch_size, shard=args.shard,
+        policy=policy, settings=settings, batch_size=args.batch_size, shard=args.shard,
         source_file=str(args.train), progress=not args.no_progress)
     print(f"\nexit store {version}  (task {task.name}, {backbone.kind} {backbone.source} on {backbone.runtime} "
           f"{backbone.precision}, key {key}, index {args.index})")
     print(layer_table(calibration.records))
-    print(f"\nindexed {calibration.records.num_items} items in {calibration.seconds:.1f} s: "
-          f"{calibration.items_per_second:.0f} items/s")
+    store = load_store(version)
+    build = store.manifest["build"]
+    print(f"\nindexed {calibration.records.num_items} items in {calibration.seconds:.1f} s "
+          f"({calibration.items_per_second:.0f} items/s); with the index and calibration "
+          f"{build['seconds_total']:.1f} s ({build['items_per_second_total']:.0f} items/s)")
+    if store.calibration_evidence is not None:
+        print(calibration_summary(store))
+    else:
+        print("a shard: the merged store is calibrated when the shards are merged (raee-index merge)")
     if args.plot:
         plot_layers(calibration.records, args.plot, f"{task.name}: {backbone.source}")
         print(f"plot written to {args.plot}")
@@ -68,9 +79,17 @@ def inspect(args: argparse.Namespace) -> int:
     print(json.dumps(manifest, indent=2))
     print()
     print(layer_table(store.records))
+    if store.calibration_evidence is not None:
+        print(calibration_summary(store))
     if args.plot:
         plot_layers(store.records, args.plot, f"{store.task.name}: {manifest['backbone']['source']}")
         print(f"plot written to {args.plot}")
+    if args.calibration_plot:
+        if store.calibration_evidence is None:
+            print("this store holds no calibration evidence (a shard, or built before calibration)")
+        else:
+            plot_calibration(store, args.calibration_plot)
+            print(f"calibration plot written to {args.calibration_plot}")
     return 0
 
 
@@ -87,7 +106,7 @@ def tune(args: argparse.Namespace) -> int:
     specs = [KeySpec.parse(k) for k in key_names]
     prefix_layers = tuple(s.layer for s in specs if s.source == "prefix")
     # One pass gives logits at every layer and the pooled state of every prefix layer asked for.
-    calibration = calibrate(backbone, task, examples, KeySpec("prefix", 0), None, args.batch_size,
+    calibration = run_calibration_pass(backbone, task, examples, KeySpec("prefix", 0), None, args.batch_size,
                             not args.no_progress, extra_pooled_layers=prefix_layers)
     keys = {str(s): calibration.pooled[s.layer] if s.source == "prefix" else
             Embedder(args.embedder, device=args.device).encode(calibration.texts) for s in specs}
@@ -108,12 +127,12 @@ def tune(args: argparse.Namespace) -> int:
     best = choose(results, backbone.num_layers, args.depth_budget)
     scale_flag = f" --scale {best.scale:g}" if best.scale is not None else ""
     print(f"\nchosen (best score within {args.depth_budget:.0%} of the layers): key {best.key}, scale {best.scale}, "
-          f"k {best.k}, tau {best.tau}, earliest ratio {best.earliest_ratio}: score {best.score:.4f} vs full depth {best.full_score:.4f}, "
-          f"{best.avg_layers_run:.2f} layers run on average")
+          f"k {best.k}, tau {best.tau}, earliest ratio {best.earliest_ratio}: score {best.score:.4f} vs full depth "
+          f"{best.full_score:.4f}, {best.avg_layers_run:.2f} layers run on average")
     if any(s.source == "embedder" for s in specs):
         print("note: 'layers run' counts backbone layers only; embedder keys also cost the embedder's own pass")
     print(f"build with: raee-index build --task {args.task} --train {args.train} --out DIR --key {best.key}"
-          f"{scale_flag} --k {best.k} --tau {best.tau} --earliest-ratio {best.earliest_ratio}")
+          f"{scale_flag}  (the build then calibrates the served exit rule itself: --objective)")
     if args.json:
         Path(args.json).write_text(json.dumps({"chosen": best.to_dict(), "trials": [r.to_dict() for r in results]},
                                               indent=2))

@@ -1,17 +1,20 @@
 """raee-eval: compare exit policies on labelled test files, one exit store per task.
 
-Prints, per task, a Markdown table: score (accuracy, or Matthews correlation for mcc tasks), average exit layer,
-share of layers saved, latency p50 at batch 1 and throughput at batch 32 (real truncated forwards on a sample).
-`raee-earliest:auto` is raee-earliest:A with A chosen on the store's calibration items (leave-one-out), never on
-the test file. With several --store/--test pairs and --suite, also prints one paper-style table with averages.
+Prints, per task, a Markdown table: score (accuracy, or Matthews correlation for mcc tasks) on the whole file and on
+the texts not in the store verbatim, average exit layer, share of layers run (the prefix key's layers counted for
+retrieval policies), share sent to full depth by the off-domain gate, whether a match-full policy's guarantee held
+on the file, latency p50 at batch 1 and throughput at batch 32 (real truncated forwards on a sample).
+`calibrated` is the store's own calibrated policy; `calibrated:OBJECTIVE` is what that objective calibrates on the
+store's items (never on the test file). With several --store/--test pairs, --suite adds one paper-style table with
+averages, and --cross-domain scores every store on every test file (stores of tasks with the same labels).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -19,18 +22,24 @@ from indexer.cli import runtime_args
 from raee import cache
 from raee.data import read_examples
 from raee.engine import Engine
-from raee.errors import RaeeError
-from raee.evaluation import (
-    Evaluator,
-    PolicyResult,
-    choose_earliest_ratio,
-    default_policies,
-    markdown_table,
-)
+from raee.errors import InputError, RaeeError
+from raee.evaluation import Evaluator, PolicyResult, markdown_table
+from raee.exit_policy import FORMS, ExitPolicy, parse_policy_list
 from raee.runtime import configure_threads
 
 log = logging.getLogger("raee-eval")
-AUTO = "raee-earliest:auto"
+TIMED = ("full", "calibrated", "calibrated:best", "raee", "oracle", "adainfer", "confidence")
+CROSS_POLICIES = ("full", "calibrated", "calibrated:best", "raee")
+
+
+def default_policies(num_layers: int) -> list[str]:
+    """Every policy raee-eval compares by default: baselines, faithful RAEE and its ablations, the accuracy rule
+    uncalibrated, and the calibrated objectives."""
+    return ["full", *(f"static:{layer}" for layer in range(1, num_layers)), "oracle",
+            "calibrated", "calibrated:best", "raee", "raee:weights=unsquared", "raee:use_tau=false", "raee:k=4",
+            "raee:k=32", *(f"raee:earliest_ratio={a}" for a in (0.8, 0.6, 0.4)),
+            *(f"accuracy:cost={c}" for c in (0, 0.1, 0.2, 0.4)), "accuracy:cost=0.2,values=confidence",
+            "adainfer", "confidence"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,17 +50,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test", action="append", required=True, metavar="FILE",
                    help="labelled test file for the store in the same position")
     p.add_argument("--policies", default=None,
-                   help="comma-separated: full, static:L, oracle, raee, raee-no-tau, raee-k:K, raee-earliest:A, "
-                        "raee-earliest:auto, adainfer, confidence[:RATE] (default: all of them)")
+                   help="comma-separated policies, each one of " + ", ".join(FORMS) + "; a KEY=VALUE item "
+                        "belongs to the policy before it, as in raee:k=4,tau=0.8,full (default: the full "
+                        "comparison)")
     p.add_argument("--suite", action="store_true", help="also print one table over all stores, with averages")
-    p.add_argument("--depth-budget", type=float, default=0.7,
-                   help="raee-earliest:auto picks the best calibration score within this share of layers (0.7)")
+    p.add_argument("--cross-domain", action="store_true",
+                   help="also score every store on the test files of the other tasks with the same labels (" +
+                        ", ".join(CROSS_POLICIES) + "); each policy must be among --policies")
     p.add_argument("--timing-sample", type=int, default=200, metavar="N",
                    help="test texts timed per policy (200; 0 = no timing)")
+    p.add_argument("--timed", default=",".join(TIMED), metavar="LIST",
+                   help=f"policies to time, as --policies ({','.join(TIMED)}); the others get '-'")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N test items")
     p.add_argument("--json", default=None, metavar="OUT", help="write the figures as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png",
-                   help="score against average exit layer (one file per task in a suite: OUT-<task>.png)")
+                   help="score against layers run (one file per task in a suite: OUT-<task>.png)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of the scoring pass (64)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backbone", default=None, metavar="PATH",
@@ -63,41 +76,105 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate_task(store_dir: str, test_file: str, args: argparse.Namespace) -> dict:
-    engine = Engine.load(store_dir, device=args.device, source=args.backbone, runtime=args.runtime,
-                         precision=args.precision, allow_precision_mismatch=args.allow_precision_mismatch)
+def policy_names(args: argparse.Namespace, num_layers: int) -> list[str]:
+    """The policies to compare, in canonical form."""
+    return [str(p) for p in parse_policy_list(args.policies or ",".join(default_policies(num_layers)))]
+
+
+def evaluate_task(engine: Engine, test_file: str, names: list[str], args: argparse.Namespace,
+                  timed: set[str]) -> dict:
     examples = read_examples(test_file, engine.task, limit=args.limit)
-    ratio, curve = choose_earliest_ratio(engine.store, args.depth_budget)
-    log.info("%s: raee-earliest:auto uses A=%g (leave-one-out on %d calibration items)", engine.task.name, ratio,
-             engine.store.records.num_items)
-    names = args.policies.split(",") if args.policies else [*default_policies(engine.num_layers), AUTO]
-    evaluator = Evaluator(engine, examples, args.batch_size, not args.no_progress)
+    evaluator = Evaluator(engine, examples, names, args.batch_size, not args.no_progress)
     results = []
-    for name in (n.strip() for n in names if n.strip()):
-        real = f"raee-earliest:{ratio:g}" if name == AUTO else name
-        result = evaluator.evaluate(real, args.timing_sample)
-        results.append(dataclasses.replace(result, policy=name))
-        log.info("%s %s: %.4f at exit %.2f", engine.task.name, name, result.score, result.avg_exit_layer)
-    return {"task": engine.task.name, "num_layers": engine.num_layers, "n": len(examples),
-            "store": str(engine.store.path), "key": str(engine.store.key), "store_policy": engine.policy.to_dict(),
-            "chosen_earliest_ratio": ratio,
-            "calibration_curve": [{"earliest_ratio": a, "score": s, "avg_layers_run": d} for a, s, d in curve],
+    for name in names:
+        result = evaluator.evaluate(name, args.timing_sample if name in timed else 0)
+        results.append(result)
+        log.info("%s %s: %.4f at %.2f layers run", engine.task.name, name, result.score, result.avg_layers_run)
+    store = engine.store
+    evidence = store.calibration_evidence
+    return {"task": engine.task.name, "num_layers": engine.num_layers, "n": len(evaluator.examples),
+            "n_read": len(examples), "n_unseen": int((~evaluator.view.seen).sum()), "test_file": test_file,
+            "store": str(store.path), "key": str(store.key), "calibrated_policy": engine.calibrated().name,
+            "calibration_settings": store.manifest.get("calibration_settings"),
+            "calibration_evidence": evidence.to_dict() if evidence else None,
             "policies": {r.policy: r.to_dict() for r in results}, "_results": results}
 
 
+def row_label(name: str, key: str) -> str:
+    """Retrieval policies' rows name the store's key."""
+    return f"{name} (key {key})" if ExitPolicy.parse(name).uses_neighbours else name
+
+
 def suite_table(tasks: list[dict]) -> str:
-    """Paper-style: policies as rows, each task's score, the average score and the average share of layers run."""
+    """Paper-style: policies as rows, each task's score (and unseen-only score where it differs), the averages and
+    the average share of layers run."""
     names = list(tasks[0]["policies"])
-    header = "| policy | " + " | ".join(t["task"] for t in tasks) + " | avg score | avg layers run |"
-    lines = [header, "|---|" + "---|" * (len(tasks) + 2)]
+    header = "| policy | " + " | ".join(t["task"] for t in tasks) + " | avg score | avg unseen only | avg layers run |"
+    lines = [header, "|---|" + "---|" * (len(tasks) + 3)]
     for name in names:
         rows = [t["policies"].get(name) for t in tasks]
         if any(r is None for r in rows):
             continue
+        cells = []
+        for r in rows:
+            cell = f"{100 * r['score']:.2f}"
+            if not math.isclose(r["score"], r["score_unseen"], abs_tol=5e-5) and not math.isnan(r["score_unseen"]):
+                cell += f" ({100 * r['score_unseen']:.2f})"
+            if r["guarantee"]:
+                cell += " ✓" if r["guarantee"] == "held" else " ✗"
+            cells.append(cell)
         scores = [100 * r["score"] for r in rows]
+        unseen = [100 * r["score_unseen"] for r in rows if not math.isnan(r["score_unseen"])]
         layers = [1 - r["layers_saved"] for r in rows]
-        lines.append(f"| {name} | " + " | ".join(f"{s:.2f}" for s in scores) +
-                     f" | {sum(scores) / len(scores):.2f} | {100 * sum(layers) / len(layers):.0f}% |")
+        lines.append(f"| {row_label(name, tasks[0]['key'])} | " + " | ".join(cells) +
+                     f" | {sum(scores) / len(scores):.2f} | {sum(unseen) / max(len(unseen), 1):.2f} | "
+                     f"{100 * sum(layers) / len(layers):.0f}% |")
+    return "\n".join(lines)
+
+
+def cross_domain(engines: list[Engine], test_files: list[str], tasks: list[dict],
+                 args: argparse.Namespace) -> dict:
+    """Every store on every other test file of a task with the same labels (a store's own file is taken from its
+    task table): per policy, the score and layers run. Keys: "STORE->QUERIES"."""
+    cells = {}
+    for i, engine in enumerate(engines):
+        for j, owner in enumerate(engines):
+            if owner.task.labels != engine.task.labels or len(_peers(engines, engine)) < 2:
+                continue
+            if i == j:
+                cells[f"{engine.task.name}->{owner.task.name}"] = {name: tasks[i]["policies"][name]
+                                                                  for name in CROSS_POLICIES}
+                continue
+            examples = read_examples(test_files[j], engine.task, limit=args.limit)
+            evaluator = Evaluator(engine, examples, list(CROSS_POLICIES), args.batch_size, not args.no_progress)
+            cells[f"{engine.task.name}->{owner.task.name}"] = {
+                name: evaluator.evaluate(name, 0).to_dict() for name in CROSS_POLICIES}
+            log.info("cross-domain %s -> %s done", engine.task.name, owner.task.name)
+    return cells
+
+
+def _peers(engines: list[Engine], engine: Engine) -> list[Engine]:
+    return [e for e in engines if e.task.labels == engine.task.labels]
+
+
+def cross_table(engines: list[Engine], cells: dict) -> str:
+    """Rows: store task; columns: query task; per policy the score minus full depth's on those queries."""
+    names = [e.task.name for e in engines if len(_peers(engines, e)) >= 2]
+    lines = []
+    for policy in CROSS_POLICIES:
+        lines += [f"\n**{policy}**: score on the column's test file minus full depth's (layers run; share sent to "
+                  "full depth by the off-domain gate)\n" if policy != "full" else
+                  "\n**full depth**: score on the column's test file\n",
+                  "| store \\ queries | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for store in names:
+            row = []
+            for queries in names:
+                entry = cells[f"{store}->{queries}"]
+                r, full = entry[policy], entry["full"]
+                row.append(f"{100 * r['score']:.2f}" if policy == "full" else
+                           f"{100 * (r['score'] - full['score']):+.2f} ({1 - r['layers_saved']:.0%}; "
+                           f"{r['off_domain']:.0%})")
+            lines.append(f"| {store} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -107,33 +184,29 @@ def plot(task: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     results: list[PolicyResult] = task["_results"]
-    by_name = {r.policy: r for r in results}
+    num_layers = task["num_layers"]
+    share = {r.policy: 100 * r.avg_layers_run / num_layers for r in results}
     fig, ax = plt.subplots(figsize=(10, 5))
-    static = sorted((r for r in results if r.policy.startswith("static:") or r.policy == "full"),
-                    key=lambda r: r.avg_exit_layer)
-    if static:
-        ax.plot([r.avg_exit_layer for r in static], [100 * r.score for r in static], "o-", color="#999999",
-                label="static:L (full at L)")
-    earliest = sorted((r for r in results if r.policy.startswith("raee-earliest:") and r.policy != AUTO),
-                      key=lambda r: r.avg_exit_layer)
-    if earliest:
-        ax.plot([r.avg_exit_layer for r in earliest], [100 * r.score for r in earliest], "s-", color="#3182bd",
-                label="raee-earliest:A (A = 0.3 ... 0.9)")
-    markers = {"raee": ("*", "#08519c"), AUTO: ("D", "#e6550d"), "oracle": ("^", "#31a354"),
-               "adainfer": ("v", "#756bb1"), "confidence": ("P", "#d6616b")}
-    for name, (marker, colour) in markers.items():
-        if name in by_name:
-            r = by_name[name]
-            ax.scatter(r.avg_exit_layer, 100 * r.score, marker=marker, s=120, color=colour, zorder=3, label=name)
+
+    def curve(prefix: str, style: str, colour: str, label: str) -> None:
+        rows = sorted((r for r in results if r.policy.startswith(prefix) or (prefix == "static:" and r.policy ==
+                                                                               "full")), key=lambda r: share[r.policy])
+        if rows:
+            ax.plot([share[r.policy] for r in rows], [100 * r.score for r in rows], style, color=colour, label=label)
+
+    curve("static:", "o-", "#999999", "static:L (full at 100%)")
+    curve("raee:earliest_ratio=", "s-", "#6baed6", "raee:earliest_ratio=A")
+    curve("accuracy:cost=", "^-", "#74c476", "accuracy:cost=C (uncalibrated)")
+    markers = {"raee": ("*", "#08519c"), "calibrated": ("D", "#e6550d"), "calibrated:best": ("P", "#a63603"),
+               "oracle": ("^", "#31a354"), "adainfer": ("v", "#756bb1"), "confidence": ("X", "#d6616b")}
     for r in results:
-        if r.policy.startswith("raee-k:") or r.policy == "raee-no-tau":
-            ax.scatter(r.avg_exit_layer, 100 * r.score, marker=".", s=60, color="#6baed6", zorder=2)
-            ax.annotate(r.policy.removeprefix("raee-"), (r.avg_exit_layer, 100 * r.score), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+        if r.policy in markers:
+            marker, colour = markers[r.policy]
+            ax.scatter(share[r.policy], 100 * r.score, marker=marker, s=120, color=colour, zorder=3, label=r.policy)
     metric = "Matthews correlation x100" if results and results[0].metric == "mcc" else "accuracy %"
-    ax.set_xlabel("average exit layer")
+    ax.set_xlabel("layers run, % (the prefix key's layers counted)")
     ax.set_ylabel(metric)
-    ax.set_title(f"{task['task']}: {task['n']} test items, {task['num_layers']} layers, key {task['key']}")
+    ax.set_title(f"{task['task']}: {task['n']} test items, {num_layers} layers, key {task['key']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
@@ -148,18 +221,29 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.store) != len(args.test):
         print("raee-eval: error: give one --test per --store, in the same order", file=sys.stderr)
         return 2
-    tasks = []
+    tasks, cells = [], None
     try:
         cache.use(args.cache_dir)
         configure_threads(args.threads)
-        for store_dir, test_file in zip(args.store, args.test):
-            tasks.append(evaluate_task(store_dir, test_file, args))
+        timed = {str(p) for p in parse_policy_list(args.timed)}
+        engines = [Engine.load(store_dir, device=args.device, source=args.backbone, runtime=args.runtime,
+                               precision=args.precision, allow_precision_mismatch=args.allow_precision_mismatch)
+                   for store_dir in args.store]
+        for engine, test_file in zip(engines, args.test):
+            tasks.append(evaluate_task(engine, test_file, policy_names(args, engine.num_layers), args, timed))
+        if args.cross_domain:
+            missing = [p for p in CROSS_POLICIES if p not in tasks[0]["policies"]]
+            if missing:
+                raise InputError(f"--cross-domain needs {', '.join(missing)} among --policies")
+            cells = cross_domain(engines, args.test, tasks, args)
     except RaeeError as exc:
         print(f"raee-eval: error: {exc}", file=sys.stderr)
         return 2
     for task in tasks:
-        print(f"\n## {task['task']}: {task['n']} test items, {task['num_layers']} layers, key {task['key']}; "
-              f"raee-earliest:auto = A {task['chosen_earliest_ratio']:g}\n")
+        skipped = task["n_read"] - task["n"]
+        print(f"\n## {task['task']}: {task['n']} test items ({task['n_unseen']} not in the store verbatim"
+              + (f"; {skipped} too long for the backbone, skipped" if skipped else "") +
+              f"), {task['num_layers']} layers, key {task['key']}; calibrated = {task['calibrated_policy']}\n")
         print(markdown_table(task["_results"]))
         if args.plot:
             path = args.plot if len(tasks) == 1 else str(Path(args.plot).with_name(
@@ -169,10 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite:
         print("\n## All tasks\n")
         print(suite_table(tasks))
+    if cells is not None:
+        print("\n## Cross-domain\n")
+        print(cross_table(engines, cells))
     if args.json:
         clean = [{k: v for k, v in t.items() if k != "_results"} for t in tasks]
-        Path(args.json).write_text(json.dumps(clean[0] if len(clean) == 1 and not args.suite else
-                                              {"tasks": clean, "suite": suite_table(clean)}, indent=2))
+        Path(args.json).write_text(json.dumps(
+            clean[0] if len(clean) == 1 and not args.suite and cells is None else
+            {"tasks": clean, "suite": suite_table(clean), "cross_domain": cells}, indent=2))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from raee.records import ExitRecords
+from raee.store import ExitStore
 
 BAR_WIDTH = 40
 
@@ -44,6 +45,85 @@ def plot_layers(records: ExitRecords, path: str, title: str) -> None:
     ax.set_xticks(layers)
     ax.set_title(title)
     ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def calibration_summary(store: ExitStore) -> str:
+    """A few lines: the calibrated policy, its gate, and what the calibration items said about it."""
+    policy, evidence = store.calibrated_policy, store.calibration_evidence
+    s = policy.settings
+    goal = {"match-full": f"accuracy at most {100 * s.epsilon:g} point(s) below full depth's with probability "
+                          f"{1 - s.delta:g}",
+            "best": f"the best calibration score within {s.depth_budget:.0%} of the layers",
+            "raee": "faithful RAEE"}[s.objective]
+    lines = [f"\ncalibrated policy (objective {s.objective}: {goal}; {evidence.num_items} items, leave-one-out):",
+             f"  {policy.name}"]
+    if policy.gate is not None:
+        g = policy.gate
+        lines.append(f"  off-domain gate: far below similarity {g.min_similarity:.3f}, disagree below "
+                     f"{g.min_agreement:.3f} (each ~{g.alpha / 2:.1%} of in-domain queries), stream test at "
+                     f"p {g.stream_p:g}; fallback: full depth")
+    if evidence.chosen < 0:
+        lines.append(f"  no setting passed its test: full depth is served (calibration score "
+                     f"{100 * evidence.full_score:.2f})")
+    else:
+        p = evidence.curve[evidence.chosen]
+        lines.append(f"  calibration score {100 * p.score:.2f} vs full depth {100 * evidence.full_score:.2f}; "
+                     f"layers run {p.layers_run:.0%}; {p.off_domain:.1%} sent to full depth by the gate")
+        lines.append(f"  accuracy {100 * p.accuracy:.2f} vs {100 * evidence.full_accuracy:.2f}; with probability "
+                     f"{1 - s.delta:g} it is at most {100 * p.risk_bound:.2f} point(s) below full depth's")
+    if s.objective == "match-full":
+        tested = sum(p.accepted is not None for p in evidence.curve)
+        lines.append(f"  {tested} settings in a fixed sequence, cautious to aggressive; accepted up to "
+                     f"#{evidence.chosen + 1}" + (f", first rejection at #{evidence.chosen + 2}"
+                                                   if evidence.chosen + 1 < tested else ""))
+    return "\n".join(lines)
+
+
+def plot_calibration(store: ExitStore, path: str) -> None:
+    """PNG: the calibration curve, score and accuracy-loss bound against layers run, the chosen setting marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policy, evidence = store.calibrated_policy, store.calibration_evidence
+    s = policy.settings
+    curve = evidence.curve
+    layers = [100 * p.layers_run for p in curve]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    accepted = [p.accepted is not False for p in curve]
+    top.plot(layers, [100 * p.score for p in curve], "-", color="#bdbdbd", zorder=1)
+    top.scatter([x for x, a in zip(layers, accepted) if a], [100 * p.score for p, a in zip(curve, accepted) if a],
+                s=14, color="#3182bd", label="setting (accepted)" if s.objective == "match-full" else "setting",
+                zorder=2)
+    if not all(accepted):
+        top.scatter([x for x, a in zip(layers, accepted) if not a],
+                    [100 * p.score for p, a in zip(curve, accepted) if not a], s=14, color="#de2d26",
+                    label="setting (not tested or rejected)", zorder=2)
+    top.axhline(100 * evidence.full_score, color="#636363", linestyle="--", label="full depth")
+    if evidence.chosen >= 0:
+        chosen = curve[evidence.chosen]
+        top.scatter([100 * chosen.layers_run], [100 * chosen.score], marker="*", s=250, color="#e6550d",
+                    label="served", zorder=3)
+    metric = "Matthews correlation x100" if store.task.metric == "mcc" else "accuracy %"
+    top.set_ylabel(f"calibration {metric}")
+    top.set_title(f"{store.task.name}: calibration curve ({s.objective}, {evidence.num_items} items, "
+                  f"leave-one-out, key {store.key})")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=8)
+    bottom.plot(layers, [100 * p.risk_bound for p in curve], "o", markersize=3, color="#756bb1",
+                label=f"{1 - s.delta:g} upper bound on the accuracy loss vs full depth")
+    bottom.plot(layers, [100 * (evidence.full_accuracy - p.accuracy) for p in curve], "-", color="#bcbddc",
+                label="observed accuracy loss")
+    if s.objective == "match-full":
+        bottom.axhline(100 * s.epsilon, color="#e6550d", linestyle="--", label=f"epsilon {100 * s.epsilon:g} point")
+    bottom.axhline(0, color="#636363", linewidth=0.8)
+    bottom.set_xlabel("layers run, % (the prefix key's layers counted; off-domain fallbacks at 100%)")
+    bottom.set_ylabel("points")
+    bottom.grid(alpha=0.3)
+    bottom.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from raee.backbones.base import MAX_CHARS_PER_TOKEN, Backbone
-from raee.data import Example
+from raee.calibration import SEARCH_WIDTH, CalibratedPolicy, CalibrationEvidence, CalibrationSettings, calibrate
+from raee.data import Example, text_groups
 from raee.errors import InputError, StoreError
-from raee.index import IndexSpec, build_index, keys_of
+from raee.exit_policy import Objective
+from raee.index import IndexSpec, build_index, keys_of, leave_one_out_search
 from raee.keys import Embedder, KeySpec
-from raee.policy import RaeeConfig
+from raee.raee_rule import RaeeConfig
 from raee.records import ExitRecords
 from raee.store import ExitStore, load_store, write_store
 from raee.tasks import TaskDefinition
@@ -65,9 +68,9 @@ def readable_examples(backbone: Backbone, task: TaskDefinition, examples: list[E
     return [e for e, _ in kept], [c for _, c in kept]
 
 
-def calibrate(backbone: Backbone, task: TaskDefinition, examples: list[Example], key: KeySpec,
-              embedder: Embedder | None = None, batch_size: int = 64, progress: bool = True,
-              extra_pooled_layers: tuple[int, ...] = ()) -> CalibrationPass:
+def run_calibration_pass(backbone: Backbone, task: TaskDefinition, examples: list[Example], key: KeySpec,
+                         embedder: Embedder | None = None, batch_size: int = 64, progress: bool = True,
+                         extra_pooled_layers: tuple[int, ...] = ()) -> CalibrationPass:
     """Run the backbone once over every item (label logits at all layers) and compute each item's key.
 
     Items too long for the backbone are skipped with a warning naming their lines.
@@ -84,6 +87,7 @@ def calibrate(backbone: Backbone, task: TaskDefinition, examples: list[Example],
         raise InputError("no calibration items left to index")
     order = np.argsort(counts, kind="stable")  # similar lengths batch together: less padding
     logits = np.zeros((len(examples), backbone.num_layers + 1, task.num_labels), dtype=np.float32)
+    vocab: np.ndarray | None = None  # (N, L+1, 2) when the backbone reports the full vocabulary's top two
     keys: np.ndarray | None = None
     pooled_layers = tuple(sorted({*extra_pooled_layers, *((key.layer,) if key.layer is not None else ())}))
     pooled = {layer: np.zeros((len(examples), backbone.hidden_size), np.float32) for layer in pooled_layers}
@@ -92,24 +96,31 @@ def calibrate(backbone: Backbone, task: TaskDefinition, examples: list[Example],
         for start in range(0, len(examples), batch_size):
             rows = order[start:start + batch_size]
             texts = [examples[i].text for i in rows]
-            layer_pass = backbone.all_layers(prompting.prompts(texts), head, pooled_layers=pooled_layers)
+            layer_pass = backbone.all_layers(prompting.prompts(texts), head, pooled_layers=pooled_layers,
+                                             with_vocab_top2=True)
             for layer in pooled_layers:
                 pooled[layer][rows] = layer_pass.pooled[layer]
             batch_keys = layer_pass.pooled[key.layer] if key.source == "prefix" else embedder.encode(texts)
             if keys is None:
                 keys = np.zeros((len(examples), batch_keys.shape[1]), dtype=np.float32)
             logits[rows], keys[rows] = layer_pass.label_logits, batch_keys
+            batch_vocab = layer_pass.vocab_top2  # LM backbones only
+            if batch_vocab is not None:
+                if vocab is None:
+                    vocab = np.zeros((len(examples), backbone.num_layers + 1, 2), dtype=np.float32)
+                vocab[rows] = batch_vocab
             bar.update(len(rows))
     seconds = time.perf_counter() - started
     gold = np.array([e.label for e in examples], dtype=np.int64)
-    return CalibrationPass(ExitRecords(gold, logits), keys, [e.text for e in examples],
+    return CalibrationPass(ExitRecords(gold, logits, vocab), keys, [e.text for e in examples],
                            np.array([e.line for e in examples], dtype=np.int64), seconds,
                            {layer: pooled[layer] for layer in extra_pooled_layers})
 
 
 def store_manifest(task: TaskDefinition, backbone: Backbone, embedder: Embedder | None, key: KeySpec,
                    index_spec: IndexSpec, policy: RaeeConfig, calibration: CalibrationPass, *,
-                   source_file: str | None = None, shard: tuple[int, int] | None = None) -> dict:
+                   settings: CalibrationSettings, source_file: str | None = None,
+                   shard: tuple[int, int] | None = None) -> dict:
     return {
         "task": task.to_dict(),
         "backbone": backbone.identity(),
@@ -121,6 +132,7 @@ def store_manifest(task: TaskDefinition, backbone: Backbone, embedder: Embedder 
         "num_labels": task.num_labels,
         "index": {"spec": index_spec.to_dict(), "metric": "inner_product", "normalized": True},
         "policy": policy.to_dict(),
+        "calibration_settings": asdict(settings),
         "shard": {"index": shard[0], "count": shard[1]} if shard else None,
         "source_file": source_file,
         "build": {"seconds": round(calibration.seconds, 3),
@@ -130,20 +142,51 @@ def store_manifest(task: TaskDefinition, backbone: Backbone, embedder: Embedder 
 
 def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examples: list[Example], *,
                 key: KeySpec, embedder: Embedder | None = None, index_spec: IndexSpec = IndexSpec(),
-                policy: RaeeConfig = RaeeConfig(), batch_size: int = 64, shard: tuple[int, int] | None = None,
-                source_file: str | None = None, progress: bool = True) -> tuple[Path, CalibrationPass]:
-    """Calibrate, index and write a store version; returns (version directory, the calibration pass)."""
-    calibration = calibrate(backbone, task, shard_of(examples, shard), key, embedder, batch_size, progress)
+                policy: RaeeConfig = RaeeConfig(), settings: CalibrationSettings = CalibrationSettings(),
+                batch_size: int = 64, shard: tuple[int, int] | None = None, source_file: str | None = None,
+                progress: bool = True) -> tuple[Path, CalibrationPass]:
+    """Run the backbone over the items, index them, calibrate the served policy (not for a shard: merging does)
+    and write a store version; returns (version directory, the calibration pass)."""
+    started = time.perf_counter()
+    calibration = run_calibration_pass(backbone, task, shard_of(examples, shard), key, embedder, batch_size,
+                                       progress)
     index = build_index(calibration.keys, index_spec)
-    manifest = store_manifest(task, backbone, embedder, key, index_spec, policy, calibration,
+    manifest = store_manifest(task, backbone, embedder, key, index_spec, policy, calibration, settings=settings,
                               source_file=source_file, shard=shard)
+    if shard is None:
+        chosen, evidence = calibrate_items(calibration.records, index, calibration.texts, key.prefix_layers,
+                                           task.metric, policy, settings)
+        manifest.update(calibrated_policy=chosen.to_dict(), calibration_evidence=evidence.to_dict())
+        log.info("calibrated %s: %s", settings.objective, chosen.name)
+    seconds = time.perf_counter() - started
+    manifest["build"].update(seconds_total=round(seconds, 3),
+                             items_per_second_total=round(calibration.records.num_items / seconds, 1))
     version = write_store(out, manifest, calibration.records, index, calibration.texts, calibration.lines)
     return version, calibration
 
 
+def calibrate_items(records: ExitRecords, index, texts: list[str], key_layer: int, metric: str, raee: RaeeConfig,
+                    settings: CalibrationSettings) -> tuple[CalibratedPolicy, CalibrationEvidence]:
+    """Leave-one-out neighbours of every item (items of the same text left out too), then calibration."""
+    similarities, ids = leave_one_out_search(index, text_groups(texts), SEARCH_WIDTH)
+    return calibrate(records, similarities, ids, key_layer=key_layer, metric=metric, raee=raee, settings=settings)
+
+
+def calibrate_store(store: ExitStore, objective: Objective | None = None) -> CalibratedPolicy:
+    """The store's calibrated policy, or the one `objective` would have chosen at build time (same items, same
+    settings otherwise): how raee-eval scores several objectives from one store."""
+    if objective is None:
+        return store.calibrated_policy
+    saved = store.manifest.get("calibration_settings") or {}
+    settings = dataclasses.replace(CalibrationSettings(**saved), objective=objective)
+    chosen, _ = calibrate_items(store.records, store.index, store.texts, store.key_layer, store.task.metric,
+                                store.policy, settings)
+    return chosen
+
+
 # Manifest fields every shard of one build shares.
 SHARED_FIELDS = ("task", "backbone", "embedder", "key", "key_dim", "num_layers", "num_labels", "index", "policy",
-                 "source_file")
+                 "calibration_settings", "source_file")
 
 
 def merge_stores(out: str | Path, parts: list[str | Path]) -> Path:
@@ -163,9 +206,14 @@ def merge_stores(out: str | Path, parts: list[str | Path]) -> Path:
     records = ExitRecords.concatenate([s.records for s in stores])
     keys = np.concatenate([keys_of(s.index) for s in stores])
     index = build_index(keys, stores[0].index_spec)
-    manifest = {f: stores[0].manifest[f] for f in SHARED_FIELDS}
-    manifest.update(num_items=records.num_items, shard=None, merged_from=[s.version for s in stores],
-                    build={"seconds": round(sum(s.manifest["build"]["seconds"] for s in stores), 3)})
+    manifest = {f: stores[0].manifest.get(f) for f in SHARED_FIELDS}
     texts = [t for s in stores for t in s.texts]
+    first = stores[0]
+    settings = CalibrationSettings(**(first.manifest.get("calibration_settings") or {}))
+    chosen, evidence = calibrate_items(records, index, texts, first.key_layer, first.task.metric, first.policy,
+                                       settings)
+    manifest.update(num_items=records.num_items, shard=None, merged_from=[s.version for s in stores],
+                    calibrated_policy=chosen.to_dict(), calibration_evidence=evidence.to_dict(),
+                    build={"seconds": round(sum(s.manifest["build"]["seconds"] for s in stores), 3)})
     lines = np.concatenate([s.lines for s in stores])
     return write_store(out, manifest, records, index, texts, lines)

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from raee.errors import DataError, TaskError
 from raee.tasks import TaskDefinition
 
@@ -63,3 +65,15 @@ def _table_rows(path: Path):
     with path.open(encoding="utf-8", newline="") as f:
         for line, row in enumerate(csv.DictReader(f, delimiter=delimiter), start=2):
             yield line, row
+
+
+def text_groups(texts: list[str]) -> np.ndarray:
+    """(N,) group id per text: texts equal after stripping whitespace share one (the first one's index)."""
+    first: dict[str, int] = {}
+    return np.array([first.setdefault(t.strip(), i) for i, t in enumerate(texts)], dtype=np.int64)
+
+
+def seen_texts(texts: list[str], known: list[str]) -> np.ndarray:
+    """(len(texts),) bool: the text appears verbatim (after stripping whitespace) among `known`."""
+    known_set = {t.strip() for t in known}
+    return np.array([t.strip() in known_set for t in texts], dtype=bool)

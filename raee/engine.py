@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,19 +12,24 @@ import torch
 
 from raee.backbones.base import Backbone, mean_pool
 from raee.backbones.loading import load_backbone
+from raee.calibration import CalibratedPolicy
 from raee.errors import InputError, StoreMismatchError
+from raee.exit_policy import CALIBRATED, ENGINE_KINDS, ExitPolicy, Objective
+from raee.exits import Decision, RecordArrays, Resolved, decide, resolve
 from raee.index import on_best_device, search
 from raee.keys import Embedder
-from raee.policy import RaeeConfig, exit_layers_from_scores, layer_scores
+from raee.offdomain import StreamMonitor, conformal_pvalues
 from raee.records import softmax
 from raee.store import ExitStore, check_compatible, load_store
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class StageTimes:
     """Wall time of each stage for the batch a text was classified in, in milliseconds. With a prefix key, `key`
-    includes the backbone's first K layers, which the backbone stage then does not repeat."""
+    includes the backbone's first K layers, which the backbone stage then does not repeat; with an embedder key it
+    is the embedder alone, and the backbone stage starts from the embeddings."""
 
     key_ms: float
     search_ms: float
@@ -52,19 +56,8 @@ class Classification:
     num_layers: int
     times: StageTimes
     neighbours: tuple[Neighbour, ...] = field(default=())
-    full_depth_fallback: bool = False  # RAEE found no neighbour with an exit record and ran every layer
-
-
-def parse_policy(policy: str, num_layers: int) -> int | None:
-    """None for RAEE, else the fixed exit layer of `full` or `static:L`."""
-    if policy == "raee":
-        return None
-    if policy == "full":
-        return num_layers
-    name, _, layer = policy.partition(":")
-    if name == "static" and layer.isdigit() and int(layer) <= num_layers:
-        return int(layer)
-    raise InputError(f"policy {policy!r} is not one of raee, full, static:L with L in 0..{num_layers}")
+    full_depth_fallback: bool = False  # the rule found no neighbour with an exit record and ran every layer
+    off_domain: str = ""  # the off-domain gate sent the text to full depth: far, disagree or shifted ("" = no)
 
 
 def load_backbone_for(manifest: dict, *, source: str | None = None, device: str = "cpu", runtime: str = "auto",
@@ -80,7 +73,8 @@ def load_backbone_for(manifest: dict, *, source: str | None = None, device: str 
 
 
 class Engine:
-    """A backbone with one task's exit store. `classify` is safe to call from one thread at a time."""
+    """A backbone with one task's exit store. `classify` is safe to call from one thread at a time (the off-domain
+    gate's stream test keeps state across calls)."""
 
     def __init__(self, store: ExitStore, backbone: Backbone, embedder: Embedder | None = None,
                  allow_precision_mismatch: bool = False) -> None:
@@ -94,11 +88,13 @@ class Engine:
                                      f"keys stop at layer {backbone.max_prefix_layer}")
         self.store, self.backbone, self.embedder = store, backbone, embedder
         self.task = store.task
-        self.policy = store.policy
         self.index = on_best_device(store.index)
-        self._record_probability = store.records.record_probability()
+        self.arrays = RecordArrays(store.records)
+        self._calibrated: dict[Objective | None, CalibratedPolicy] = {None: store.calibrated_policy}
+        self._monitors: dict[Objective | None, StreamMonitor] = {}
         self.prompting = self.task.prompting(backbone.kind, backbone.mask_token)
         self.head = backbone.head(self.prompting.head)  # label ids / verbalization states now, not on a request
+        log.info("%s store %s serves %s by default", self.task.name, store.version, self.calibrated().name)
 
     @classmethod
     def load(cls, store_dir: str | Path, *, backbone: Backbone | None = None, embedder: Embedder | None = None,
@@ -128,48 +124,83 @@ class Engine:
         self.backbone.check_texts(texts)
         self.backbone.check_prompts(self.prompting.prompts(texts))
 
-    def classify(self, texts: list[str], *, policy: str = "raee", k: int | None = None,
-                 with_neighbours: bool = False, raee: RaeeConfig | None = None) -> list[Classification]:
+    def calibrated(self, objective: Objective | None = None) -> CalibratedPolicy:
+        """The store's calibrated policy, or the one `objective` calibrates on the store's items (computed once)."""
+        if objective not in self._calibrated:
+            from raee.build import calibrate_store  # the leave-one-out search lives with the build
+            self._calibrated[objective] = calibrate_store(self.store, objective)
+        return self._calibrated[objective]
+
+    def resolve(self, policy: ExitPolicy | str) -> Resolved:
+        """The rule, gate or fixed exit `policy` means for this store."""
+        policy = ExitPolicy.parse(policy)
+        if policy.kind not in ENGINE_KINDS:
+            raise InputError(f"policy {policy} cannot be served; the engine serves "
+                             "calibrated, raee, accuracy, full and static:L")
+        calibrated = self.calibrated(policy.objective) if policy.kind == "calibrated" else self._calibrated[None]
+        return resolve(policy, calibrated, self.store.policy, self.num_layers)
+
+    def classify(self, texts: list[str], *, policy: ExitPolicy | str = CALIBRATED,
+                 with_neighbours: bool = False) -> list[Classification]:
         """Classify a batch; each text leaves the backbone at its own exit layer.
 
-        policy: raee, full or static:L. k overrides the store's neighbour count; raee replaces its whole RAEE
-        configuration (both only matter for policy raee)."""
-        fixed_exit = parse_policy(policy, self.num_layers)
-        config = raee or self.policy
-        config = config if k is None else dataclasses.replace(config, k=k)
+        policy: an ExitPolicy or its text (raee.exit_policy): by default the store's calibrated policy."""
+        policy = ExitPolicy.parse(policy)
+        resolved = self.resolve(policy)
         self.backbone.check_texts(texts)
-        key_layer = self.store.key.layer if self.store.key.source == "prefix" else None
-        sims = ids = None
-        fallback = np.zeros(len(texts), dtype=bool)
-        t0 = time.perf_counter()
-        if fixed_exit is not None:
-            exits = np.full(len(texts), fixed_exit)
-            logits = self._run_to_exits(self.backbone.start(self.prompting.prompts(texts)), [], exits)
-            t1 = t2 = t0
+        started = time.perf_counter()
+        if resolved.fixed_layer is not None:
+            exits = np.full(len(texts), resolved.fixed_layer)
+            decision, sims, ids, fwd, early = None, None, None, self.backbone.start(self.prompting.prompts(texts)), []
+            keyed = searched = started
         else:
-            if key_layer is None:
-                keys = self.embedder.encode(texts)
-                fwd, early = self.backbone.start(self.prompting.prompts(texts)), []
-            else:
-                fwd, early = self._prefix_pass(texts, key_layer)
-                keys = mean_pool(fwd.hidden, fwd.attention_mask).cpu().numpy()
-            t1 = time.perf_counter()
-            sims, ids = search(self.index, keys, config.k)
-            scores = layer_scores(sims, ids, self._record_probability, config)
-            exits = exit_layers_from_scores(scores, config.earliest_ratio)
-            fallback = scores.max(axis=1) <= 0
-            t2 = time.perf_counter()
-            logits = self._run_to_exits(fwd, early, exits)
-        times = StageTimes((t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
+            keys, fwd, early = self._key(texts)
+            keyed = time.perf_counter()
+            sims, ids = search(self.index, keys, resolved.search_width)
+            decision = decide(resolved, sims, ids, self.arrays, self.store.key_layer,
+                              self._alarms(policy.objective, resolved, sims, ids))
+            exits = decision.exits
+            searched = time.perf_counter()
+            if fwd is None:  # an embedder key: the backbone starts now, in its own stage
+                fwd = self.backbone.start(self.prompting.prompts(texts))
+        logits = self._run_to_exits(fwd, early, exits)
+        times = StageTimes((keyed - started) * 1e3, (searched - keyed) * 1e3,
+                           (time.perf_counter() - searched) * 1e3)
+        shown = resolved.rule.k if with_neighbours and resolved.rule is not None else 0  # the rule's, not the gate's
+        return self._results(logits, exits, decision, times, sims, ids[:, :shown] if shown else None)
+
+    def _key(self, texts: list[str]):
+        """(keys (B, D), the backbone's forward state or None, head logits at layers 0..K for a prefix key)."""
+        if self.store.key.source == "embedder":
+            return self.embedder.encode(texts), None, []
+        fwd, early = self._prefix_pass(texts, self.store.key_layer)
+        return mean_pool(fwd.hidden, fwd.attention_mask).cpu().numpy(), fwd, early
+
+    def _alarms(self, objective: Objective | None, resolved: Resolved, sims: np.ndarray,
+                ids: np.ndarray) -> np.ndarray | None:
+        """The stream test's verdicts for this batch, in order (None without a gate)."""
+        if resolved.gate is None:
+            return None
+        monitor = self._monitors.setdefault(objective, StreamMonitor(resolved.gate))
+        nearest = np.where(ids[:, 0] >= 0, sims[:, 0], -np.inf)
+        return monitor.update(conformal_pvalues(resolved.gate, nearest))
+
+    def _results(self, logits: np.ndarray, exits: np.ndarray, decision: Decision | None, times: StageTimes,
+                 sims: np.ndarray | None, ids: np.ndarray | None) -> list[Classification]:
         probs = softmax(logits)
-        return [Classification(
-            label=self.task.labels[int(probs[i].argmax())], label_index=int(probs[i].argmax()),
-            scores=tuple(float(p) for p in probs[i]), exit_layer=int(exits[i]),
-            layers_run=int(max(exits[i], key_layer or 0)) if fixed_exit is None else int(exits[i]),
-            num_layers=self.num_layers, times=times,
-            neighbours=tuple(Neighbour(int(j), float(s)) for j, s in zip(ids[i], sims[i]) if j >= 0)
-            if with_neighbours and ids is not None else (), full_depth_fallback=bool(fallback[i]))
-            for i in range(len(texts))]
+        key_layer = self.store.key_layer if decision is not None else 0
+        results = []
+        for i, row in enumerate(probs):
+            neighbours = () if ids is None else tuple(Neighbour(int(j), float(s)) for j, s in zip(ids[i], sims[i])
+                                                      if j >= 0)
+            results.append(Classification(
+                label=self.task.labels[int(row.argmax())], label_index=int(row.argmax()),
+                scores=tuple(float(p) for p in row), exit_layer=int(exits[i]),
+                layers_run=int(max(exits[i], key_layer)), num_layers=self.num_layers, times=times,
+                neighbours=neighbours,
+                full_depth_fallback=bool(decision.no_evidence[i]) if decision is not None else False,
+                off_domain=str(decision.off_domain[i]) if decision is not None else ""))
+        return results
 
     def _prefix_pass(self, texts: list[str], key_layer: int):
         """Run layers 1..K for the whole batch, keeping the head's logits at layers 0..K for rows that exit there."""

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
 FEW_QUERIES = 20  # below this many queries FAISS's flat search does not use BLAS
+TIE_DECIMALS = 5  # similarities equal to this many decimals count as tied; ties go to the lower item id
+TIE_MARGIN = 8  # extra neighbours fetched so that ties at the k-th place are settled by id
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,11 @@ def on_best_device(index: faiss.Index) -> faiss.Index:
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities (Q, k) float32, ids (Q, k) int64; -1 where fewer than k were found)."""
+    """(similarities (Q, k) float32, ids (Q, k) int64; -1 where fewer than k were found), closest first.
+
+    Deterministic: neighbours whose similarities agree to TIE_DECIMALS decimals are ordered by id, and TIE_MARGIN
+    extra neighbours are fetched so that such ties at the k-th place are settled by id too. Float noise (a batch
+    computed in another order, duplicate keys) then cannot change which neighbours a query gets."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != index.d:
         raise InputError(f"queries must be (Q, {index.d}), got {queries.shape}")
@@ -89,7 +95,29 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
         # A few queries are searched on one thread: waking (and then spinning) an OpenMP pool costs more than it
         # saves, and the spinning slows onnxruntime's own pool. Many queries use every configured thread.
         faiss.omp_set_num_threads(1 if len(queries) < FEW_QUERIES else thread_count())
-    return index.search(queries, min(k, index.ntotal))
+    width = min(k, index.ntotal)
+    sims, ids = index.search(queries, min(width + TIE_MARGIN, index.ntotal))
+    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max),
+                        -np.round(sims.astype(np.float64), TIE_DECIMALS)), axis=-1)
+    return (np.take_along_axis(sims, order, axis=1)[:, :width],
+            np.take_along_axis(ids, order, axis=1)[:, :width])
+
+
+def leave_one_out_search(index: faiss.Index, groups: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The index's own items as queries, each without itself or any item of its group (items of identical text):
+    (similarities (N, k), ids (N, k)). Searches k plus the largest group wide, so k neighbours remain."""
+    groups = np.asarray(groups)
+    if len(groups) != index.ntotal:
+        raise InputError(f"{len(groups)} group ids for an index of {index.ntotal} items")
+    extra = int(np.bincount(groups).max()) if len(groups) else 0
+    sims, ids = search(index, keys_of(index), k + extra)
+    other = (ids >= 0) & (groups[np.where(ids >= 0, ids, 0)] != groups[:, None])
+    order = np.argsort(~other, axis=1, kind="stable")  # kept neighbours first, in their order
+    sims = np.where(other, sims, -np.inf)
+    ids = np.where(other, ids, -1)
+    width = min(k, max(index.ntotal - 1, 0))
+    return (np.take_along_axis(sims, order, axis=1)[:, :width].astype(np.float32),
+            np.take_along_axis(ids, order, axis=1)[:, :width])
 
 
 def read_index(path: str) -> faiss.Index:

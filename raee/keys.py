@@ -42,6 +42,12 @@ class KeySpec:
     def __str__(self) -> str:
         return "embedder" if self.source == "embedder" else f"prefix:{self.layer}"
 
+    @property
+    def prefix_layers(self) -> int:
+        """Backbone layers a query has run when its exit is chosen: K for a prefix key, 0 for an embedder key. A
+        query's layers run are max(exit layer, prefix_layers)."""
+        return self.layer if self.source == "prefix" else 0
+
 
 class Embedder:
     """A sentence-transformers model giving unit-length keys (N, D) float32."""

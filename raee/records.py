@@ -1,7 +1,9 @@
 """Exit records: per calibration item, the gold label and the label logits at every layer 0..L.
 
 RAEE's record V(x) = [(l, p_l) for every l where the layer-l prediction is right] follows from these, and so does
-every other policy's input (AdaInfer's gap and top probability, calibrated confidence, the oracle).
+every other policy's input (the accuracy rule's right/wrong records, calibrated confidence, the oracle). For
+language-model backbones the records may also hold `vocab_top2`: the top-1 and top-2 probabilities of the full
+next-token (vocabulary) softmax at every layer, which AdaInfer's features read.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from raee.errors import StoreError
 class ExitRecords:
     gold: np.ndarray  # (N,) int64 label index
     label_logits: np.ndarray  # (N, L+1, C) float32, layer 0 = embedding output
+    vocab_top2: np.ndarray | None = None  # (N, L+1, 2) full-vocabulary top-1, top-2 probability; LM backbones only
 
     def __post_init__(self) -> None:
         if self.label_logits.ndim != 3 or self.gold.ndim != 1 or len(self.gold) != len(self.label_logits):
@@ -24,6 +27,9 @@ class ExitRecords:
                              f"label_logits {self.label_logits.shape}")
         if len(self.gold) and (self.gold.min() < 0 or self.gold.max() >= self.label_logits.shape[2]):
             raise StoreError("exit records hold gold labels outside the task's labels")
+        if self.vocab_top2 is not None and self.vocab_top2.shape != (*self.label_logits.shape[:2], 2):
+            raise StoreError(f"exit records' vocab_top2 is {self.vocab_top2.shape}, expected "
+                             f"{(*self.label_logits.shape[:2], 2)}")
 
     @property
     def num_items(self) -> int:
@@ -52,10 +58,17 @@ class ExitRecords:
         """(N, L+1): p_l where layer l is right, else 0 -- RAEE's exit records as a dense matrix."""
         return np.where(self.correct, self.probabilities.max(axis=-1), 0.0).astype(np.float32)
 
+    def record_values(self, values: str) -> np.ndarray:
+        """(N, L+1) float32 records the accuracy rule averages: "correct" (1/0) or "confidence" (p_l where right)."""
+        if values == "correct":
+            return self.correct.astype(np.float32)
+        if values == "confidence":
+            return self.record_probability()
+        raise StoreError(f"record values {values!r} are not 'correct' or 'confidence'")
+
     def earliest_correct(self) -> np.ndarray:
         """(N,) earliest correct layer, -1 where no layer is right."""
-        correct = self.correct
-        return np.where(correct.any(axis=1), correct.argmax(axis=1), -1)
+        return earliest_correct_layers(self.label_logits, self.gold, missing=-1)
 
     def layer_accuracy(self) -> np.ndarray:
         """(L+1,) share of items each layer answers correctly."""
@@ -63,8 +76,17 @@ class ExitRecords:
 
     @staticmethod
     def concatenate(parts: list["ExitRecords"]) -> "ExitRecords":
-        return ExitRecords(np.concatenate([p.gold for p in parts]),
-                           np.concatenate([p.label_logits for p in parts]))
+        vocab = [p.vocab_top2 for p in parts]
+        if any(v is None for v in vocab) and not all(v is None for v in vocab):
+            raise StoreError("cannot join exit records with and without vocabulary probabilities")
+        return ExitRecords(np.concatenate([p.gold for p in parts]), np.concatenate([p.label_logits for p in parts]),
+                           None if vocab[0] is None else np.concatenate(vocab))
+
+
+def earliest_correct_layers(label_logits: np.ndarray, gold: np.ndarray, missing: int) -> np.ndarray:
+    """(N,) the earliest layer whose prediction is the gold label -- the oracle's exit; `missing` where none is."""
+    correct = label_logits.argmax(axis=-1) == gold[:, None]
+    return np.where(correct.any(axis=1), correct.argmax(axis=1), missing)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -26,7 +26,8 @@ import numpy as np
 from raee.errors import StoreError, StoreMismatchError
 from raee.index import IndexSpec, configure_search, read_index
 from raee.keys import KeySpec
-from raee.policy import RaeeConfig
+from raee.calibration import CalibratedPolicy, CalibrationEvidence, CalibrationSettings
+from raee.raee_rule import RaeeConfig
 from raee.records import ExitRecords
 from raee.runtime import DTYPE_PRECISION
 from raee.tasks import TaskDefinition
@@ -60,7 +61,26 @@ class ExitStore:
 
     @property
     def policy(self) -> RaeeConfig:
-        return RaeeConfig(**self.manifest["policy"])
+        """The store's faithful RAEE settings (what policy `raee` uses)."""
+        return RaeeConfig.from_dict(self.manifest["policy"])
+
+    @property
+    def calibrated_policy(self) -> CalibratedPolicy:
+        """The policy the store serves by default. Stores built before calibration existed serve faithful RAEE."""
+        if self.manifest.get("calibrated_policy") is None:
+            return CalibratedPolicy(CalibrationSettings(objective="raee"), self.policy, None)
+        return CalibratedPolicy.from_dict(self.manifest["calibrated_policy"])
+
+    @property
+    def calibration_evidence(self) -> CalibrationEvidence | None:
+        """The calibration curve behind the calibrated policy (None for stores built without calibration)."""
+        values = self.manifest.get("calibration_evidence")
+        return CalibrationEvidence.from_dict(values) if values else None
+
+    @property
+    def key_layer(self) -> int:
+        """Layers a query has run when its exit is chosen (KeySpec.prefix_layers)."""
+        return self.key.prefix_layers
 
     @property
     def index_spec(self) -> IndexSpec:
@@ -108,7 +128,8 @@ def load_store(path: str | Path) -> ExitStore:
             raise StoreError(f"{version}: {name} is corrupt (sha256 {actual[:12]}..., manifest says "
                              f"{str(expected)[:12]}...)")
     with np.load(version / "records.npz", allow_pickle=False) as npz:
-        records = ExitRecords(npz["gold"], npz["label_logits"])
+        records = ExitRecords(npz["gold"], npz["label_logits"],
+                              npz["vocab_top2"] if "vocab_top2" in npz.files else None)
         lines = npz["lines"]
     # split on "\n" only: str.splitlines() would also split on U+2028, U+0085 and other separators inside texts
     lines_text = (version / "items.jsonl").read_text(encoding="utf-8").split("\n")
@@ -138,8 +159,10 @@ def write_store(root: str | Path, manifest: dict, records: ExitRecords, index: f
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
     try:
         faiss.write_index(index, str(staging / "keys.faiss"))
+        vocab = {} if records.vocab_top2 is None else {"vocab_top2": records.vocab_top2.astype(np.float32)}
         np.savez(staging / "records.npz", gold=records.gold.astype(np.int64),
-                 label_logits=records.label_logits.astype(np.float32), lines=np.asarray(lines, dtype=np.int64))
+                 label_logits=records.label_logits.astype(np.float32), lines=np.asarray(lines, dtype=np.int64),
+                 **vocab)
         with (staging / "items.jsonl").open("w", encoding="utf-8") as f:
             f.writelines(json.dumps({"text": t}) + "\n" for t in texts)  # ASCII: no raw separators inside lines
         manifest = {**manifest, "format_version": FORMAT_VERSION, "version": name,

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from raee.calibration import best_within_budget
 from raee.index import IndexSpec, build_index, search
 from raee.metrics import task_score
-from raee.policy import RaeeConfig, exit_layers_from_scores, layer_scores
+from raee.raee_rule import RaeeConfig, exit_layers_from_scores, layer_scores
 from raee.records import ExitRecords
 
 
@@ -44,7 +45,9 @@ def split_indices(n: int, holdout: float, seed: int = 0) -> tuple[np.ndarray, np
 def grid_search(records: ExitRecords, keys: dict[str, np.ndarray], metric: str, *, holdout: float = 0.2,
                 scales: list[float | None] = (None,), base_scale: float | None = None, ks: list[int] = (12,),
                 taus: list[float] = (0.9,), ratios: list[float] = (1.0,), seed: int = 0) -> list[TrialResult]:
-    """Score every (key, scale, k, tau, earliest ratio) on the held-out split. keys: key name ("prefix:1", "embedder") -> (N, D)."""
+    """Score every (key, scale, k, tau, earliest ratio) on the held-out split.
+
+    keys: key name ("prefix:1", "embedder") -> (N, D)."""
     store_rows, held_rows = split_indices(records.num_items, holdout, seed)
     gold = records.gold[held_rows]
     results = []
@@ -69,9 +72,7 @@ def grid_search(records: ExitRecords, keys: dict[str, np.ndarray], metric: str, 
 
 
 def choose(results: list[TrialResult], num_layers: int, depth_budget: float) -> TrialResult:
-    """The best held-out score among trials whose layers run average at most depth_budget * L; ties go to fewer
-    layers. With no trial inside the budget, the one running the fewest layers."""
-    inside = [r for r in results if r.avg_layers_run <= depth_budget * num_layers]
-    if not inside:
-        return min(results, key=lambda r: r.avg_layers_run)
-    return max(inside, key=lambda r: (round(r.score, 6), -r.avg_layers_run))
+    """The best held-out score among trials whose layers run average at most depth_budget * L (the rule build-time
+    calibration uses: raee.calibration.best_within_budget)."""
+    return results[best_within_budget([r.score for r in results], [r.avg_layers_run / num_layers for r in results],
+                                      depth_budget)]

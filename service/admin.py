@@ -17,7 +17,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="backbone, tasks with store versions, limits (JSON)")
     c = sub.add_parser("classify", help="classify texts and print label, exit layer and latency")
     c.add_argument("--task", required=True)
-    c.add_argument("--policy", default="raee", help="raee, full or static:L")
+    c.add_argument("--policy", default="calibrated",
+                   help="calibrated (the store's calibrated policy, the default), raee, full or static:L")
     c.add_argument("texts", nargs="+")
     r = sub.add_parser("reload", help="swap in a new store version for a task")
     r.add_argument("--task", required=True)
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "classify":
                 result = client.classify(args.texts, task=args.task, policy=args.policy)
                 for text, r in zip(args.texts, result.results):
-                    print(f"{r.label}\texit {r.exit_layer}/{r.num_layers}\t{text}")
+                    gate = f" (off-domain: {r.off_domain})" if r.off_domain else ""
+                    print(f"{r.label}\texit {r.exit_layer}/{r.num_layers}{gate}\t{text}")
                 print(f"{result.timings.total_ms:.1f} ms, store {result.store_version}")
             elif args.command == "reload":
                 r = client.reload(args.task, args.store)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from raee.engine import Classification, Engine
 from raee.errors import RaeeError
+from raee.exit_policy import ExitPolicy
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,7 @@ class BatchKey:
     """Requests that may share a backbone batch."""
 
     task: str
-    policy: str  # raee | full | static:L
-    k: int | None
+    policy: ExitPolicy
     neighbours: bool
 
 
@@ -169,7 +169,7 @@ class MicroBatcher:
         if self.metrics:
             self.metrics.batch_size.observe(len(texts))
         try:
-            results = engine.classify(texts, policy=key.policy, k=key.k, with_neighbours=key.neighbours)
+            results = engine.classify(texts, policy=key.policy, with_neighbours=key.neighbours)
         except RaeeError as exc:
             if len(live) == 1:
                 live[0].future.set_exception(exc)
@@ -185,8 +185,8 @@ class MicroBatcher:
 
     def _run_alone(self, engine: Engine, p: Pending, now: float) -> None:
         try:
-            _answer(p, engine, engine.classify(p.texts, policy=p.key.policy, k=p.key.k,
-                                               with_neighbours=p.key.neighbours), now)
+            _answer(p, engine, engine.classify(p.texts, policy=p.key.policy, with_neighbours=p.key.neighbours),
+                    now)
         except RaeeError as exc:
             p.future.set_exception(exc)
 

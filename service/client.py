@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from raee.exit_policy import ExitPolicy
 from service.api import pb, pb_grpc
+from service.policy_wire import to_wire
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
@@ -37,6 +39,7 @@ class Classification:
     num_layers: int
     layers_run: int
     neighbours: tuple[Neighbour, ...] = ()
+    off_domain: str = ""  # "", or why the off-domain gate sent the text to full depth: far, disagree, shifted
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,8 @@ class Request:
 
     texts: tuple[str, ...]
     task: str
-    policy: str = "raee"
-    k: int | None = None
+    policy: ExitPolicy | str = "calibrated"  # calibrated[:k=K], raee[:k=K], full or static:L
+    k: int | None = None  # neighbours, overriding the policy's
     neighbours: bool = False
     request_id: str = ""
 
@@ -92,20 +95,9 @@ class ReloadResult:
     store_version: str
 
 
-def _policy(policy: str) -> tuple[int, int]:
-    if policy == "raee":
-        return pb.POLICY_KIND_RAEE, 0
-    if policy == "full":
-        return pb.POLICY_KIND_FULL, 0
-    name, _, layer = policy.partition(":")
-    if name == "static" and layer.isdigit():
-        return pb.POLICY_KIND_STATIC, int(layer)
-    raise ValueError(f"policy {policy!r} is not raee, full or static:L")
-
-
 def _request(r: Request) -> pb.ClassifyRequest:
-    kind, layer = _policy(r.policy)
-    return pb.ClassifyRequest(task=r.task, texts=list(r.texts), policy=kind, static_layer=layer, k=r.k or 0,
+    policy = ExitPolicy.parse(r.policy)
+    return pb.ClassifyRequest(task=r.task, texts=list(r.texts), **to_wire(policy.with_k(r.k)),
                               return_neighbours=r.neighbours, request_id=r.request_id)
 
 
@@ -113,7 +105,8 @@ def _result(response: pb.ClassifyResponse) -> ClassifyResult:
     t = response.timings
     return ClassifyResult(
         tuple(Classification(c.label, c.label_index, tuple(c.scores), c.exit_layer, c.num_layers, c.layers_run,
-                             tuple(Neighbour(n.id, n.similarity) for n in c.neighbours)) for c in response.results),
+                             tuple(Neighbour(n.id, n.similarity) for n in c.neighbours), c.off_domain)
+              for c in response.results),
         Timings(t.queue_ms, t.key_ms, t.search_ms, t.backbone_ms, t.total_ms), response.store_version,
         response.request_id)
 
@@ -149,8 +142,9 @@ class Client:
                     continue
                 raise RaeeClientError(exc.code(), exc.details() or "") from None
 
-    def classify(self, texts: list[str], task: str, *, policy: str = "raee", k: int | None = None,
-                 neighbours: bool = False) -> ClassifyResult:
+    def classify(self, texts: list[str], task: str, *, policy: ExitPolicy | str = "calibrated",
+                 k: int | None = None, neighbours: bool = False) -> ClassifyResult:
+        """policy: calibrated (the store's, the default), raee, full or static:L; k overrides its neighbours."""
         request = _request(Request(tuple(texts), task, policy, k, neighbours))
         return _result(self._call(self._stub.Classify, request))
 

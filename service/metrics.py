@@ -18,9 +18,13 @@ class ServerMetrics:
         self.exit_layer = Histogram("raee_exit_layer", "Exit layer of each classified text", ["task"],
                                     buckets=tuple(range(0, 49)), registry=r)
         self.full_depth_fallbacks = Counter("raee_full_depth_fallbacks",
-                                            "RAEE texts sent to full depth because no neighbour had an exit record",
-                                            ["task"], registry=r)
-        self.raee_texts = Counter("raee_raee_texts", "Texts classified with the RAEE policy", ["task"], registry=r)
+                                            "Retrieval texts sent to full depth because no neighbour had an exit "
+                                            "record", ["task"], registry=r)
+        self.off_domain = Counter("raee_off_domain_fallbacks",
+                                  "Texts the off-domain gate sent to full depth, by reason (far, disagree, shifted)",
+                                  ["task", "reason"], registry=r)
+        self.raee_texts = Counter("raee_raee_texts", "Texts classified by a retrieval policy (calibrated or RAEE)",
+                                  ["task"], registry=r)
         self.batch_size = Histogram("raee_batch_size", "Rows per backbone batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.queue_depth = Gauge("raee_queue_depth", "Texts waiting in the batching queue", registry=r)

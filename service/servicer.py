@@ -18,6 +18,7 @@ from service.config import ServerConfig
 from service.api import pb
 from service.api import pb_grpc as raee_pb2_grpc
 from service.metrics import ServerMetrics
+from service.policy_wire import from_wire
 from service.registry import StoreRegistry
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,6 @@ def rpc(method):
     return wrapper
 
 
-POLICIES = {pb.POLICY_KIND_UNSPECIFIED: "raee", pb.POLICY_KIND_RAEE: "raee", pb.POLICY_KIND_FULL: "full"}
-
-
 class RaeeServicer(raee_pb2_grpc.RaeeServicer):
     def __init__(self, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.config, self.metrics = config, metrics
@@ -93,17 +91,9 @@ class RaeeServicer(raee_pb2_grpc.RaeeServicer):
                 raise InputError(f"text {i} is {len(text.encode('utf-8'))} bytes; the limit is "
                                  f"{self.config.max_text_bytes}")
         engine.check_texts(list(request.texts))
-        if request.policy == pb.POLICY_KIND_STATIC:
-            if request.static_layer > engine.num_layers:
-                raise InputError(f"static_layer {request.static_layer} is past the last layer ({engine.num_layers})")
-            policy = f"static:{request.static_layer}"
-        elif request.policy in POLICIES:
-            policy = POLICIES[request.policy]
-        else:
-            raise InputError(f"unknown policy {request.policy}; use RAEE, FULL or STATIC")
-        if request.k > 1024:
-            raise InputError(f"k {request.k} is out of range 1..1024 (0 = the store's k)")
-        return BatchKey(request.task, policy, request.k or None, request.return_neighbours)
+        policy = from_wire(request.policy, request.static_layer, request.k)
+        engine.resolve(policy)  # a static layer past the last one is refused here, not in a batch
+        return BatchKey(request.task, policy, request.return_neighbours)
 
     def _submit(self, request: pb.ClassifyRequest, context):
         key = self._key(request)  # raises NotReady before the batcher exists
@@ -124,14 +114,17 @@ class RaeeServicer(raee_pb2_grpc.RaeeServicer):
             self.metrics.stage_seconds.labels(stage).observe(ms / 1e3)
         for r in outcome.results:
             self.metrics.exit_layer.labels(request.task).observe(r.exit_layer)
-        if future_policy_is_raee(request):
+        if request.policy in (pb.POLICY_KIND_UNSPECIFIED, pb.POLICY_KIND_RAEE):
             self.metrics.raee_texts.labels(request.task).inc(len(outcome.results))
             self.metrics.full_depth_fallbacks.labels(request.task).inc(
                 sum(r.full_depth_fallback for r in outcome.results))
+            for r in outcome.results:
+                if r.off_domain:
+                    self.metrics.off_domain.labels(request.task, r.off_domain).inc()
         return pb.ClassifyResponse(
             results=[pb.Classification(
                 label=r.label, label_index=r.label_index, scores=r.scores, exit_layer=r.exit_layer,
-                num_layers=r.num_layers, layers_run=r.layers_run,
+                num_layers=r.num_layers, layers_run=r.layers_run, off_domain=r.off_domain,
                 neighbours=[pb.Neighbour(id=n.id, similarity=n.similarity) for n in r.neighbours])
                 for r in outcome.results],
             timings=pb.StageTimings(queue_ms=outcome.queue_ms, key_ms=times.key_ms, search_ms=times.search_ms,
@@ -231,6 +224,3 @@ def time_left(context) -> float | None:
     remaining = context.time_remaining() if context is not None else None
     return remaining if remaining is not None and remaining < 86400 else None
 
-
-def future_policy_is_raee(request: pb.ClassifyRequest) -> bool:
-    return request.policy in (pb.POLICY_KIND_UNSPECIFIED, pb.POLICY_KIND_RAEE)

@@ -19,14 +19,17 @@ def checkpoint(tmp_path_factory):
 def test_build_inspect_eval(checkpoint, sst2_like, tmp_path, capsys):
     store = tmp_path / "store"
     args = ["build", "--task", "sst2", "--train", str(sst2_like), "--out", str(store), "--backbone", checkpoint,
-            "--key", "prefix:1", "--no-progress", "--plot", str(tmp_path / "layers.png")]
+            "--key", "prefix:1", "--no-progress", "--plot", str(tmp_path / "layers.png"), "--objective", "best",
+            "--depth-budget", "0.5"]
     assert raee_index(args) == 0
     out = capsys.readouterr().out
     assert "earliest-correct items" in out and "items/s" in out and "240 items" in out
+    assert "calibrated policy (objective best: the best calibration score within 50% of the layers" in out
     assert (tmp_path / "layers.png").stat().st_size > 1000
-    assert raee_index(["inspect", str(store)]) == 0
+    assert raee_index(["inspect", str(store), "--calibration-plot", str(tmp_path / "calibration.png")]) == 0
     out = capsys.readouterr().out
-    assert '"fingerprint"' in out and "checksums verified" in out
+    assert '"fingerprint"' in out and "checksums verified" in out and '"calibrated_policy"' in out
+    assert (tmp_path / "calibration.png").stat().st_size > 1000
     assert raee_eval(["--store", str(store), "--test", str(sst2_like), "--policies", "raee,full,static:1",
                       "--limit", "40", "--json", str(tmp_path / "eval.json"), "--no-progress"]) == 0
     figures = json.loads((tmp_path / "eval.json").read_text())
@@ -61,3 +64,6 @@ def test_errors_exit_2_with_a_message(checkpoint, tmp_path, capsys):
     assert "bad.jsonl:1: empty text" in capsys.readouterr().err
     assert raee_index(["inspect", str(tmp_path)]) == 2
     assert "not an exit store" in capsys.readouterr().err
+    assert raee_index(["build", "--task", "sst2", "--train", str(bad), "--out", str(tmp_path / "s"),
+                       "--backbone", checkpoint, "--epsilon", "2"]) == 2
+    assert "epsilon must lie in [0, 1)" in capsys.readouterr().err

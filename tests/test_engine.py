@@ -5,13 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raee.build import build_store, calibrate, merge_stores
+from raee.build import build_store, merge_stores, run_calibration_pass
+from raee.calibration import CalibrationSettings
 from raee.data import read_examples
 from raee.engine import Engine
 from raee.errors import InputError, StoreError, StoreMismatchError
+from raee.exits import decide
 from raee.index import search
 from raee.keys import Embedder, KeySpec
-from raee.policy import RaeeConfig, raee_exit_layers
+from raee.offdomain import conformal_pvalues, cusum_alarms
+from raee.raee_rule import RaeeConfig, raee_exit_layers
 from raee.store import load_store
 from raee.tasks import BUILTIN_TASKS
 from tests.tiny import all_layers, save_checkpoint, synthetic_texts, tiny_backbone
@@ -35,7 +38,7 @@ def engine(request, examples, tmp_path_factory):
 
 def test_raee_exits_match_the_policy_on_the_store(engine):
     """The engine's exits are RAEE's on the same neighbours, and its labels are the backbone's at those layers."""
-    results = engine.classify(QUERIES)
+    results = engine.classify(QUERIES, policy="raee")
     every = all_layers(engine.backbone, TASK, QUERIES, pooled_layers=(1,))
     sims, ids = search(engine.store.index, every.pooled[1], 12)
     expected = raee_exit_layers(sims, ids, engine.store.records.record_probability(), RaeeConfig())
@@ -66,7 +69,7 @@ def test_fixed_policies_and_neighbours(engine):
     assert {r.exit_layer for r in full} == {3}
     reference = all_layers(engine.backbone, TASK, QUERIES).label_logits[:, 3].argmax(axis=1)
     assert [r.label_index for r in full] == reference.tolist()
-    with_neighbours = engine.classify(QUERIES[:2], k=5, with_neighbours=True)
+    with_neighbours = engine.classify(QUERIES[:2], policy="raee:k=5", with_neighbours=True)
     assert all(len(r.neighbours) == 5 for r in with_neighbours)
     assert with_neighbours[0].neighbours[0].similarity >= with_neighbours[0].neighbours[-1].similarity
 
@@ -78,12 +81,70 @@ def test_fixed_policies_and_neighbours(engine):
     (dict(texts=["good", ""]), "text 1 is empty"),
     (dict(texts=["good " * 200]), "tokens"),
     (dict(texts=["good"], policy="fastest"), "policy 'fastest'"),
-    (dict(texts=["good"], policy="static:9"), "static:L"),
-    (dict(texts=["good"], k=0), "k must be"),
+    (dict(texts=["good"], policy="static:9"), "past the last layer"),
+    (dict(texts=["good"], policy="raee:k=0"), "out of range"),
+    (dict(texts=["good"], policy="oracle"), "cannot be served"),
 ])
 def test_bad_requests_are_refused_with_a_reason(engine, call, message):
     with pytest.raises(InputError, match=message):
         engine.classify(**call)
+
+
+@pytest.mark.parametrize("objective", ["best", "match-full"])
+def test_the_calibrated_policy_is_served_by_default(examples, tmp_path, objective):
+    backbone = tiny_backbone("bert-encoder")
+    build_store(tmp_path / "s", TASK, backbone, examples, key=KeySpec("prefix", 1), progress=False,
+                settings=CalibrationSettings(objective=objective))
+    engine = Engine(load_store(tmp_path / "s"), backbone)
+    policy = engine.store.calibrated_policy
+    assert policy.settings.objective == objective
+    resolved = engine.resolve("calibrated")
+    if policy.rule is None:  # 240 items cannot certify 0.5 point: match-full serves full depth
+        assert objective == "match-full" and resolved.fixed_layer == 3
+        assert {r.exit_layer for r in engine.classify(QUERIES)} == {3}
+        return
+    every = all_layers(backbone, TASK, QUERIES, pooled_layers=(1,))
+    sims, ids = search(engine.store.index, every.pooled[1], resolved.search_width)
+    alarms, _ = cusum_alarms(conformal_pvalues(policy.gate, sims[:, 0]), 0.0, policy.gate)
+    expected = decide(resolved, sims, ids, engine.arrays, 1, alarms)
+    results = engine.classify(QUERIES)
+    assert [r.exit_layer for r in results] == expected.exits.tolist()
+    assert [r.off_domain for r in results] == expected.off_domain.tolist()
+
+
+def test_off_domain_texts_go_to_full_depth_and_say_why(examples, tmp_path):
+    backbone = tiny_backbone("bert-encoder")
+    build_store(tmp_path / "s", TASK, backbone, examples, key=KeySpec("prefix", 1), progress=False,
+                settings=CalibrationSettings(objective="best"))
+    store = load_store(tmp_path / "s")
+    assert store.calibrated_policy.gate is not None
+    store.manifest["calibrated_policy"]["gate"]["min_similarity"] = 2.0  # nothing is close enough now
+    results = Engine(store, backbone).classify(QUERIES[:4])
+    assert [(r.exit_layer, r.layers_run, r.off_domain) for r in results] == [(3, 3, "far")] * 4
+    assert all(r.off_domain == "" for r in Engine(store, backbone).classify(QUERIES[:4], policy="raee"))
+
+
+def test_embedder_key_time_excludes_the_backbone(examples, tmp_path):
+    """With an embedder key, the backbone's embedding step belongs to the backbone stage, not to the key."""
+    import time as clock
+    from unittest.mock import Mock
+    backbone = tiny_backbone("bert-mlm")
+    embedder = Mock(spec=Embedder)
+    embedder.identity.return_value = {"source": "mock", "fingerprint": "f", "dim": 8}
+    embedder.fingerprint.return_value = "f"
+    rng = np.random.default_rng(0)
+    embedder.encode.side_effect = lambda texts, **_: (lambda k: k / np.linalg.norm(k, axis=1, keepdims=True))(
+        rng.normal(size=(len(texts), 8)).astype(np.float32))
+    build_store(tmp_path / "s", TASK, backbone, examples[:60], key=KeySpec("embedder"), embedder=embedder,
+                progress=False)
+    engine = Engine(load_store(tmp_path / "s"), backbone, embedder)
+    start = backbone.start
+    backbone.start = lambda *a, **k: (clock.sleep(0.05), start(*a, **k))[1]
+    try:
+        times = engine.classify(QUERIES[:2], policy="raee")[0].times
+    finally:
+        del backbone.start
+    assert times.key_ms < 40 and times.backbone_ms >= 50
 
 
 def test_store_for_another_backbone_is_refused(engine):
@@ -107,6 +168,9 @@ def test_sharded_build_merges_into_the_unsharded_store(examples, tmp_path):
     b = Engine(merged, backbone).classify(QUERIES, with_neighbours=True)
     assert [(r.label, r.exit_layer) for r in a] == [(r.label, r.exit_layer) for r in b]
     assert [[n.id for n in r.neighbours] for r in a] == [[n.id for n in r.neighbours] for r in b]
+    assert merged.calibrated_policy == whole.calibrated_policy  # merging calibrates on every item
+    assert merged.calibration_evidence.curve == whole.calibration_evidence.curve
+    assert load_store(tmp_path / "part0").calibration_evidence is None  # shards are not calibrated alone
     with pytest.raises(StoreError, match="shards 0..2"):
         merge_stores(tmp_path / "bad", parts[:2])
 
@@ -131,7 +195,8 @@ def test_embedder_keys_with_a_local_sentence_transformer(examples, tmp_path):
 def test_calibration_skips_items_too_long_for_the_backbone(examples, caplog):
     backbone = tiny_backbone("bert-encoder")
     long_item = type(examples[0])(text="good " * 100, label=1, line=999)
-    result = calibrate(backbone, TASK, [*examples[:5], long_item], KeySpec("prefix", 1), progress=False)
+    result = run_calibration_pass(backbone, TASK, [*examples[:5], long_item], KeySpec("prefix", 1),
+                                  progress=False)
     assert result.records.num_items == 5 and "999" in caplog.text
 
 

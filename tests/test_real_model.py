@@ -13,7 +13,7 @@ from raee.build import build_store
 from raee.data import read_examples
 from raee.engine import Engine
 from raee.keys import KeySpec
-from raee.policy import RaeeConfig
+from raee.calibration import CalibrationSettings
 from raee.tasks import BUILTIN_TASKS
 from tests.tiny import all_layers
 
@@ -27,7 +27,7 @@ def engine(tmp_path_factory):
     backbone = load_backbone()
     examples = read_examples(DATA / "train.jsonl", TASK, limit=400)
     out = tmp_path_factory.mktemp("real") / "sst2"
-    build_store(out, TASK, backbone, examples, key=KeySpec("prefix", 2), policy=RaeeConfig(earliest_ratio=0.8),
+    build_store(out, TASK, backbone, examples, key=KeySpec("prefix", 2), settings=CalibrationSettings(objective="best"),
                 progress=False)
     return Engine.load(out)  # reloads the backbone from the manifest's source and checks its fingerprint
 

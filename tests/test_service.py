@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 
 from raee.backbones import load_backbone
 from raee.build import build_store
+from raee.calibration import CalibrationSettings
 from raee.client import Client, RaeeClientError, Request
 from raee.data import read_examples
+from raee.errors import InputError
 from raee.keys import KeySpec
 from raee.tasks import BUILTIN_TASKS
 from service.api import pb, pb_grpc
@@ -41,8 +43,11 @@ def stores(tmp_path_factory, sst2_like):
     checkpoint = save_checkpoint("bert-mlm", base / "bert")
     backbone = load_backbone(str(checkpoint))
     examples = read_examples(sst2_like, TASK)
-    build_store(base / "sst2", TASK, backbone, examples[:120], key=KeySpec("prefix", 1), progress=False)
-    build_store(base / "sst2-next", TASK, backbone, examples[120:], key=KeySpec("prefix", 1), progress=False)
+    best = CalibrationSettings(objective="best")  # a tiny store: match-full could only serve full depth
+    build_store(base / "sst2", TASK, backbone, examples[:120], key=KeySpec("prefix", 1), settings=best,
+                progress=False)
+    build_store(base / "sst2-next", TASK, backbone, examples[120:], key=KeySpec("prefix", 1), settings=best,
+                progress=False)
     other = load_backbone(str(save_checkpoint("llama", base / "llama")))
     build_store(base / "sst2-llama", TASK, other, examples[:60], key=KeySpec("prefix", 1), progress=False)
     return {"checkpoint": checkpoint, "backbone": backbone, "current": str(base / "sst2"),
@@ -95,14 +100,39 @@ def test_classify_returns_labels_exits_timings_and_version(client, server):
     (dict(texts=["! " * 70], task="sst2"), "tokens with its prompt"),
     (dict(texts=["good"] * 9, task="sst2"), "9 texts in one request; the limit is 8"),
     (dict(texts=["good"], task="imdb"), "unknown task 'imdb'; this server answers sst2"),
-    (dict(texts=["good"], task="sst2", policy="static:4"), "static_layer 4 is past the last layer"),
-    (dict(texts=["good"], task="sst2", k=5000), "k 5000 is out of range"),
+    (dict(texts=["good"], task="sst2", policy="static:4"), "static layer 4 is past the last layer"),
 ])
 def test_bad_input_is_invalid_argument_with_a_reason(client, call, message):
     with pytest.raises(RaeeClientError) as info:
         client.classify(**call)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert message in info.value.message
+
+
+def test_policies_the_client_refuses_the_server_refuses_too(client, server):
+    with pytest.raises(InputError, match="k 5000 is out of range"):
+        client.classify(["good"], task="sst2", k=5000)
+    with pytest.raises(InputError, match="cannot be sent to a server"):
+        client.classify(["good"], task="sst2", policy="calibrated:best")
+    stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    for fields, message in ((dict(k=5000), "k 5000 is out of range"), (dict(policy=9), "unknown policy 9")):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(pb.ClassifyRequest(task="sst2", texts=["good"], **fields), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
+
+
+def test_calibrated_by_default_and_faithful_raee_on_request(client, server, stores):
+    from raee.engine import Engine
+    from raee.store import load_store
+    engine = Engine(load_store(stores["current"]), stores["backbone"])
+    texts = ["good film", "awful dull plot", "bright and clever"]
+    for policy in ("calibrated", "raee", "raee:k=4", "full", "static:2"):
+        served = client.classify(texts, task="sst2", policy=policy).results
+        local = engine.classify(texts, policy=policy)
+        assert [(r.label, r.exit_layer, r.off_domain) for r in served] == [
+            (r.label, r.exit_layer, r.off_domain) for r in local], policy
+    default = client.classify(texts, task="sst2").results
+    assert [r.exit_layer for r in default] == [r.exit_layer for r in engine.classify(texts)]
 
 
 def test_queue_full_is_resource_exhausted_at_once(stores):
@@ -215,6 +245,29 @@ def test_concurrent_requests_share_batches_and_metrics_say_so(server):
     batches = float(re.search(r"^raee_batch_size_count (\S+)", text, re.M).group(1))
     rows = float(re.search(r"^raee_batch_size_sum (\S+)", text, re.M).group(1))
     assert rows > batches  # some batch carried more than one row
+
+
+def test_off_domain_fallbacks_are_in_the_response_and_the_metrics(stores, tmp_path):
+    import json
+    import shutil
+    from raee.store import resolve_version
+    version = tmp_path / "far"
+    shutil.copytree(resolve_version(stores["current"]), version)
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["calibrated_policy"]["gate"]["min_similarity"] = 2.0  # every query is farther than that
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    server = RaeeServer(ServerConfig(stores=(str(version),), host="127.0.0.1", port=0, metrics_port=0),
+                        backbone=stores["backbone"]).start()
+    try:
+        assert server.loaded.wait(60) and server.load_error is None
+        with Client(f"127.0.0.1:{server.port}") as c:
+            results = c.classify(["good film", "dull plot"], task="sst2").results
+            assert [(r.off_domain, r.exit_layer) for r in results] == [("far", 3)] * 2
+            assert all(r.off_domain == "" for r in c.classify(["good film"], task="sst2", policy="raee").results)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+        assert re.search(r'^raee_off_domain_fallbacks_total\{reason="far",task="sst2"\} 2\.0$', text, re.M)
+    finally:
+        server.stop(1)
 
 
 def test_health_goes_serving_only_after_loading_and_back_on_stop(stores):

@@ -1,0 +1,274 @@
+"""Build-time calibration: choose the served policy's settings on the calibration items only.
+
+Every calibration item is queried against the store without it, and without any item of the same text (a
+duplicate would hand it its own record): leave-one-out. Along a path of settings, from cautious to aggressive, each
+setting's exits give a calibration score, the share of layers run (the prefix key's layers counted) and the paired
+losses against full depth. The objective picks one setting:
+
+- match-full (the default): the fewest layers whose accuracy is no more than epsilon below full depth's, with
+  probability at least 1 - delta. The path is the accuracy rule's (raee/accuracy_rule.py) at its default structure:
+  margin from 1 down to 0, then cost up; each setting is tested in turn (raee/guarantee.py) and the last one
+  accepted before the first rejection is served (fixed-sequence testing, Learn then Test). The rule's structure (k,
+  temperature, prior, values) is not chosen here: choosing it on the same items would spend the guarantee.
+- best: the highest calibration score whose layers run stay within a depth budget, over several structures of the
+  accuracy rule and the raee-earliest path. No guarantee: the score is an estimate.
+- raee: faithful RAEE, the store's RAEE settings.
+match-full and best also calibrate the off-domain gate (raee/offdomain.py); its per-query tests are part of every
+setting the path tries, so the guarantee covers them. Pure functions over arrays; the search is raee/index.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from raee.accuracy_rule import AccuracyRuleConfig, estimated_accuracy, exit_layers_from_estimate
+from raee.errors import InputError, StoreError
+from raee.exit_policy import OBJECTIVES, ExitPolicy, Objective
+from raee.guarantee import GAMMA_SHARE, PairedRiskTest, fixed_sequence, harms_and_helps
+from raee.metrics import task_score
+from raee.offdomain import OffDomainGate, agreement_threshold, fit_similarity, off_domain_reasons
+from raee.raee_rule import RaeeConfig, exit_layers_from_scores, layer_scores
+from raee.records import ExitRecords
+
+MARGINS = tuple(round(1 - i / 50, 2) for i in range(51))  # 1.0, 0.98, ..., 0: from full depth to the best layer
+COSTS = tuple(round(i / 50, 2) for i in range(1, 101))  # 0.02 ... 2.0: then ever cheaper
+EARLIEST_RATIOS = tuple(round(1 - i / 20, 2) for i in range(19))  # 1.0 ... 0.1
+BEST_STRUCTURES = tuple(AccuracyRuleConfig(k=k, temperature=t, values=v) for k, t, v in
+                        itertools.product((32, 64), (0.05, 0.1), ("correct", "confidence")))
+SEARCH_WIDTH = max(64, *(s.k for s in BEST_STRUCTURES))  # neighbours every candidate may read
+Rule = RaeeConfig | AccuracyRuleConfig
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """What `raee-index build --objective ...` asks for; saved in the store beside what it chose."""
+
+    objective: Objective = "match-full"  # match-full | best | raee
+    epsilon: float = 0.005  # match-full: accuracy may fall this far below full depth's (0.005 = 0.5 point) ...
+    delta: float = 0.1  # ... except with probability at most delta
+    depth_budget: float = 0.6  # best: the most layers run on average, as a share of all layers
+    gate_alpha: float = 0.02  # off-domain gate: share of in-domain queries its per-query tests flag; 0 = no gate
+    stream_p: float = 1e-3  # off-domain gate: in-domain false alarms of the stream test per query; 0 = no stream test
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if not 0 <= self.epsilon < 1:
+            raise InputError(f"epsilon must lie in [0, 1), got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise InputError(f"delta must lie in (0, 1), got {self.delta}")
+        if not 0 < self.depth_budget <= 1:
+            raise InputError(f"depth budget must lie in (0, 1], got {self.depth_budget}")
+        if not 0 <= self.gate_alpha < 0.5:
+            raise InputError(f"gate alpha must lie in [0, 0.5), got {self.gate_alpha}")
+        if not 0 <= self.stream_p < 1:
+            raise InputError(f"stream p must lie in [0, 1), got {self.stream_p}")
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One setting on the calibration path, scored leave-one-out on the calibration items."""
+
+    setting: str  # the rule and its settings, as a policy string
+    score: float  # task metric (accuracy, or Matthews correlation)
+    accuracy: float
+    layers_run: float  # share of all layers run on average, the prefix key's counted
+    off_domain: float  # share of calibration items the gate sent to full depth
+    harms: int  # right at full depth, wrong at this setting's exit
+    helps: int  # wrong at full depth, right at the exit
+    risk_bound: float  # 1 - delta upper confidence bound on (full depth's accuracy - this accuracy)
+    accepted: bool | None = None  # match-full: rejected "more than epsilon below full depth" in sequence
+
+
+@dataclass(frozen=True)
+class CalibrationEvidence:
+    num_items: int  # calibration items, each queried leave-one-out
+    full_score: float
+    full_accuracy: float
+    curve: tuple[CurvePoint, ...]  # the chosen rule's path, cautious to aggressive
+    chosen: int  # index into curve; -1 = full depth (nothing passed)
+    candidates: int  # settings tried in all
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CalibrationEvidence":
+        return cls(**{**values, "curve": tuple(CurvePoint(**p) for p in values["curve"])})
+
+
+@dataclass(frozen=True)
+class CalibratedPolicy:
+    """The policy a store serves by default: a rule with its settings and the off-domain gate, or full depth."""
+
+    settings: CalibrationSettings
+    rule: Rule | None  # None: full depth
+    gate: OffDomainGate | None
+
+    @property
+    def name(self) -> str:
+        """The rule as a policy string, e.g. accuracy:cost=0.3,k=64,... (full when nothing passed)."""
+        if self.rule is None:
+            return "full"
+        kind = "raee" if isinstance(self.rule, RaeeConfig) else "accuracy"
+        return str(ExitPolicy(kind, options=tuple(asdict(self.rule).items())))
+
+    @property
+    def k(self) -> int:
+        return self.rule.k if self.rule is not None else 0
+
+    def to_dict(self) -> dict:
+        rule = None if self.rule is None else {
+            "name": "raee" if isinstance(self.rule, RaeeConfig) else "accuracy", **self.rule.to_dict()}
+        return {"settings": asdict(self.settings), "rule": rule,
+                "gate": self.gate.to_dict() if self.gate is not None else None}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CalibratedPolicy":
+        try:
+            rule = values["rule"]
+            if rule is not None:
+                rule = dict(rule)
+                rule = (RaeeConfig if rule.pop("name") == "raee" else AccuracyRuleConfig).from_dict(rule)
+            gate = OffDomainGate.from_dict(values["gate"]) if values.get("gate") else None
+            return cls(CalibrationSettings(**values["settings"]), rule, gate)
+        except (KeyError, TypeError) as exc:
+            raise StoreError(f"the store's calibrated policy is malformed ({exc}); rebuild the store") from None
+
+
+@dataclass
+class _Candidate:
+    rule: Rule
+    exits: np.ndarray  # (N,) exit layers after the gate
+    gated: np.ndarray  # (N,) bool
+    gate: OffDomainGate | None
+
+
+def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray, *, key_layer: int,
+              metric: str, raee: RaeeConfig,
+              settings: CalibrationSettings) -> tuple[CalibratedPolicy, CalibrationEvidence]:
+    """Choose the served policy. similarities, neighbour_ids: (N, >= SEARCH_WIDTH) leave-one-out neighbours of
+    every calibration item (-1 = none); key_layer: the prefix key's layer (0 for an embedder key)."""
+    started = time.perf_counter()
+    n, num_layers = records.num_items, records.num_layers
+    if neighbour_ids.shape[0] != n:
+        raise InputError(f"{neighbour_ids.shape[0]} neighbour rows for {n} calibration items")
+    gated = _gate_maker(records, similarities, neighbour_ids, settings)
+    if settings.objective == "match-full":
+        paths = [list(_accuracy_path(records, similarities, neighbour_ids, AccuracyRuleConfig(), key_layer, gated))]
+    elif settings.objective == "best":
+        paths = [list(_accuracy_path(records, similarities, neighbour_ids, s, key_layer, gated))
+                 for s in BEST_STRUCTURES]
+        paths.append(list(_raee_path(records, similarities, neighbour_ids, raee, gated)))
+    else:
+        paths = [list(_raee_path(records, similarities, neighbour_ids, raee, lambda rule, exits: _Candidate(
+            rule, exits, np.zeros(n, dtype=bool), None)))]
+    curves = [[_point(c, records, metric, key_layer) for c in path] for path in paths]
+    chosen_path, chosen, curve = _choose(curves, n, settings)
+    gamma = GAMMA_SHARE * settings.delta
+    curve = [dataclasses.replace(p, risk_bound=PairedRiskTest.of(p.harms, p.helps, n, gamma).upper_bound(
+        settings.delta)) for p in curve]
+    if chosen >= 0:
+        c = paths[chosen_path][chosen]
+        policy = CalibratedPolicy(settings, c.rule, None if settings.gate_alpha == 0 and settings.stream_p == 0
+                                  else c.gate)
+    else:
+        policy = CalibratedPolicy(settings, None, None)
+    full_score = task_score(metric, records.predicted[:, num_layers], records.gold)
+    evidence = CalibrationEvidence(n, full_score, float(records.correct[:, num_layers].mean()), tuple(curve), chosen,
+                                   sum(len(p) for p in paths), round(time.perf_counter() - started, 3))
+    return policy, evidence
+
+
+def _gate_maker(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
+                settings: CalibrationSettings):
+    """A function (rule, exits) -> _Candidate that applies the off-domain gate calibrated for those exits: the far
+    threshold from the items' nearest similarities, the disagree threshold from their agreement at these exits."""
+    n, num_layers = records.num_items, records.num_layers
+    nearest = np.where(neighbour_ids[:, 0] >= 0, similarities[:, 0], -np.inf)
+    far_threshold, quantiles = fit_similarity(nearest, settings.gate_alpha)
+    agreement_rule = AccuracyRuleConfig()
+    agreement_table = estimated_accuracy(similarities, neighbour_ids, records.record_values("correct"),
+                                         agreement_rule, prior=False)  # (N, L+1)
+    no_alarms = np.zeros(n, dtype=bool)  # the stream test is not simulated: in-domain it rarely fires
+
+    def gated(rule: Rule, exits: np.ndarray) -> _Candidate:
+        agreement = agreement_table[np.arange(n), exits]
+        gate = OffDomainGate(settings.gate_alpha, far_threshold, agreement_threshold(agreement, settings.gate_alpha),
+                             agreement_rule.k, agreement_rule.temperature, quantiles, n, settings.stream_p)
+        off = off_domain_reasons(gate, nearest, agreement, no_alarms) != ""
+        return _Candidate(rule, np.where(off, num_layers, exits), off, gate)
+    return gated
+
+
+def _point(c: _Candidate, records: ExitRecords, metric: str, key_layer: int) -> CurvePoint:
+    """One setting's calibration figures."""
+    n, num_layers = records.num_items, records.num_layers
+    exit_right = records.correct[np.arange(n), c.exits]
+    harms, helps = harms_and_helps(records.correct[:, num_layers], exit_right)
+    layers = np.where(c.gated, num_layers, np.maximum(c.exits, key_layer)).mean() / num_layers
+    score = task_score(metric, records.predicted[np.arange(n), c.exits], records.gold)
+    return CurvePoint(_rule_name(c.rule), score, float(exit_right.mean()), float(layers), float(c.gated.mean()),
+                      harms, helps, float("nan"))
+
+
+def _choose(curves: list[list[CurvePoint]], n: int,
+            settings: CalibrationSettings) -> tuple[int, int, list[CurvePoint]]:
+    """(path index, setting index or -1 for full depth, the chosen path's curve) for the objective."""
+    if settings.objective == "match-full":
+        (curve,) = curves
+        gamma = GAMMA_SHARE * settings.delta
+        pvalues = [PairedRiskTest.of(p.harms, p.helps, n, gamma).pvalue(settings.epsilon) for p in curve]
+        chosen = fixed_sequence(pvalues, settings.delta)
+        return 0, chosen, [dataclasses.replace(p, accepted=i <= chosen) for i, p in enumerate(curve)]
+    if settings.objective == "best":
+        flat = [(i, j) for i, curve in enumerate(curves) for j in range(len(curve))]
+        path, chosen = flat[best_within_budget([curves[i][j].score for i, j in flat],
+                                               [curves[i][j].layers_run for i, j in flat], settings.depth_budget)]
+        return path, chosen, curves[path]
+    return 0, 0, curves[0]
+
+
+def best_within_budget(scores: list[float], layers_run: list[float], budget: float) -> int:
+    """Index of the highest score among settings whose layers run (a share) stay within `budget`; ties go to fewer
+    layers, then to the earlier setting. With none inside the budget, the setting running the fewest layers."""
+    candidates = range(len(scores))
+    inside = [i for i in candidates if layers_run[i] <= budget + 1e-9]
+    if not inside:
+        return min(candidates, key=lambda i: (layers_run[i], -scores[i], i))
+    return min(inside, key=lambda i: (-round(scores[i], 9), layers_run[i], i))
+
+
+def _accuracy_path(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
+                   structure: AccuracyRuleConfig, key_layer: int, gated) -> Iterator[_Candidate]:
+    """The accuracy rule at one structure, margin from 1 down to 0, then cost up from 0."""
+    estimate = estimated_accuracy(similarities, neighbour_ids, records.record_values(structure.values), structure)
+    found = (neighbour_ids[:, :structure.k] >= 0).any(axis=1)
+    steps = [dict(margin=m, cost=0.0) for m in MARGINS] + [dict(margin=0.0, cost=c) for c in COSTS]
+    for step in steps:
+        rule = dataclasses.replace(structure, **step)
+        exits = np.where(found, exit_layers_from_estimate(estimate, rule, key_layer), records.num_layers)
+        yield gated(rule, exits)
+
+
+def _raee_path(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray, raee: RaeeConfig,
+               gated) -> Iterator[_Candidate]:
+    """RAEE at the store's settings, earliest ratio from 1 (faithful) down."""
+    scores = layer_scores(similarities, neighbour_ids, records.record_probability(), raee)
+    for ratio in EARLIEST_RATIOS:
+        rule = dataclasses.replace(raee, earliest_ratio=ratio)
+        yield gated(rule, exit_layers_from_scores(scores, ratio))
+
+
+def _rule_name(rule: Rule) -> str:
+    if isinstance(rule, RaeeConfig):
+        return f"raee:earliest_ratio={rule.earliest_ratio:g}"
+    return f"accuracy:margin={rule.margin:g},cost={rule.cost:g}"
+

@@ -1,0 +1,152 @@
+"""The statistics behind `match-full`'s guarantee: an exact test that a policy's accuracy is no more than epsilon
+below full depth's, and fixed-sequence testing over a path of settings (Learn then Test).
+
+Per calibration item, loss = [full depth is right] - [the policy's exit is right], in {-1, 0, 1}; the risk is its
+mean, E[loss] = p_harm - p_help. We test H0: risk > epsilon for each setting on the path, from cautious to
+aggressive, each at level delta, and stop at the first setting H0 cannot be rejected for (fixed-sequence testing:
+the chance that any accepted setting has risk above epsilon is at most delta). The served setting is the last one
+accepted. This assumes calibration items and queries are exchangeable (drawn from one distribution).
+
+The test is exact. Given the number of discordant items D = harms + helps, harms ~ Binomial(D, q) with
+q = p_harm / (p_harm + p_help); on the boundary of H0, q = (1 + epsilon / nu) / 2 where nu = P(discordant). nu is a
+nuisance parameter: Berger and Boos (1994) take the worst case over a 1 - gamma Clopper-Pearson interval for nu and
+add gamma to the p-value. That keeps the test exact while its width follows the number of discordant items, as a
+normal approximation would, instead of the whole [-1, 1] range that Hoeffding's bound pays for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from raee.errors import InputError
+
+GAMMA_SHARE = 0.1  # share of delta spent on the interval for the discordance rate (Berger-Boos)
+_BISECTIONS = 45
+
+
+_LOG_FACTORIALS = np.zeros(1)
+
+
+def _log_factorials(n: int) -> np.ndarray:
+    """log(i!) for i in 0..>=n, grown as needed and kept."""
+    global _LOG_FACTORIALS
+    if len(_LOG_FACTORIALS) <= n:
+        size = max(n + 1, 2 * len(_LOG_FACTORIALS))
+        _LOG_FACTORIALS = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, size, dtype=np.float64)))])
+    return _LOG_FACTORIALS
+
+
+def binomial_cdf(x: int, n: int, p: float) -> float:
+    """P(X <= x) for X ~ Binomial(n, p), summed exactly in log space."""
+    if x < 0:
+        return 0.0
+    if x >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    log_fact = _log_factorials(n)
+    k = np.arange(x + 1)
+    log_pmf = log_fact[n] - log_fact[k] - log_fact[n - k] + k * math.log(p) + (n - k) * math.log1p(-p)
+    top = log_pmf.max()
+    return float(min(1.0, math.exp(top) * np.exp(log_pmf - top).sum()))
+
+
+def clopper_pearson_upper(x: int, n: int, alpha: float) -> float:
+    """The exact one-sided 1 - alpha upper confidence bound for a binomial rate, x successes in n."""
+    if x >= n:
+        return 1.0
+    low, high = x / n, 1.0
+    for _ in range(_BISECTIONS):
+        middle = (low + high) / 2
+        if binomial_cdf(x, n, middle) > alpha:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def clopper_pearson_lower(x: int, n: int, alpha: float) -> float:
+    """The exact one-sided 1 - alpha lower confidence bound for a binomial rate."""
+    return 0.0 if x <= 0 else 1.0 - clopper_pearson_upper(n - x, n, alpha)
+
+
+@dataclass(frozen=True)
+class PairedRiskTest:
+    """The exact test of H0: p_harm - p_help >= epsilon from `harms` and `helps` among n paired items, with gamma
+    spent on a two-sided Clopper-Pearson interval [nu_low, nu_high] for the discordance rate (Berger-Boos)."""
+
+    harms: int
+    helps: int
+    n: int
+    gamma: float
+    nu_low: float
+    nu_high: float
+
+    @classmethod
+    def of(cls, harms: int, helps: int, n: int, gamma: float) -> "PairedRiskTest":
+        if not (0 <= harms and 0 <= helps and harms + helps <= n and n >= 1):
+            raise InputError(f"need 0 <= harms + helps <= n, got {harms} + {helps} of {n}")
+        if not 0 < gamma < 1:
+            raise InputError(f"gamma must lie in (0, 1), got {gamma}")
+        discordant = harms + helps
+        return cls(harms, helps, n, gamma, clopper_pearson_lower(discordant, n, gamma / 2),
+                   clopper_pearson_upper(discordant, n, gamma / 2))
+
+    def pvalue(self, epsilon: float) -> float:
+        """p-value of H0: risk >= epsilon."""
+        if not -1.0 < epsilon < 1.0:
+            raise InputError(f"epsilon must lie in (-1, 1), got {epsilon}")
+        if epsilon > 0:
+            # H0 needs nu >= epsilon; the boundary q falls as nu grows, so the worst case is the largest nu.
+            if self.nu_high < epsilon:
+                return min(1.0, self.gamma)
+            q = (1 + epsilon / self.nu_high) / 2
+        else:
+            # any nu at or below -epsilon allows every q under H0, q = 0 included: nothing can be rejected.
+            if self.nu_low <= -epsilon:
+                return 1.0
+            q = (1 + epsilon / self.nu_low) / 2
+        return min(1.0, binomial_cdf(self.harms, self.harms + self.helps, q) + self.gamma)
+
+    def upper_bound(self, delta: float) -> float:
+        """The smallest epsilon whose H0 is rejected at level delta: a 1 - delta upper confidence bound on the
+        risk (reported as evidence)."""
+        low, high = -1.0 + 1e-9, 1.0 - 1e-9
+        if self.pvalue(high) > delta:
+            return 1.0
+        for _ in range(_BISECTIONS):
+            middle = (low + high) / 2
+            if self.pvalue(middle) <= delta:
+                high = middle
+            else:
+                low = middle
+        return high
+
+
+def risk_pvalue(harms: int, helps: int, n: int, epsilon: float, gamma: float) -> float:
+    """p-value of H0: p_harm - p_help >= epsilon (see PairedRiskTest)."""
+    return PairedRiskTest.of(harms, helps, n, gamma).pvalue(epsilon)
+
+
+def risk_upper_bound(harms: int, helps: int, n: int, delta: float, gamma: float) -> float:
+    """1 - delta upper confidence bound on p_harm - p_help (see PairedRiskTest)."""
+    return PairedRiskTest.of(harms, helps, n, gamma).upper_bound(delta)
+
+
+def harms_and_helps(full_right: np.ndarray, exit_right: np.ndarray) -> tuple[int, int]:
+    """(items right at full depth but wrong at the exit, items wrong at full depth but right at the exit)."""
+    return int((full_right & ~exit_right).sum()), int((~full_right & exit_right).sum())
+
+
+def fixed_sequence(pvalues: list[float], delta: float) -> int:
+    """Index of the last hypothesis rejected before the first one that is not (-1: none): fixed-sequence testing,
+    family-wise error at most delta for a sequence ordered before seeing the data."""
+    last = -1
+    for i, p in enumerate(pvalues):
+        if p > delta:
+            break
+        last = i
+    return last

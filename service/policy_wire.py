@@ -1,0 +1,32 @@
+"""ExitPolicy <-> the raee.v1 request fields (policy kind, static_layer, k): the one converter, for the client and
+the servicer alike. The wire carries the policies a server serves; the others are refused with the reason."""
+
+from __future__ import annotations
+
+from raee.errors import InputError
+from raee.exit_policy import ExitPolicy
+from service.api import pb
+
+TO_WIRE = {"calibrated": pb.POLICY_KIND_UNSPECIFIED, "raee": pb.POLICY_KIND_RAEE, "full": pb.POLICY_KIND_FULL,
+           "static": pb.POLICY_KIND_STATIC}
+FROM_WIRE = {kind: name for name, kind in TO_WIRE.items()}
+WIRE_FORMS = "calibrated[:k=K] (the default), raee[:k=K], full, static:L"
+
+
+def to_wire(policy: ExitPolicy | str) -> dict:
+    """Request fields for a policy: {"policy": kind, "static_layer": L, "k": K (0 = the store's)}."""
+    policy = ExitPolicy.parse(policy)
+    extra = [name for name, _ in policy.options if name != "k"]
+    if policy.kind not in TO_WIRE or policy.objective is not None or extra:
+        raise InputError(f"policy {policy} cannot be sent to a server; it serves {WIRE_FORMS}")
+    return {"policy": TO_WIRE[policy.kind], "static_layer": policy.layer or 0, "k": policy.k or 0}
+
+
+def from_wire(kind: int, static_layer: int, k: int) -> ExitPolicy:
+    """The policy a request asks for; InputError for an unknown kind or a bad layer or k."""
+    if kind not in FROM_WIRE:
+        raise InputError(f"unknown policy {kind}; use UNSPECIFIED (the store's calibrated policy), RAEE, FULL or "
+                         "STATIC")
+    name = FROM_WIRE[kind]
+    policy = ExitPolicy("static", layer=static_layer) if name == "static" else ExitPolicy(name)
+    return policy.with_k(k or None) if k and policy.uses_neighbours else policy

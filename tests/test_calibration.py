@@ -1,0 +1,181 @@
+"""Build-time calibration on synthetic records: leave-one-out neighbours, match-full's choice against a brute-force
+replay of the procedure, best's choice, the faithful objective, and the store round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy
+from raee.calibration import (COSTS, EARLIEST_RATIOS, MARGINS, SEARCH_WIDTH, CalibratedPolicy,
+                              CalibrationSettings, best_within_budget, calibrate)
+from raee.data import text_groups
+from raee.errors import InputError
+from raee.guarantee import GAMMA_SHARE, risk_pvalue
+from raee.index import IndexSpec, build_index, leave_one_out_search, search
+from raee.metrics import task_score
+from raee.raee_rule import RaeeConfig, raee_exit_layers
+from raee.records import ExitRecords
+
+
+def synthetic_store(n=600, layers=4, seed=0):
+    """Items in 6 clusters of keys; in cluster c, layer c % 4 tends to be right and full depth is right 60% of the
+    time: neighbours carry real evidence about where to exit."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(6, 16))
+    cluster = rng.integers(0, 6, n)
+    keys = centres[cluster] + 0.6 * rng.normal(size=(n, 16))
+    keys = (keys / np.linalg.norm(keys, axis=1, keepdims=True)).astype(np.float32)
+    gold = rng.integers(0, 2, n)
+    right = rng.random((n, layers + 1)) < 0.45
+    right[np.arange(n), cluster % layers] = rng.random(n) < 0.9
+    right[:, layers] = rng.random(n) < 0.6
+    predicted = np.where(right, gold[:, None], 1 - gold[:, None])
+    confidence = rng.uniform(1, 3, (n, layers + 1))
+    logits = np.stack([np.where(predicted == 0, confidence, 0), np.where(predicted == 1, confidence, 0)], axis=-1)
+    return ExitRecords(gold, logits.astype(np.float32)), build_index(keys, IndexSpec()), [f"t{i}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def store():
+    records, index, texts = synthetic_store()
+    sims, ids = leave_one_out_search(index, text_groups(texts), SEARCH_WIDTH)
+    return records, index, texts, sims, ids
+
+
+def test_leave_one_out_never_retrieves_the_item_or_its_twins():
+    records, index, texts = synthetic_store(n=50)
+    texts = [*texts[:40], *["same"] * 10]  # ten items of one text
+    sims, ids = leave_one_out_search(index, text_groups(texts), 45)
+    groups = text_groups(texts)
+    assert ids.shape == (50, 45)
+    for i in range(50):
+        found = ids[i][ids[i] >= 0]
+        assert i not in found and not (groups[found] == groups[i]).any()
+        assert np.all(np.diff(sims[i][ids[i] >= 0]) <= 1e-5)  # closest first (ties within 1e-5 go by id)
+    assert (ids[45] >= 0).sum() == 40  # the twins' rows keep only the 40 other items
+
+
+def test_search_breaks_ties_by_id():
+    keys = np.tile(np.eye(4, dtype=np.float32)[:1], (6, 1))  # six identical keys
+    index = build_index(keys, IndexSpec())
+    _, ids = search(index, keys[:2], 4)
+    assert ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def brute_force_match_full(records, sims, ids, settings):
+    """The procedure of raee/calibration.py, replayed step by step without a gate: exits of each setting on the
+    documented path, losses counted item by item, each setting tested in turn until the first failure."""
+    n, num_layers = records.num_items, records.num_layers
+    values = records.record_values("correct")
+    path = ([AccuracyRuleConfig(margin=m) for m in MARGINS] + [AccuracyRuleConfig(cost=c) for c in COSTS])
+    chosen, predicted = -1, records.predicted
+    for i, rule in enumerate(path):
+        exits = accuracy_exit_layers(sims, ids, values, rule, key_layer=1)
+        harms = helps = 0
+        for item in range(n):
+            full_right = predicted[item, num_layers] == records.gold[item]
+            exit_right = predicted[item, exits[item]] == records.gold[item]
+            harms += full_right and not exit_right
+            helps += exit_right and not full_right
+        if risk_pvalue(harms, helps, n, settings.epsilon, GAMMA_SHARE * settings.delta) > settings.delta:
+            break
+        chosen = i
+    return path[chosen] if chosen >= 0 else None, chosen
+
+
+@pytest.mark.parametrize("epsilon", [0.02, 0.05])
+def test_match_full_chooses_what_the_procedure_replayed_by_hand_chooses(store, epsilon):
+    records, _, _, sims, ids = store
+    settings = CalibrationSettings(epsilon=epsilon, gate_alpha=0, stream_p=0)
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+                                 settings=settings)
+    expected, index = brute_force_match_full(records, sims, ids, settings)
+    assert policy.rule == expected and evidence.chosen == index and policy.gate is None
+    assert index > 0  # the synthetic evidence lets it leave full depth
+    chosen = evidence.curve[index]
+    assert chosen.accepted and all(p.accepted for p in evidence.curve[:index])
+    assert index + 1 == len(evidence.curve) or not evidence.curve[index + 1].accepted
+    exits = accuracy_exit_layers(sims, ids, records.record_values("correct"), expected, key_layer=1)
+    assert chosen.accuracy == pytest.approx(np.mean(records.correct[np.arange(len(exits)), exits]))
+    assert chosen.layers_run == pytest.approx(np.maximum(exits, 1).mean() / records.num_layers)
+    assert chosen.risk_bound <= epsilon + 1e-9  # it passed, so its bound is within epsilon
+    assert evidence.full_accuracy == pytest.approx(records.correct[:, -1].mean())
+
+
+def test_match_full_gate_is_calibrated_on_the_items_and_covered_by_the_test(store):
+    records, _, _, sims, ids = store
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+                                 settings=CalibrationSettings(epsilon=0.02, gate_alpha=0.1))
+    gate, chosen = policy.gate, evidence.curve[evidence.chosen]
+    assert gate.min_similarity == pytest.approx(np.quantile(sims[:, 0], 0.05))
+    agreement = estimated_accuracy(sims, ids, records.record_values("correct"), AccuracyRuleConfig(), prior=False)
+    exits = accuracy_exit_layers(sims, ids, records.record_values("correct"), policy.rule, key_layer=1)
+    at_exit = agreement[np.arange(len(exits)), exits]
+    assert gate.min_agreement == pytest.approx(np.quantile(at_exit, 0.05))
+    flagged = (sims[:, 0] < gate.min_similarity) | (at_exit < gate.min_agreement)
+    assert chosen.off_domain == pytest.approx(flagged.mean()) and 0.05 <= flagged.mean() <= 0.1
+    served = np.where(flagged, records.num_layers, exits)
+    assert chosen.accuracy == pytest.approx(records.correct[np.arange(len(served)), served].mean())
+
+
+def test_best_takes_the_top_calibration_score_within_the_budget(store):
+    records, _, _, sims, ids = store
+    settings = CalibrationSettings(objective="best", depth_budget=0.5, gate_alpha=0, stream_p=0)
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+                                 settings=settings)
+    chosen = evidence.curve[evidence.chosen]
+    assert chosen.layers_run <= 0.5
+    rule = policy.rule
+    exits = (accuracy_exit_layers(sims, ids, records.record_values(rule.values), rule, 1)
+             if isinstance(rule, AccuracyRuleConfig) else raee_exit_layers(sims, ids, records.record_probability(),
+                                                                           rule))
+    assert chosen.score == pytest.approx(task_score("accuracy", records.predicted[np.arange(len(exits)), exits],
+                                                    records.gold))
+    # no point of the raee-earliest path inside the budget scores higher
+    probability = records.record_probability()
+    for ratio in EARLIEST_RATIOS:
+        e = raee_exit_layers(sims, ids, probability, RaeeConfig(earliest_ratio=ratio))
+        if np.maximum(e, 1).mean() / records.num_layers <= 0.5:
+            assert np.mean(records.correct[np.arange(len(e)), e]) <= chosen.score + 1e-12
+
+
+def test_best_within_budget_rule():
+    assert best_within_budget([0.7, 0.8, 0.8, 0.9], [0.3, 0.5, 0.4, 0.7], 0.6) == 2  # tie: fewer layers
+    assert best_within_budget([0.7, 0.9], [0.8, 0.9], 0.5) == 0  # none inside: the fewest layers
+
+
+def test_raee_objective_serves_faithful_raee(store):
+    records, _, _, sims, ids = store
+    raee = RaeeConfig(k=8, tau=0.8)
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=raee,
+                                 settings=CalibrationSettings(objective="raee"))
+    assert policy.rule == raee and policy.gate is None and evidence.curve[evidence.chosen].off_domain == 0
+    assert policy.name == "raee:earliest_ratio=1,fallback_top=3,k=8,tau=0.8,use_tau=true,weights=squared"
+
+
+def test_calibrated_policy_round_trips(store):
+    records, _, _, sims, ids = store
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+                                 settings=CalibrationSettings(epsilon=0.02))
+    assert policy.gate is not None and CalibratedPolicy.from_dict(policy.to_dict()) == policy
+    assert type(evidence).from_dict(evidence.to_dict()) == evidence
+    full = dataclasses.replace(policy, rule=None, gate=None)
+    assert CalibratedPolicy.from_dict(full.to_dict()).name == "full"
+
+
+def test_small_calibration_sets_cannot_certify_a_tiny_epsilon(store):
+    records, _, _, sims, ids = store
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+                                 settings=CalibrationSettings(epsilon=0.005))
+    # 600 items cannot show a risk below 0.5 point even for a setting identical to full depth: full depth is served
+    assert policy.rule is None and evidence.chosen == -1 and policy.name == "full"
+
+
+@pytest.mark.parametrize("bad", [dict(objective="fast"), dict(epsilon=1.5), dict(delta=0), dict(depth_budget=0),
+                                 dict(gate_alpha=0.6), dict(stream_p=1)])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(InputError):
+        CalibrationSettings(**bad)

@@ -1,0 +1,120 @@
+"""match-full's statistics against brute force: binomial tails summed term by term, the exact size of the test by
+enumerating every outcome, fixed-sequence testing against a slow loop, and the whole procedure's error rate on
+synthetic records."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from raee.errors import InputError
+from raee.guarantee import (PairedRiskTest, binomial_cdf, clopper_pearson_lower, clopper_pearson_upper,
+                            fixed_sequence, harms_and_helps, risk_pvalue)
+
+
+def brute_cdf(x, n, p):
+    return sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(0, min(x, n) + 1))
+
+
+@pytest.mark.parametrize("x, n, p", [(0, 10, 0.3), (3, 10, 0.3), (10, 10, 0.5), (40, 200, 0.25), (7, 60, 0.01),
+                                     (59, 60, 0.99)])
+def test_binomial_cdf_equals_the_sum_of_its_terms(x, n, p):
+    assert binomial_cdf(x, n, p) == pytest.approx(brute_cdf(x, n, p), rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("x, n", [(0, 20), (4, 20), (19, 20), (30, 500)])
+def test_clopper_pearson_bounds_sit_where_the_tail_equals_alpha(x, n):
+    upper, lower = clopper_pearson_upper(x, n, 0.05), clopper_pearson_lower(x, n, 0.05)
+    assert brute_cdf(x, n, upper) == pytest.approx(0.05, abs=1e-9)
+    assert brute_cdf(x, n, upper - 1e-4) > 0.05
+    if x > 0:
+        assert 1 - brute_cdf(x - 1, n, lower) == pytest.approx(0.05, abs=1e-9)  # P(X >= x) at the lower bound
+    assert lower <= x / n <= upper
+
+
+def rejected_outcomes(n, epsilon, delta, gamma):
+    """Every (harms, helps) outcome of n items the test rejects H0: risk >= epsilon for."""
+    return [(h, g) for h in range(n + 1) for g in range(n + 1 - h) if risk_pvalue(h, g, n, epsilon, gamma) <= delta]
+
+
+def rejection_probability(n, rejected, p_harm, p_help):
+    """Exact P(the test rejects) when items are harms, helps or neither with these rates."""
+    total = 0.0
+    log = math.lgamma
+    for h, g in rejected:
+        log_p = (log(n + 1) - log(h + 1) - log(g + 1) - log(n - h - g + 1)
+                 + (h * math.log(p_harm) if h else 0) + (g * math.log(p_help) if g else 0)
+                 + ((n - h - g) * math.log(1 - p_harm - p_help) if n - h - g else 0))
+        total += math.exp(log_p)
+    return total
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.0, -0.05])
+def test_the_test_never_rejects_a_true_null_more_often_than_delta(epsilon):
+    n, delta, gamma = 30, 0.1, 0.01
+    rejected = rejected_outcomes(n, epsilon, delta, gamma)
+    worst = 0.0
+    for p_help in (0.01, 0.05, 0.1, 0.2, 0.3, 0.4):
+        for excess in (0.0, 0.02, 0.1):  # on the boundary of H0, and inside it
+            p_harm = p_help + epsilon + excess
+            if 0 < p_harm and p_harm + p_help < 1:
+                worst = max(worst, rejection_probability(n, rejected, p_harm, p_help))
+    assert worst <= delta
+    assert worst > delta / 20  # and it is not vacuous: some boundary case comes near its level
+
+
+def test_the_test_has_power_when_the_risk_is_well_below_epsilon():
+    # 5000 items, 5% harms and 8% helps: 3 points better than full depth, far inside "no more than 0.5 below"
+    assert risk_pvalue(250, 400, 5000, 0.005, 0.01) < 0.01 + 1e-6  # gamma is the floor
+    assert risk_pvalue(0, 0, 5000, 0.005, 0.01) <= 0.01 + 1e-12  # identical to full depth everywhere
+    assert risk_pvalue(0, 0, 50, 0.005, 0.01) > 0.1  # ... but 50 items cannot show it
+
+
+def test_the_upper_bound_inverts_the_test():
+    test = PairedRiskTest.of(120, 150, 2000, 0.01)
+    bound = test.upper_bound(0.1)
+    assert test.pvalue(bound + 1e-6) <= 0.1 < test.pvalue(bound - 1e-3)
+    assert bound > (120 - 150) / 2000  # above the observed risk
+    with pytest.raises(InputError):
+        PairedRiskTest.of(10, 10, 15, 0.01)
+
+
+def test_fixed_sequence_stops_at_the_first_failure():
+    def slow(pvalues, delta):
+        accepted = -1
+        for i in range(len(pvalues)):
+            if all(p <= delta for p in pvalues[:i + 1]):
+                accepted = i
+        return accepted
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        pvalues = list(rng.uniform(0, 0.2, rng.integers(0, 8)))
+        assert fixed_sequence(pvalues, 0.1) == slow(pvalues, 0.1)
+    assert fixed_sequence([0.01, 0.2, 0.01], 0.1) == 0 and fixed_sequence([], 0.1) == -1
+
+
+def test_harms_and_helps_count_discordant_items():
+    full = np.array([True, True, False, False, True])
+    exit_ = np.array([True, False, True, False, False])
+    assert harms_and_helps(full, exit_) == (2, 1)
+
+
+def test_the_procedure_keeps_its_promise_on_synthetic_records():
+    """A path of 10 settings whose true risk grows from -4 to +5 points; each run draws calibration items, tests
+    the path in order and keeps the last accepted setting. The share of runs that keep a setting whose true risk is
+    above epsilon stays below delta."""
+    rng = np.random.default_rng(1)
+    epsilon, delta, gamma, n, runs = 0.005, 0.1, 0.01, 400, 300
+    p_help = np.full(10, 0.06)
+    p_harm = p_help + np.linspace(-0.04, 0.05, 10)  # true risk of each setting
+    failures = 0
+    for _ in range(runs):
+        u = rng.random(n)  # one draw per item, shared along the path: settings are nested like a real path
+        harms = [(u < p_harm[s]).sum() for s in range(10)]
+        helps = [((u >= p_harm[s]) & (u < p_harm[s] + p_help[s])).sum() for s in range(10)]
+        chosen = fixed_sequence([risk_pvalue(int(h), int(g), n, epsilon, gamma) for h, g in zip(harms, helps)],
+                                delta)
+        failures += chosen >= 0 and p_harm[chosen] - p_help[chosen] > epsilon
+    assert failures / runs <= delta + 3 * math.sqrt(delta * (1 - delta) / runs)
