@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -15,9 +16,10 @@ from raee.data import Example
 from raee.errors import InputError, StoreError
 from raee.index import IndexSpec, build_index, keys_of
 from raee.keys import Embedder, KeySpec
+from raee.manifest import BackboneIdentity, EmbedderIdentity, Shard, StoreManifest
 from raee.policy import RaeeConfig
 from raee.records import ExitRecords
-from raee.store import ExitStore, load_store, write_store
+from raee.store import ExitStore, check_store_root, load_store, write_store
 from raee.tasks import TaskDefinition
 
 log = logging.getLogger(__name__)
@@ -105,30 +107,24 @@ def calibrate(backbone: Backbone, task: TaskDefinition, examples: list[Example],
 
 def store_manifest(task: TaskDefinition, backbone: Backbone, embedder: Embedder | None, key: KeySpec,
                    index_spec: IndexSpec, policy: RaeeConfig, calibration: CalibrationPass, *,
-                   source_file: str | None = None, shard: tuple[int, int] | None = None) -> dict:
-    return {
-        "task": task.to_dict(),
-        "backbone": backbone.identity(),
-        "embedder": embedder.identity() if key.source == "embedder" else None,
-        "key": str(key),
-        "key_dim": int(calibration.keys.shape[1]),
-        "num_layers": backbone.num_layers,
-        "num_items": calibration.records.num_items,
-        "num_labels": task.num_labels,
-        "index": {"spec": index_spec.to_dict(), "metric": "inner_product", "normalized": True},
-        "policy": policy.to_dict(),
-        "shard": {"index": shard[0], "count": shard[1]} if shard else None,
-        "source_file": source_file,
-        "build": {"seconds": round(calibration.seconds, 3),
-                  "items_per_second": round(calibration.items_per_second, 1)},
-    }
+                   source_file: str | None = None, shard: tuple[int, int] | None = None) -> StoreManifest:
+    """The draft manifest of a store built from `calibration` (write_store adds the version and file entries)."""
+    return StoreManifest(
+        task=task, backbone=BackboneIdentity.from_dict(backbone.identity()),
+        embedder=EmbedderIdentity.from_dict(embedder.identity()) if key.source == "embedder" else None,
+        key=key, key_dim=int(calibration.keys.shape[1]), num_layers=backbone.num_layers,
+        num_items=calibration.records.num_items, num_labels=task.num_labels, index=index_spec, policy=policy,
+        shard=Shard(*shard) if shard else None, source_file=source_file,
+        build={"seconds": round(calibration.seconds, 3), "items_per_second": round(calibration.items_per_second, 1)})
 
 
 def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examples: list[Example], *,
                 key: KeySpec, embedder: Embedder | None = None, index_spec: IndexSpec = IndexSpec(),
                 policy: RaeeConfig = RaeeConfig(), batch_size: int = 64, shard: tuple[int, int] | None = None,
                 source_file: str | None = None, progress: bool = True) -> tuple[Path, CalibrationPass]:
-    """Calibrate, index and write a store version; returns (version directory, the calibration pass)."""
+    """Calibrate, index and write a store version; returns (version directory, the calibration pass). The output
+    directory is checked before the calibration pass, so a wrong --out fails in a second, not after an hour."""
+    check_store_root(out)
     calibration = calibrate(backbone, task, shard_of(examples, shard), key, embedder, batch_size, progress)
     index = build_index(calibration.keys, index_spec)
     manifest = store_manifest(task, backbone, embedder, key, index_spec, policy, calibration,
@@ -139,29 +135,32 @@ def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examp
 
 # Manifest fields every shard of one build shares.
 SHARED_FIELDS = ("task", "backbone", "embedder", "key", "key_dim", "num_layers", "num_labels", "index", "policy",
-                 "source_file")
+                 "source_file", "requires", "extra")
 
 
 def merge_stores(out: str | Path, parts: list[str | Path]) -> Path:
     """Join shard stores (any order) into one store that answers exactly as an unsharded build."""
+    check_store_root(out)
     stores: list[ExitStore] = [load_store(p) for p in parts]
-    if any(s.manifest.get("shard") is None for s in stores):
+    if any(s.manifest.shard is None for s in stores):
         raise StoreError("every part must be a shard (built with --shard I/N)")
-    count = stores[0].manifest["shard"]["count"]
-    stores.sort(key=lambda s: s.manifest["shard"]["index"])
-    found = [s.manifest["shard"]["index"] for s in stores]
-    if found != list(range(count)) or any(s.manifest["shard"]["count"] != count for s in stores):
+    count = stores[0].manifest.shard.count
+    stores.sort(key=lambda s: s.manifest.shard.index)
+    found = [s.manifest.shard.index for s in stores]
+    if found != list(range(count)) or any(s.manifest.shard.count != count for s in stores):
         raise StoreError(f"merge needs shards 0..{count - 1} of one build exactly once, got {found}")
+    first = stores[0].manifest
     for s in stores[1:]:
-        differ = [f for f in SHARED_FIELDS if s.manifest.get(f) != stores[0].manifest.get(f)]
+        differ = [f for f in SHARED_FIELDS if getattr(s.manifest, f) != getattr(first, f)]
         if differ:
             raise StoreError(f"shard {s.path} differs from {stores[0].path} in {', '.join(differ)}")
     records = ExitRecords.concatenate([s.records for s in stores])
     keys = np.concatenate([keys_of(s.index) for s in stores])
     index = build_index(keys, stores[0].index_spec)
-    manifest = {f: stores[0].manifest[f] for f in SHARED_FIELDS}
-    manifest.update(num_items=records.num_items, shard=None, merged_from=[s.version for s in stores],
-                    build={"seconds": round(sum(s.manifest["build"]["seconds"] for s in stores), 3)})
+    manifest = dataclasses.replace(
+        first, num_items=records.num_items, shard=None, merged_from=tuple(s.version for s in stores),
+        build={"seconds": round(sum(s.manifest.build.get("seconds", 0.0) for s in stores), 3)},
+        version="", created_at="", files={})
     texts = [t for s in stores for t in s.texts]
     lines = np.concatenate([s.lines for s in stores])
     return write_store(out, manifest, records, index, texts, lines)

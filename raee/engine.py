@@ -87,12 +87,12 @@ class Engine:
              device: str = "cpu") -> "Engine":
         """Load a store and the backbone (and embedder) it was built with, from the sources its manifest names."""
         store = load_store(store_dir)
-        built = store.manifest["backbone"]
+        built = store.manifest.backbone
         if backbone is None:
-            backbone = load_backbone(built["source"], kind=built["kind"], device=device, dtype=built["dtype"],
-                                     **built["settings"])
-        if embedder is None and store.manifest.get("embedder"):
-            embedder = Embedder(store.manifest["embedder"]["source"], device=device)
+            backbone = load_backbone(built.source, kind=built.kind, device=device, dtype=built.dtype,
+                                     **built.settings)
+        if embedder is None and store.manifest.embedder is not None:
+            embedder = Embedder(store.manifest.embedder.source, device=device)
         return cls(store, backbone, embedder)
 
     @property

@@ -30,8 +30,8 @@ class StoreRegistry:
         """Load and verify a store (checksums, backbone and embedder fingerprints) into an Engine."""
         store = load_store(store_dir)
         embedder = None
-        if store.manifest.get("embedder"):
-            source = store.manifest["embedder"]["source"]
+        if store.manifest.embedder is not None:
+            source = store.manifest.embedder.source
             if source not in self._embedders:
                 self._embedders[source] = Embedder(source, device=self.device)
             embedder = self._embedders[source]

@@ -95,9 +95,9 @@ class RaeeServer:
             self.loaded.set()
 
     def _load_backbone(self) -> Backbone:
-        built = load_store(self.config.stores[0]).manifest["backbone"]
-        return load_backbone(self.config.backbone or built["source"], kind=built["kind"], device=self.config.device,
-                             dtype=built["dtype"], **built["settings"])
+        built = load_store(self.config.stores[0]).manifest.backbone
+        return load_backbone(self.config.backbone or built.source, kind=built.kind, device=self.config.device,
+                             dtype=built.dtype, **built.settings)
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period, stop."""

@@ -207,7 +207,7 @@ class RaeeServicer(raee_pb2_grpc.RaeeServicer):
             backbone=pb.BackboneInfo(source=b["source"], kind=b["kind"], num_layers=b["num_layers"],
                                      fingerprint=b["fingerprint"], dtype=b["dtype"]),
             tasks=[pb.TaskInfo(name=e.task.name, labels=list(e.task.labels), store_version=e.store.version,
-                               store_path=str(e.store.path), manifest_json=json.dumps(e.store.manifest))
+                               store_path=str(e.store.path), manifest_json=json.dumps(e.store.manifest.to_dict()))
                    for e in self.registry.engines()],
             limits=pb.ServerLimits(max_texts=c.max_texts, max_text_bytes=c.max_text_bytes, max_batch=c.max_batch,
                                    max_wait_ms=c.max_wait_ms, max_queue=c.max_queue),

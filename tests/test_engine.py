@@ -121,7 +121,7 @@ def test_embedder_keys_with_a_local_sentence_transformer(examples, tmp_path):
     build_store(tmp_path / "s", TASK, backbone, examples[:60], key=KeySpec("embedder"), embedder=embedder,
                 progress=False)
     store = load_store(tmp_path / "s")
-    assert store.manifest["embedder"]["fingerprint"] == embedder.fingerprint()
+    assert store.manifest.embedder.fingerprint == embedder.fingerprint()
     results = Engine(store, backbone, embedder).classify(QUERIES[:3])
     assert all(0 <= r.exit_layer <= 3 and r.layers_run == r.exit_layer for r in results)
     with pytest.raises(StoreMismatchError, match="embedder"):

@@ -185,8 +185,10 @@ def test_policies_work_on_a_store_smaller_than_k(tmp_path):
     keys = rng.normal(size=(n, 8)).astype(np.float32)
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
     records = ExitRecords(rng.integers(0, 2, n), rng.normal(size=(n, 4, 2)).astype(np.float32))
-    manifest = {"task": TASK.to_dict(), "key": "prefix:1", "num_items": n, "num_layers": 3,
-                "index": {"spec": IndexSpec().to_dict()}, "policy": RaeeConfig().to_dict()}
+    from raee.manifest import BackboneIdentity, StoreManifest
+    manifest = StoreManifest(task=TASK, backbone=BackboneIdentity("tiny", "masked-lm", 3, "f" * 32, "float32"),
+                             embedder=None, key=KeySpec("prefix", 1), key_dim=8, num_layers=3, num_items=n,
+                             num_labels=2, index=IndexSpec(), policy=RaeeConfig())
     write_store(tmp_path / "s", manifest, records, build_index(keys, IndexSpec()), [str(i) for i in range(n)],
                 np.arange(n))
     store = load_store(tmp_path / "s")

@@ -33,7 +33,7 @@ def engine(tmp_path_factory):
 
 def test_embedded_default_is_a_six_layer_sentence_encoder(engine):
     assert engine.backbone.kind == "sentence-encoder" and engine.num_layers == 6
-    assert engine.store.manifest["backbone"]["source"] == "builtin:all-MiniLM-L6-v2"
+    assert engine.store.manifest.backbone.source == "builtin:all-MiniLM-L6-v2"
 
 
 def test_real_model_stops_at_each_rows_exit(engine):
