@@ -14,7 +14,7 @@ from raee.data import read_examples
 from raee.index import IndexSpec
 from raee.keys import Embedder, KeySpec
 from raee.policy import RaeeConfig
-from raee.store import load_store
+from raee.store import check_store_root, load_store
 from raee.tasks import load_task
 from raee.tuning import choose, grid_search
 
@@ -30,6 +30,7 @@ def _load(args: argparse.Namespace):
 
 
 def build(args: argparse.Namespace) -> int:
+    check_store_root(args.out)  # a wrong --out fails now, not after loading the model and the calibration pass
     task, examples, backbone = _load(args)
     key = KeySpec.parse(args.key)
     embedder = Embedder(args.embedder, device=args.device) if key.source == "embedder" else None
@@ -50,13 +51,12 @@ def build(args: argparse.Namespace) -> int:
 
 def inspect(args: argparse.Namespace) -> int:
     store = load_store(args.store)
-    manifest = dict(store.manifest)
     print(f"store {store.path}  (checksums verified)")
-    print(json.dumps(manifest, indent=2))
+    print(json.dumps(store.manifest.to_dict(), indent=2))
     print()
     print(layer_table(store.records))
     if args.plot:
-        plot_layers(store.records, args.plot, f"{store.task.name}: {manifest['backbone']['source']}")
+        plot_layers(store.records, args.plot, f"{store.task.name}: {store.manifest.backbone.source}")
         print(f"plot written to {args.plot}")
     return 0
 
