@@ -5,7 +5,7 @@ gRPC; this module only gives it its public name.
 """
 
 from service.client import (Classification, ClassifyResult, Client, Neighbour, RaeeClientError, ReloadResult,
-                            Request, ServerInfo, TaskInfo, Timings)
+                            Request, RequestFailure, ServerInfo, TaskInfo, Timings)
 
 __all__ = ["Client", "Classification", "ClassifyResult", "Neighbour", "RaeeClientError", "ReloadResult", "Request",
-           "ServerInfo", "TaskInfo", "Timings"]
+           "RequestFailure", "ServerInfo", "TaskInfo", "Timings"]

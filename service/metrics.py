@@ -23,7 +23,10 @@ class ServerMetrics:
         self.raee_texts = Counter("raee_raee_texts", "Texts classified with the RAEE policy", ["task"], registry=r)
         self.batch_size = Histogram("raee_batch_size", "Rows per backbone batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.queue_depth = Gauge("raee_queue_depth", "Texts waiting in the batching queue", registry=r)
+        self.queue_depth = Gauge("raee_queue_depth", "Texts admitted and not yet answered (max_queue bounds it)",
+                                 registry=r)
+        self.stream_messages = Counter("raee_stream_messages", "ClassifyStream requests answered, by status code",
+                                       ["code"], registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Start the HTTP exposition server; returns (http server, thread)."""
