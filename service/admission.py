@@ -3,7 +3,8 @@
     1 ready and not draining; the task is served                      (dict lookups)
     2 text count, bytes and characters within limits; valid options     (no tokenizing)
     3 the deadline can be met given the work ahead                      (arithmetic)
-    4 room in the queue, reserved: it counts from here until answered   (one lock, microseconds)
+    4 room in the queue, reserved: it counts from here until answered   (one lock, microseconds; a full queue
+      makes room for a lighter client by pushing out the heaviest one's newest requests)
     5 every text tokenizes within the backbone's limits                 (off the event loop; stops at a bad text)
     6 the batcher, awaited; a caller that goes away takes its texts out of the queue
 A refused request never reaches step 5 unless it is well-formed and has room, so floods of over-long or excess texts
@@ -55,10 +56,10 @@ class Admission:
         self._check_bounds(call, engine)
         key = self._batch_key(call, engine)
         self._check_deadline(call, deadline)
-        reservation = self.batcher.reserve(len(call.texts))
+        reservation = self.batcher.reserve(len(call.texts), client)
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, validate_prompts, engine, call.texts)
-            pending = self.batcher.submit(reservation, key, engine, call.texts, deadline, client)
+            pending = self.batcher.submit(reservation, key, engine, call.texts, deadline)
         except BaseException:
             self.batcher.release(reservation)
             raise

@@ -1,7 +1,10 @@
 """Dynamic micro-batching with admission control and fair shares between clients.
 
 Admission: `reserve(n)` counts a request's texts from the moment it is admitted (before any tokenizing) until each is
-answered, so max_queue bounds the real backlog and a refusal costs microseconds. Scheduling: every client (one
+answered, so max_queue bounds the real backlog and a refusal costs microseconds. When the queue is full, a client
+holding less of it than the heaviest one pushes out the heaviest one's newest queued requests (which get
+RESOURCE_EXHAUSTED) instead of being refused itself: a flood fills the queue, but cannot keep others out of it.
+Scheduling: every client (one
 connection) has a virtual time that grows by one per text scheduled; a batch takes texts from the clients with the
 smallest virtual times (start-time fair queuing), so a client sending a text now and then waits about one batch,
 whatever others send. A request larger than max_batch is split across batches; its rows leave the backbone at their
@@ -48,8 +51,8 @@ class BatchOutcome:
 class Reservation:
     """Room for `texts` texts in the queue, taken at admission and given back as they are answered."""
 
-    def __init__(self, texts: int) -> None:
-        self.texts = texts
+    def __init__(self, texts: int, client: str) -> None:
+        self.texts, self.client = texts, client
         self.held = texts  # not yet answered or released
 
 
@@ -88,6 +91,7 @@ class MicroBatcher:
         self._clients: dict[str, _Client] = {}
         self._vtime = 0.0  # virtual start time of the last text scheduled
         self._backlog = 0  # texts admitted and not yet answered
+        self._held_by: dict[str, int] = {}  # the same, per client
         self._row_seconds: float | None = None  # smoothed backbone seconds per text
         self._cond = threading.Condition()
         self._closing = False
@@ -96,17 +100,34 @@ class MicroBatcher:
         self._worker.start()
 
     # -- admission ----------------------------------------------------------------------------------------------
-    def reserve(self, texts: int) -> Reservation:
-        """Room for `texts` more texts, or QueueFull / Draining at once."""
+    def reserve(self, texts: int, client: str = "") -> Reservation:
+        """Room for `texts` more texts from `client`, or QueueFull / Draining at once."""
         with self._cond:
             if self._closing:
                 raise Draining("the server is shutting down; retry on another replica")
             if self._backlog + texts > self.max_queue:
+                self._push_out(texts, client)
+            if self._backlog + texts > self.max_queue:
                 raise QueueFull(f"queue full: {self._backlog} texts admitted and not yet answered, {texts} more would "
                                 f"pass the limit of {self.max_queue}; retry with backoff")
             self._backlog += texts
+            self._held_by[client] = self._held_by.get(client, 0) + texts
             self._set_depth()
-            return Reservation(texts)
+            return Reservation(texts, client)
+
+    def _push_out(self, texts: int, client: str) -> None:
+        """Make room for a lighter client by refusing the heaviest client's newest requests not yet started."""
+        mine = self._held_by.get(client, 0) + texts
+        while self._backlog + texts > self.max_queue:
+            heaviest = max((c for c in self._held_by if c != client), key=self._held_by.__getitem__, default=None)
+            queued = self._clients.get(heaviest)
+            if heaviest is None or self._held_by[heaviest] <= mine or queued is None:
+                return
+            victim = next((p for p in reversed(queued.queue) if p.next_row == 0 and not p.failed), None)
+            if victim is None:
+                return
+            self._fail(victim, QueueFull(f"pushed out of a full queue by a client holding less of it than yours "
+                                         f"({self._held_by[heaviest]} texts); retry with backoff"))
 
     def release(self, reservation: Reservation) -> None:
         """Give back what a reservation still holds (the request was refused after admission). Idempotent."""
@@ -114,10 +135,11 @@ class MicroBatcher:
             self._give_back(reservation, reservation.held)
 
     def submit(self, reservation: Reservation, key: BatchKey, engine: Engine, texts: list[str],
-               deadline: float | None, client: str = "") -> Pending:
+               deadline: float | None) -> Pending:
         """Queue a request within its reservation; await `pending.future` for a BatchOutcome."""
         if len(texts) != reservation.held:
             raise ValueError(f"{len(texts)} texts submitted on a reservation holding {reservation.held}")
+        client = reservation.client
         pending = Pending(key, engine, texts, deadline, client, reservation, time.monotonic())
         with self._cond:
             if self._closing:
@@ -167,6 +189,11 @@ class MicroBatcher:
         texts = min(texts, reservation.held)
         reservation.held -= texts
         self._backlog -= texts
+        held = self._held_by.get(reservation.client, 0) - texts
+        if held > 0:
+            self._held_by[reservation.client] = held
+        else:
+            self._held_by.pop(reservation.client, None)
         self._set_depth()
 
     def _fail(self, pending: Pending, error: BaseException) -> None:

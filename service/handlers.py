@@ -51,20 +51,19 @@ def counted(name: str, metrics: ServerMetrics):
     def wrap(method):
         @functools.wraps(method)
         async def handler(request, context: grpc.aio.ServicerContext):
-            code = "OK"
             try:
                 if isinstance(request, Malformed):
                     raise request.error
-                return await method(request, context)
+                response = await method(request, context)
             except asyncio.CancelledError:
-                code = ended_by_caller(context)
+                metrics.requests.labels(name, ended_by_caller(context)).inc()
                 raise
             except Exception as exc:  # noqa: BLE001 - every error leaves as a status, never as a crash
                 status = report(name, exc)
-                code = status.name
+                metrics.requests.labels(name, status.name).inc()  # counted before the caller hears of it
                 await context.abort(status, message_for(exc, status))
-            finally:
-                metrics.requests.labels(name, code).inc()
+            metrics.requests.labels(name, "OK").inc()
+            return response
         return handler
     return wrap
 
@@ -74,19 +73,17 @@ def counted_stream(name: str, metrics: ServerMetrics):
     def wrap(method):
         @functools.wraps(method)
         async def handler(requests, context: grpc.aio.ServicerContext):
-            code = "OK"
             try:
                 async for response in method(requests, context):
                     yield response
             except asyncio.CancelledError:
-                code = ended_by_caller(context)
+                metrics.requests.labels(name, ended_by_caller(context)).inc()
                 raise
             except Exception as exc:  # noqa: BLE001
                 status = report(name, exc)
-                code = status.name
+                metrics.requests.labels(name, status.name).inc()
                 await context.abort(status, message_for(exc, status))
-            finally:
-                metrics.requests.labels(name, code).inc()
+            metrics.requests.labels(name, "OK").inc()
         return handler
     return wrap
 

@@ -5,7 +5,9 @@ bench/reliability.py and `make reliability`):
    1 idle streams starve every call           test_idle_streams_starve_nothing, test_streams_are_bounded_and_idle_ones_closed
    2 over-long texts stall valid clients      test_over_long_texts_are_refused_after_one_text_is_tokenized,
                                               test_refusals_count_against_the_queue_before_tokenizing
-   3 no RESOURCE_EXHAUSTED under a burst      test_the_queue_counts_the_real_backlog_and_refuses_at_once
+   3 no RESOURCE_EXHAUSTED under a burst      test_the_queue_counts_the_real_backlog_and_refuses_at_once,
+                                              test_a_flood_cannot_keep_a_light_client_out_of_a_full_queue,
+                                              test_a_cancelled_call_is_counted_and_leaves_the_queue
    4 ReloadStore open to any client           test_reload_is_off_by_default_and_needs_the_admin_surface,
                                               test_reload_with_a_token, test_reload_paths_stay_inside_the_store_roots,
                                               test_one_reload_at_a_time_and_abandoned_with_its_deadline
@@ -222,6 +224,27 @@ def test_the_queue_counts_the_real_backlog_and_refuses_at_once(serve, stores):
     assert sorted(code.name for _, code in finished.values()).count("OK") == 64
     assert metric(server, "raee_requests_total", code="RESOURCE_EXHAUSTED", method="Classify") >= 36
     assert server.batcher.backlog == 0
+
+
+def test_a_flood_cannot_keep_a_light_client_out_of_a_full_queue(serve, stores):
+    server = serve(max_queue=8, max_texts=4, max_batch=4, max_wait_ms=1)
+    # a connection of its own: channels in one process otherwise share one, and so look like one client
+    heavy = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                                   options=[("grpc.use_local_subchannel_pool", 1)]))
+    with held_backbone(stores["backbone"]) as gate:
+        flood = [heavy.Classify.future(pb.ClassifyRequest(task="sst2", texts=["dull plot"] * 4), timeout=20)
+                 for _ in range(2)]
+        time.sleep(0.3)  # the heavy client holds the whole queue: one batch running, one request queued
+        assert server.batcher.backlog == 8
+        with Client(f"127.0.0.1:{server.port}", retries=0, timeout=20) as light:
+            answer = threading.Thread(target=lambda: flood.append(light.classify(["good film"], task="sst2")))
+            answer.start()
+            time.sleep(0.3)
+            assert flood[1].code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # pushed out, not the light client
+            assert "pushed out" in flood[1].details()
+            gate.set()
+            answer.join()
+    assert flood[0].result().results and flood[2].results[0].label
 
 
 def test_a_cancelled_call_is_counted_and_leaves_the_queue(serve, stores):
