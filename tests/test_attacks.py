@@ -232,9 +232,10 @@ def test_a_flood_cannot_keep_a_light_client_out_of_a_full_queue(serve, stores):
     heavy = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}",
                                                    options=[("grpc.use_local_subchannel_pool", 1)]))
     with held_backbone(stores["backbone"]) as gate:
-        flood = [heavy.Classify.future(pb.ClassifyRequest(task="sst2", texts=["dull plot"] * 4), timeout=20)
-                 for _ in range(2)]
-        time.sleep(0.3)  # the heavy client holds the whole queue: one batch running, one request queued
+        flood = []
+        for _ in range(2):  # the heavy client holds the whole queue: one batch running, one request queued
+            flood.append(heavy.Classify.future(pb.ClassifyRequest(task="sst2", texts=["dull plot"] * 4), timeout=20))
+            time.sleep(0.2)
         assert server.batcher.backlog == 8
         with Client(f"127.0.0.1:{server.port}", retries=0, timeout=20) as light:
             answer = threading.Thread(target=lambda: flood.append(light.classify(["good film"], task="sst2")))
