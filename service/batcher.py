@@ -28,7 +28,7 @@ from service.errors import DeadlineExpired, Draining, QueueFull
 log = logging.getLogger(__name__)
 
 MAX_IDLE_CLIENTS = 4096  # fair-share records kept for clients with nothing queued
-ROW_SECONDS_SMOOTHING = 0.2  # weight of the newest batch in the per-row time estimate
+BATCH_SECONDS_SMOOTHING = 0.2  # weight of the newest batch in the batch time estimate
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class MicroBatcher:
         self._vtime = 0.0  # virtual start time of the last text scheduled
         self._backlog = 0  # texts admitted and not yet answered
         self._held_by: dict[str, int] = {}  # the same, per client
-        self._row_seconds: float | None = None  # smoothed backbone seconds per text
+        self._batch_seconds: float | None = None  # smoothed time a batch takes
         self._cond = threading.Condition()
         self._closing = False
         self._busy = False
@@ -116,18 +116,18 @@ class MicroBatcher:
             return Reservation(texts, client)
 
     def _push_out(self, texts: int, client: str) -> None:
-        """Make room for a lighter client by refusing the heaviest client's newest requests not yet started."""
+        """Make room for a lighter client by refusing the newest not-yet-started requests of the heaviest clients
+        (those holding more of the queue than this one would)."""
         mine = self._held_by.get(client, 0) + texts
         while self._backlog + texts > self.max_queue:
-            heaviest = max((c for c in self._held_by if c != client), key=self._held_by.__getitem__, default=None)
-            queued = self._clients.get(heaviest)
-            if heaviest is None or self._held_by[heaviest] <= mine or queued is None:
+            victims = [(self._held_by.get(name, 0), p) for name, queued in self._clients.items() if name != client
+                       for p in reversed(queued.queue) if p.next_row == 0 and not p.failed]
+            victims = [(held, p) for held, p in victims if held > mine]
+            if not victims:
                 return
-            victim = next((p for p in reversed(queued.queue) if p.next_row == 0 and not p.failed), None)
-            if victim is None:
-                return
+            held, victim = max(victims, key=lambda v: v[0])
             self._fail(victim, QueueFull(f"pushed out of a full queue by a client holding less of it than yours "
-                                         f"({self._held_by[heaviest]} texts); retry with backoff"))
+                                         f"({held} texts); retry with backoff"))
 
     def release(self, reservation: Reservation) -> None:
         """Give back what a reservation still holds (the request was refused after admission). Idempotent."""
@@ -161,11 +161,12 @@ class MicroBatcher:
                 self._fail(pending, DeadlineExpired("the call was cancelled"))
 
     def estimated_seconds(self, texts: int) -> float | None:
-        """A lower estimate of the time to answer `texts` more texts: the batch in progress, then its own rows.
-        None before any batch has run."""
-        if self._row_seconds is None:
+        """A low estimate of the time to answer `texts` more texts: the batch in progress (if any), then as many
+        batches as its texts need, each as long as recent batches. None before any batch has run."""
+        if self._batch_seconds is None:
             return None
-        return self._row_seconds * (min(self._backlog, self.max_batch) + texts)
+        batches = -(-texts // self.max_batch) + (1 if self._busy else 0)
+        return self._batch_seconds * batches
 
     @property
     def backlog(self) -> int:
@@ -333,8 +334,8 @@ class MicroBatcher:
             return
         seconds = time.perf_counter() - started
         with self._cond:
-            smoothed = self._row_seconds if self._row_seconds is not None else seconds / len(texts)
-            self._row_seconds = (1 - ROW_SECONDS_SMOOTHING) * smoothed + ROW_SECONDS_SMOOTHING * seconds / len(texts)
+            smoothed = self._batch_seconds if self._batch_seconds is not None else seconds
+            self._batch_seconds = (1 - BATCH_SECONDS_SMOOTHING) * smoothed + BATCH_SECONDS_SMOOTHING * seconds
         start = 0
         for p, rows in batch:
             self._settle(p, rows, results[start:start + len(rows)], None)
