@@ -405,7 +405,8 @@ def check_malformed_and_streams(store: str, calls: int = 1000) -> dict:
               and tracebacks == 0)
     return {"check": "attacks 9, 14: malformed bytes; bad requests inside a stream", "passed": passed,
             "unary_codes": dict(codes), "counted_in_metrics": counted, "stream_responses": len(answers),
-            "stream_errors": dict(error_codes), "stream_failed_request_ids": failed_ids, "tracebacks_in_log": tracebacks}
+            "stream_errors": dict(error_codes), "stream_failed_request_ids": failed_ids,
+            "tracebacks_in_log": tracebacks}
 
 
 def check_second_server(store: str) -> dict:

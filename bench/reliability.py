@@ -292,7 +292,8 @@ def main() -> int:
                 "attack-queue-flood": lambda: attacks.check_queue_flood(args.store, seconds),
                 "attack-reload-storm": lambda: attacks.check_reload_storm(args.store, seconds),
                 "attack-hostile-stores": lambda: attacks.check_hostile_stores(args.store, Path(tmp) / "hostile"),
-                "attack-malformed": lambda: attacks.check_malformed_and_streams(args.store, 200 if args.quick else 1000),
+                "attack-malformed": lambda: attacks.check_malformed_and_streams(args.store,
+                                                                                200 if args.quick else 1000),
                 "attack-second-server": lambda: attacks.check_second_server(args.store),
                 "attack-sigterm": lambda: attacks.check_sigterm_notice(args.store)}
         unknown = set(wanted) - set(runs)

@@ -40,8 +40,8 @@ def random_store_parts(n=20, layers=3, dim=8, seed=0):
     records = ExitRecords(rng.integers(0, 2, n), rng.normal(size=(n, layers + 1, 2)).astype(np.float32))
     keys = rng.normal(size=(n, dim)).astype(np.float32)
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
-    return (synthetic_manifest(n, layers, dim), records, build_index(keys, IndexSpec()), [f"text {i}" for i in range(n)],
-            np.arange(1, n + 1))
+    texts = [f"text {i}" for i in range(n)]
+    return synthetic_manifest(n, layers, dim), records, build_index(keys, IndexSpec()), texts, np.arange(1, n + 1)
 
 
 def edit_manifest(version, change, *, rehash=True):
