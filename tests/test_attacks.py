@@ -20,7 +20,8 @@ bench/attacks.py, run by `make reliability`); tests elsewhere are named with the
    8 a huge request told to retry          test_too_many_texts_is_invalid_argument_not_retry
    9 malformed protobuf                    test_malformed_bytes_are_invalid_argument_and_counted
   10 a file swapped during verification    test_store.py::test_a_file_swapped_during_verification_is_never_served
-  11 pruning lost the serving version      test_store.py::test_builds_killed_after_the_rename_never_cost_the_serving_version,
+  11 pruning lost the serving version      test_store.py::
+                                             test_builds_killed_after_the_rename_never_cost_the_serving_version,
                                            test_store.py::test_stale_staging_dirs_are_cleaned_at_the_next_write
   12 a second server on a taken port       test_a_second_server_on_a_taken_port_fails_in_one_line
   13 a huge items file under its checksum  test_an_oversized_store_file_is_refused_unread
