@@ -325,7 +325,9 @@ def hostile_copies(store: str, workdir: Path) -> dict[str, str]:
                          "num_items missing": lambda m: m.pop("num_items")}.items():
         edit(copy(name), change)
     version = copy("manifest edited, checksum not")
-    (version / "manifest.json").write_text((version / "manifest.json").read_text().replace('"k": 32', '"k": 3'))
+    spec = json.loads((version / "manifest.json").read_text())
+    spec["policy"]["k"] += 1
+    (version / "manifest.json").write_text(json.dumps(spec, indent=2))
     version = copy("records.npz unreadable (a directory)")
     (version / "records.npz").unlink()
     (version / "records.npz").mkdir()
