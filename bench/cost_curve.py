@@ -49,17 +49,19 @@ def roberta_large_shaped() -> MaskedLMBackbone:
 
 def layer_times(backbone, texts, task, repeats: int) -> tuple[list[float], float]:
     """(median cumulative ms after embeddings and each layer, median ms of one head call)."""
+    prompting = task.prompting(backbone.kind, backbone.mask_token)
+    head = backbone.head(prompting.head)
     runs, heads = [], []
     for _ in range(repeats + 1):  # the first run warms up
         with torch.inference_mode():
             started = time.perf_counter()
-            fwd = backbone.start(texts, task)
+            fwd = backbone.start(prompting.prompts(texts))
             marks = [time.perf_counter() - started]
             while fwd.layer < backbone.num_layers:
                 fwd.advance()
                 marks.append(time.perf_counter() - started)
             head_started = time.perf_counter()
-            backbone.label_logits(fwd, torch.ones(len(texts), dtype=torch.bool), task)
+            backbone.label_logits(fwd, torch.ones(len(texts), dtype=torch.bool), head)
             heads.append(time.perf_counter() - head_started)
         runs.append(marks)
     runs, heads = runs[1:], heads[1:]

@@ -44,11 +44,11 @@ def main() -> None:
     task = load_task(args.task)
     texts = [e.text for e in read_examples(args.texts, task, limit=args.n)]
     backbone, embedder = load_backbone(), Embedder()
-    backbone.prepare(task)
+    prompting = task.prompting(backbone.kind, backbone.mask_token)
 
     def prefix(k):
         def run(batch):
-            fwd = backbone.start(batch, task)
+            fwd = backbone.start(prompting.prompts(batch))
             while fwd.layer < k:
                 fwd.advance()
             mean_pool(fwd.hidden, fwd.attention_mask)

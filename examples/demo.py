@@ -39,7 +39,8 @@ def main() -> int:
             task = info.tasks[0]
             print(f"\nraee-serve on {server.address} SERVING after {time.perf_counter() - started:.1f} s: task "
                   f"{task.name}, store {task.store_version}, backbone {info.backbone['source']} "
-                  f"({info.backbone['num_layers']} layers)\n")
+                  f"({info.backbone['num_layers']} layers, {info.backbone['runtime']} {info.backbone['precision']})"
+                  "\n")
             print(f"{'label':<9} {'exit':>5} {'ms':>6}  text")
             for text in args.sentences or SENTENCES:
                 result = client.classify([text], task=task.name)

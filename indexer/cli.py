@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-
 from raee.errors import RaeeError
+from raee.kinds import KIND_HELP, KINDS
+from raee.runtime import DTYPE_NAMES, ONNXRUNTIME_PRECISIONS, RUNTIMES
 
 log = logging.getLogger("raee-index")
 
@@ -16,14 +18,33 @@ def _backbone_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument("--backbone", default=None, metavar="PATH",
                    help="local checkpoint directory (default: the embedded all-MiniLM-L6-v2)")
-    g.add_argument("--kind", default="auto", choices=["auto", "masked-lm", "causal-lm", "sentence-encoder"],
-                   help="backbone kind (default: read from the checkpoint)")
+    g.add_argument("--kind", default="auto", choices=["auto", *KINDS], metavar="KIND",
+                   help="backbone kind, read from the checkpoint by default: " +
+                        "; ".join(f"{kind}: {text}" for kind, text in KIND_HELP.items()))
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     g.add_argument("--scale", type=float, default=20.0,
                    help="sentence-encoder kind: cosine scale, i.e. inverse softmax temperature (default: 20)")
     g.add_argument("--embedder", default=None, metavar="PATH",
                    help="sentence-transformers model for embedder keys (default: the embedded all-MiniLM-L6-v2)")
+    runtime_args(g, store_precision=False)
+
+
+def runtime_args(g: argparse._ActionsContainer, store_precision: bool) -> None:
+    """--runtime, --precision, --threads and --cache-dir: how the backbone runs (raee.runtime)."""
+    g.add_argument("--runtime", default=os.environ.get("RAEE_RUNTIME", "auto"), choices=RUNTIMES,
+                   help="auto (default; RAEE_RUNTIME): onnxruntime on the CPU for the encoder families that export "
+                        "(BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, sentence encoders), torch elsewhere")
+    g.add_argument("--precision", default=None, choices=ONNXRUNTIME_PRECISIONS,
+                   help="onnxruntime precision: fp32, or int8 (dynamic quantization; it changes per-layer "
+                        "predictions, so stores record it); torch runs in its --dtype " +
+                        ("(default: the store's own)" if store_precision else "(default fp32)"))
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads for torch, onnxruntime and FAISS (default: RAEE_THREADS, else the container's CPU "
+                        "quota)")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where onnxruntime exports and self-check verdicts are kept (default: RAEE_CACHE_DIR, else "
+                        "~/.cache/raee)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -77,6 +98,12 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("out", metavar="OUT")
     m.add_argument("parts", nargs="+", metavar="PART")
 
+    e = sub.add_parser("export", help="export a backbone for the onnxruntime runtime into the cache (for images)",
+                       description="Export a backbone's graphs for --runtime onnxruntime into the cache directory "
+                                   "and check them against torch, so that a read-only deployment can ship them "
+                                   "(run it at image build with --cache-dir pointing inside the image).")
+    _backbone_args(e)
+
     t = sub.add_parser("tune", help="choose key, scale, k and tau on a held-out split of the calibration data",
                        description="Split the train file (seeded) into a store part and a held-out part, run the "
                                    "backbone once, and score every combination on the held-out part. The test "
@@ -104,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from indexer import commands
+    from raee import cache
+    from raee.runtime import configure_threads
     try:
+        cache.use(getattr(args, "cache_dir", None))
+        configure_threads(getattr(args, "threads", None))
         return getattr(commands, args.command)(args)
     except RaeeError as exc:
         print(f"raee-index {args.command}: error: {exc}", file=sys.stderr)

@@ -25,8 +25,12 @@ def _load(args: argparse.Namespace):
     task = load_task(args.task)
     examples = read_examples(args.train, task, text_column=args.text_column, label_column=args.label_column,
                              limit=args.limit)
-    backbone = load_backbone(args.backbone, kind=args.kind, device=args.device, dtype=args.dtype, scale=args.scale)
-    return task, examples, backbone
+    return task, examples, _backbone(args)
+
+
+def _backbone(args: argparse.Namespace):
+    return load_backbone(args.backbone, kind=args.kind, device=args.device, dtype=args.dtype, scale=args.scale,
+                         runtime=args.runtime, precision=args.precision)
 
 
 def build(args: argparse.Namespace) -> int:
@@ -38,14 +42,23 @@ def build(args: argparse.Namespace) -> int:
         args.out, task, backbone, examples, key=key, embedder=embedder, index_spec=IndexSpec(args.index),
         policy=RaeeConfig(k=args.k, tau=args.tau, earliest_ratio=args.earliest_ratio), batch_size=args.batch_size, shard=args.shard,
         source_file=str(args.train), progress=not args.no_progress)
-    print(f"\nexit store {version}  (task {task.name}, {backbone.kind} {backbone.source}, key {key}, "
-          f"index {args.index})")
+    print(f"\nexit store {version}  (task {task.name}, {backbone.kind} {backbone.source} on {backbone.runtime} "
+          f"{backbone.precision}, key {key}, index {args.index})")
     print(layer_table(calibration.records))
     print(f"\nindexed {calibration.records.num_items} items in {calibration.seconds:.1f} s: "
           f"{calibration.items_per_second:.0f} items/s")
     if args.plot:
         plot_layers(calibration.records, args.plot, f"{task.name}: {backbone.source}")
         print(f"plot written to {args.plot}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    backbone = _backbone(args)
+    if backbone.runtime != "onnxruntime":
+        print(f"raee-index export: {backbone.source} runs on {backbone.runtime}; nothing to export")
+        return 0
+    print(f"exported {backbone.source} ({backbone.family.name}, {backbone.precision}) to {backbone.family.directory}")
     return 0
 
 

@@ -15,10 +15,19 @@ import logging
 import sys
 from pathlib import Path
 
+from indexer.cli import runtime_args
+from raee import cache
 from raee.data import read_examples
 from raee.engine import Engine
 from raee.errors import RaeeError
-from raee.evaluation import Evaluator, PolicyResult, choose_earliest_ratio, default_policies, markdown_table
+from raee.evaluation import (
+    Evaluator,
+    PolicyResult,
+    choose_earliest_ratio,
+    default_policies,
+    markdown_table,
+)
+from raee.runtime import configure_threads
 
 log = logging.getLogger("raee-eval")
 AUTO = "raee-earliest:auto"
@@ -45,12 +54,18 @@ def parser() -> argparse.ArgumentParser:
                    help="score against average exit layer (one file per task in a suite: OUT-<task>.png)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of the scoring pass (64)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backbone", default=None, metavar="PATH",
+                   help="the store's backbone checkpoint, where it has moved since the build (its weights must match)")
+    runtime_args(p, store_precision=True)
+    p.add_argument("--allow-precision-mismatch", action="store_true",
+                   help="evaluate a store at another precision than it was built at (exits may differ)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def evaluate_task(store_dir: str, test_file: str, args: argparse.Namespace) -> dict:
-    engine = Engine.load(store_dir, device=args.device)
+    engine = Engine.load(store_dir, device=args.device, source=args.backbone, runtime=args.runtime,
+                         precision=args.precision, allow_precision_mismatch=args.allow_precision_mismatch)
     examples = read_examples(test_file, engine.task, limit=args.limit)
     ratio, curve = choose_earliest_ratio(engine.store, args.depth_budget)
     log.info("%s: raee-earliest:auto uses A=%g (leave-one-out on %d calibration items)", engine.task.name, ratio,
@@ -135,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tasks = []
     try:
+        cache.use(args.cache_dir)
+        configure_threads(args.threads)
         for store_dir, test_file in zip(args.store, args.test):
             tasks.append(evaluate_task(store_dir, test_file, args))
     except RaeeError as exc:

@@ -5,8 +5,7 @@ classify with `raee.Engine.load(store_dir).classify(texts)`: each text runs the 
 its nearest calibration neighbours answered correctly at. `raee.client.Client` talks to a raee-serve server.
 """
 
-from raee.errors import (BackboneError, DataError, InputError, RaeeError, StoreError, StoreMismatchError,
-                         TaskError)
+from raee.errors import BackboneError, DataError, InputError, RaeeError, StoreError, StoreMismatchError, TaskError
 
 __all__ = ["Engine", "Classification", "StageTimes", "RaeeError", "InputError", "TaskError", "DataError",
            "BackboneError", "StoreError", "StoreMismatchError"]

@@ -55,7 +55,8 @@ def readable_examples(backbone: Backbone, task: TaskDefinition, examples: list[E
                       what: str = "items") -> tuple[list[Example], list[int]]:
     """The examples the backbone can read whole, with their prompt lengths in tokens; the others are skipped and
     their lines logged. A text past the character guard counts as too long, as the engine refuses it unread."""
-    counts = backbone.token_counts([e.text for e in examples], task)
+    prompting = task.prompting(backbone.kind, backbone.mask_token)
+    counts = backbone.token_counts(prompting.prompts([e.text for e in examples]))
     counts = [c if len(e.text) <= backbone.max_tokens * MAX_CHARS_PER_TOKEN else backbone.max_tokens + 1
               for e, c in zip(examples, counts)]
     too_long = [e.line for e, c in zip(examples, counts) if c > backbone.max_tokens]
@@ -75,8 +76,11 @@ def calibrate(backbone: Backbone, task: TaskDefinition, examples: list[Example],
     """
     if key.source == "embedder" and embedder is None:
         raise InputError("embedder keys need an embedder")
-    if key.source == "prefix" and key.layer > backbone.num_layers:
-        raise InputError(f"prefix key layer {key.layer} exceeds the backbone's {backbone.num_layers} layers")
+    if key.source == "prefix" and key.layer > backbone.max_prefix_layer:
+        raise InputError(f"prefix key layer {key.layer} is past layer {backbone.max_prefix_layer}, the deepest "
+                         f"this {backbone.kind} backbone's keys can pool")
+    prompting = task.prompting(backbone.kind, backbone.mask_token)
+    head = backbone.head(prompting.head)
     examples, counts = readable_examples(backbone, task, examples, "calibration items")
     if not examples:
         raise InputError("no calibration items left to index")
@@ -84,13 +88,13 @@ def calibrate(backbone: Backbone, task: TaskDefinition, examples: list[Example],
     logits = np.zeros((len(examples), backbone.num_layers + 1, task.num_labels), dtype=np.float32)
     keys: np.ndarray | None = None
     pooled_layers = tuple(sorted({*extra_pooled_layers, *((key.layer,) if key.layer is not None else ())}))
-    pooled = {layer: np.zeros((len(examples), backbone.base.config.hidden_size), np.float32) for layer in pooled_layers}
+    pooled = {layer: np.zeros((len(examples), backbone.hidden_size), np.float32) for layer in pooled_layers}
     started = time.perf_counter()
     with tqdm(total=len(examples), desc=f"indexing {task.name}", unit="item", disable=not progress) as bar:
         for start in range(0, len(examples), batch_size):
             rows = order[start:start + batch_size]
             texts = [examples[i].text for i in rows]
-            layer_pass = backbone.all_layers(texts, task, pooled_layers=pooled_layers)
+            layer_pass = backbone.all_layers(prompting.prompts(texts), head, pooled_layers=pooled_layers)
             for layer in pooled_layers:
                 pooled[layer][rows] = layer_pass.pooled[layer]
             batch_keys = layer_pass.pooled[key.layer] if key.source == "prefix" else embedder.encode(texts)

@@ -16,7 +16,8 @@ from raee.backbones.loading import load_backbone
 from raee.errors import InputError, StoreMismatchError
 from raee.index import on_best_device, search
 from raee.keys import Embedder
-from raee.policy import RaeeConfig, layer_scores, exit_layers_from_scores
+from raee.manifest import StoreManifest
+from raee.policy import RaeeConfig, exit_layers_from_scores, layer_scores
 from raee.records import softmax
 from raee.store import ExitStore, check_compatible, load_store
 
@@ -67,37 +68,67 @@ def parse_policy(policy: str, num_layers: int) -> int | None:
     raise InputError(f"policy {policy!r} is not one of raee, full, static:L with L in 0..{num_layers}")
 
 
+def load_backbone_for(manifest: StoreManifest, *, source: str | None = None, device: str = "cpu",
+                      runtime: str = "auto", precision: str | None = None,
+                      allow_precision_mismatch: bool = False) -> Backbone:
+    """The backbone a store was built with (source, kind, dtype, settings), on the runtime asked for, at the store's
+    precision unless another is asked for."""
+    built = manifest.backbone
+    wanted = precision or built.precision
+    if precision is None and runtime == "torch" and wanted == "int8" and allow_precision_mismatch:
+        wanted = None  # int8 records served by torch's own precision, as asked
+    return load_backbone(source or built.source, kind=built.kind, device=device, dtype=built.dtype,
+                         runtime=runtime, precision=wanted, **built.settings)
+
+
 class Engine:
     """A backbone with one task's exit store. `classify` is safe to call from one thread at a time."""
 
-    def __init__(self, store: ExitStore, backbone: Backbone, embedder: Embedder | None = None) -> None:
-        check_compatible(store.manifest, backbone, embedder if store.key.source == "embedder" else None)
-        key_dim = embedder.identity()["dim"] if store.key.source == "embedder" else backbone.base.config.hidden_size
+    def __init__(self, store: ExitStore, backbone: Backbone, embedder: Embedder | None = None,
+                 allow_precision_mismatch: bool = False) -> None:
+        check_compatible(store.manifest, backbone, embedder if store.key.source == "embedder" else None,
+                         allow_precision_mismatch)
+        key_dim = embedder.identity()["dim"] if store.key.source == "embedder" else backbone.hidden_size
         if key_dim != store.index.d:
             raise StoreMismatchError(f"store keys are {store.index.d}-d, this key source gives {key_dim}-d")
+        if store.key.source == "prefix" and store.key.layer > backbone.max_prefix_layer:
+            raise StoreMismatchError(f"store key {store.key} pools layer {store.key.layer}; this backbone's prefix "
+                                     f"keys stop at layer {backbone.max_prefix_layer}")
         self.store, self.backbone, self.embedder = store, backbone, embedder
         self.task = store.task
         self.policy = store.policy
         self.index = on_best_device(store.index)
         self._record_probability = store.records.record_probability()
-        backbone.prepare(self.task)  # label ids / verbalization states now, not on the first request
+        self.prompting = self.task.prompting(backbone.kind, backbone.mask_token)
+        self.head = backbone.head(self.prompting.head)  # label ids / verbalization states now, not on a request
 
     @classmethod
     def load(cls, store_dir: str | Path, *, backbone: Backbone | None = None, embedder: Embedder | None = None,
-             device: str = "cpu") -> "Engine":
-        """Load a store and the backbone (and embedder) it was built with, from the sources its manifest names."""
+             device: str = "cpu", source: str | None = None, runtime: str = "auto", precision: str | None = None,
+             allow_precision_mismatch: bool = False) -> "Engine":
+        """Load a store and the backbone (and embedder) it was built with, from the sources its manifest names.
+
+        source: the backbone checkpoint, when it has moved since the build (its weights must still match).
+        runtime, precision: see raee.backbones.load_backbone; precision defaults to the store's own.
+        """
         store = load_store(store_dir)
-        built = store.manifest.backbone
         if backbone is None:
-            backbone = load_backbone(built.source, kind=built.kind, device=device, dtype=built.dtype,
-                                     **built.settings)
+            backbone = load_backbone_for(store.manifest, source=source, device=device, runtime=runtime,
+                                         precision=precision, allow_precision_mismatch=allow_precision_mismatch)
         if embedder is None and store.manifest.embedder is not None:
             embedder = Embedder(store.manifest.embedder.source, device=device)
-        return cls(store, backbone, embedder)
+        return cls(store, backbone, embedder, allow_precision_mismatch)
 
     @property
     def num_layers(self) -> int:
         return self.backbone.num_layers
+
+    def check_texts(self, texts: list[str]) -> None:
+        """Raise InputError for texts this engine would refuse in a batch (empty, too long with the prompt, a
+        masked-LM prompt without exactly one mask), naming the text: lets a server refuse a request before it
+        joins other requests' batch."""
+        self.backbone.check_texts(texts)
+        self.backbone.check_prompts(self.prompting.prompts(texts))
 
     def classify(self, texts: list[str], *, policy: str = "raee", k: int | None = None,
                  with_neighbours: bool = False, raee: RaeeConfig | None = None) -> list[Classification]:
@@ -115,12 +146,12 @@ class Engine:
         t0 = time.perf_counter()
         if fixed_exit is not None:
             exits = np.full(len(texts), fixed_exit)
-            logits = self._run_to_exits(self.backbone.start(texts, self.task), [], exits)
+            logits = self._run_to_exits(self.backbone.start(self.prompting.prompts(texts)), [], exits)
             t1 = t2 = t0
         else:
             if key_layer is None:
                 keys = self.embedder.encode(texts)
-                fwd, early = self.backbone.start(texts, self.task), []
+                fwd, early = self.backbone.start(self.prompting.prompts(texts)), []
             else:
                 fwd, early = self._prefix_pass(texts, key_layer)
                 keys = mean_pool(fwd.hidden, fwd.attention_mask).cpu().numpy()
@@ -144,12 +175,12 @@ class Engine:
 
     def _prefix_pass(self, texts: list[str], key_layer: int):
         """Run layers 1..K for the whole batch, keeping the head's logits at layers 0..K for rows that exit there."""
-        fwd = self.backbone.start(texts, self.task)
+        fwd = self.backbone.start(self.prompting.prompts(texts))
         everyone = torch.ones(len(texts), dtype=torch.bool, device=self.backbone.device)
-        early = [self.backbone.label_logits(fwd, everyone, self.task)]
+        early = [self.backbone.label_logits(fwd, everyone, self.head)]
         while fwd.layer < key_layer:
             fwd.advance()
-            early.append(self.backbone.label_logits(fwd, everyone, self.task))
+            early.append(self.backbone.label_logits(fwd, everyone, self.head))
         return fwd, early
 
     def _run_to_exits(self, fwd, early: list[torch.Tensor], exits: np.ndarray) -> np.ndarray:
@@ -161,6 +192,6 @@ class Engine:
         if not done.all():
             keep = torch.from_numpy(~done).to(fwd.hidden.device)
             fwd.keep_rows(keep)
-            out = self.backbone.finish(fwd, torch.from_numpy(exits[~done]), self.task)
+            out = self.backbone.finish(fwd, torch.from_numpy(exits[~done]), self.head)
             logits[~done] = out[torch.from_numpy(~done)].cpu().numpy()
         return logits

@@ -56,8 +56,8 @@ def test_view(engine: Engine, examples: list[Example], batch_size: int = 64, pro
     logits, keys = [], []
     for start in tqdm(range(0, len(texts), batch_size), desc="test pass", unit="batch", disable=not progress):
         batch = texts[start:start + batch_size]
-        layer_pass = engine.backbone.all_layers(batch, engine.task, pooled_layers=(key.layer,) if key.layer is not
-                                                None else ())
+        layer_pass = engine.backbone.all_layers(engine.prompting.prompts(batch), engine.head,
+                                                pooled_layers=(key.layer,) if key.layer is not None else ())
         logits.append(layer_pass.label_logits)
         keys.append(layer_pass.pooled[key.layer] if key.layer is not None else engine.embedder.encode(batch))
     sims, ids = search(engine.index, np.concatenate(keys), MAX_NEIGHBOURS)
@@ -133,22 +133,23 @@ class Evaluator:
         return statistics.median(singles), len(texts) / (time.perf_counter() - started)
 
     def _runner(self, spec: PolicySpec, exits: np.ndarray):
-        engine, backbone, task = self.engine, self.engine.backbone, self.engine.task
+        engine, backbone, head = self.engine, self.engine.backbone, self.engine.head
+        prompts = engine.prompting.prompts
         if spec.kind == "fixed":
             policy = "full" if spec.layer == engine.num_layers else f"static:{spec.layer}"
             return lambda batch, _rows: engine.classify(batch, policy=policy)
         if spec.kind == "raee":
             return lambda batch, _rows: engine.classify(batch, raee=spec.raee)
         if spec.kind == "oracle":  # exits known in advance (from the gold label): time the truncated pass alone
-            return lambda batch, rows: backbone.finish(backbone.start(batch, task), torch.from_numpy(exits[rows]),
-                                                       task)
+            return lambda batch, rows: backbone.finish(backbone.start(prompts(batch)), torch.from_numpy(exits[rows]),
+                                                       head)
         if spec.kind == "adainfer":
             svm = self.suite.adainfer()
             stop = lambda _layer, logits: svm.decide(head_features(logits[:, None])[:, 0])  # noqa: E731
         else:
             thresholds = self.suite.thresholds(spec.rate)
             stop = lambda layer, logits: head_features(logits[:, None])[:, 0, 1] >= thresholds[layer]  # noqa: E731
-        return lambda batch, _rows: backbone.run_until(backbone.start(batch, task), task, stop)
+        return lambda batch, _rows: backbone.run_until(backbone.start(prompts(batch)), head, stop)
 
 
 def markdown_table(results: list[PolicyResult]) -> str:

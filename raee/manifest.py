@@ -23,12 +23,14 @@ from raee.errors import RaeeError, StoreError
 from raee.index import IndexSpec
 from raee.keys import KeySpec
 from raee.policy import RaeeConfig
-from raee.tasks import BACKBONE_KINDS, TaskDefinition
+from raee.kinds import KINDS
+from raee.runtime import DTYPE_NAMES, PRECISIONS
+from raee.tasks import TaskDefinition
 
 FORMAT_VERSION = 2  # 2: manifest.sha256 beside the manifest; file entries carry their size
 VERSION_NAME = re.compile(r"v\d{8}T\d{12}Z")  # v<UTC date>T<time to microseconds>Z
 DATA_FILES = ("keys.faiss", "records.npz", "items.jsonl")
-DTYPES = ("float32", "float16", "bfloat16")
+RUNTIMES = ("torch", "onnxruntime")  # what ran the layers when the records were made
 SHA256 = re.compile(r"[0-9a-f]{64}")
 # Sense limits: far past any real store, small enough that sizes derived from them stay meaningful.
 MAX_ITEMS = 100_000_000
@@ -55,18 +57,28 @@ class BackboneIdentity:
     """The backbone a store was built on (`Backbone.identity()`); a server refuses a store built on other weights."""
 
     source: str  # "builtin:all-MiniLM-L6-v2" or a checkpoint directory
-    kind: str  # masked-lm, causal-lm or sentence-encoder
+    kind: str  # raee.kinds.KINDS
     num_layers: int
     fingerprint: str  # hash of every weight
     dtype: str  # float32, float16 or bfloat16
     settings: Mapping[str, Any] = field(default_factory=dict)  # kind settings that change scores (e.g. scale)
+    family: str | None = None  # model family adapter (bert, llama, ...)
+    runtime: str | None = None  # torch or onnxruntime
+    precision: str | None = None  # fp32, fp16, bf16 or int8; None in stores from before it was saved: the dtype's
+    pooling: str | None = None  # sentence encoders: how token states pool; None in older stores: mean
 
     def __post_init__(self) -> None:
         _check_str("backbone source", self.source)
-        _check_choice("backbone kind", self.kind, BACKBONE_KINDS)
+        _check_choice("backbone kind", self.kind, KINDS)
         _check_int("backbone num_layers", self.num_layers, 1, MAX_LAYERS)
         _check_str("backbone fingerprint", self.fingerprint)
-        _check_choice("backbone dtype", self.dtype, DTYPES)
+        _check_choice("backbone dtype", self.dtype, DTYPE_NAMES)
+        for name, choices in (("runtime", RUNTIMES), ("precision", PRECISIONS)):
+            if getattr(self, name) is not None:
+                _check_choice(f"backbone {name}", getattr(self, name), choices)
+        for name in ("family", "pooling"):
+            if getattr(self, name) is not None:
+                _check_str(f"backbone {name}", getattr(self, name))
         if not isinstance(self.settings, Mapping) or not all(
                 isinstance(k, str) and _is_scalar(v) for k, v in self.settings.items()):
             raise StoreError(f"backbone settings must map names to numbers or strings, got {self.settings!r:.80}")
@@ -76,7 +88,9 @@ class BackboneIdentity:
         return _build(cls, spec, "backbone")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "settings": dict(self.settings)}
+        """As Backbone.identity() gives it: optional fields only when set."""
+        return {k: (dict(v) if k == "settings" else v) for k, v in dataclasses.asdict(self).items()
+                if v is not None or k not in OPTIONAL_IDENTITY}
 
 
 @dataclass(frozen=True)
@@ -252,6 +266,7 @@ class StoreManifest:
             raise StoreError(str(exc)) from None
 
 
+OPTIONAL_IDENTITY = ("family", "runtime", "precision", "pooling")
 KNOWN_SECTIONS = frozenset({f.name for f in dataclasses.fields(StoreManifest)} - {"extra"})
 
 

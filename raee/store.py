@@ -35,6 +35,7 @@ from raee.keys import KeySpec
 from raee.manifest import DATA_FILES, FileEntry, StoreManifest
 from raee.policy import RaeeConfig
 from raee.records import ExitRecords
+from raee.runtime import DTYPE_PRECISION
 from raee.tasks import TaskDefinition
 from raee.versions import (KEEP_VERSIONS, MAX_POINTER_BYTES, check_store_root, fsync, new_version_name,
                            point_current, prune, read_small, remove_stale_staging, resolve_version, store_error,
@@ -282,12 +283,27 @@ def _check_sizes(manifest: StoreManifest) -> None:
 
 
 # -- compatibility ---------------------------------------------------------------------------------------------
-def check_compatible(manifest: StoreManifest, backbone, embedder=None) -> None:
-    """Raise StoreMismatchError naming every difference between the store's backbone/embedder and the running ones."""
+def check_compatible(manifest: StoreManifest, backbone, embedder=None, allow_precision_mismatch: bool = False) -> None:
+    """Raise StoreMismatchError naming every difference between the store's backbone/embedder and the running ones.
+
+    The records' precision must be the running one's (int8 changes per-layer predictions, so int8 records steer
+    exits wrongly under fp32 and back); allow_precision_mismatch serves it anyway, with a warning. The runtime may
+    differ: torch and onnxruntime at one precision give the same states within float tolerance."""
     built = manifest.backbone.to_dict()
     running = backbone.identity()
-    diffs = [f"backbone {field}: store has {built.get(field)!r}, running {running[field]!r}"
-             for field in ("kind", "num_layers", "fingerprint", "settings") if built.get(field) != running[field]]
+    if built.get("kind") == "sentence-encoder" and built.get("pooling") is None:
+        built["pooling"] = "mean"  # stores from before pooling was saved all mean-pooled
+    if built.get("precision") is None:
+        built["precision"] = DTYPE_PRECISION.get(built["dtype"])  # from before it was saved
+    fields = ["kind", "num_layers", "fingerprint", "settings", "pooling"]
+    if built["precision"] != running["precision"]:
+        if allow_precision_mismatch:
+            log.warning("serving a store whose records come from %s with a %s backbone, as asked: exits may differ "
+                        "from the calibration's", built["precision"], running["precision"])
+        else:
+            fields.append("precision")
+    diffs = [f"backbone {field}: store has {built.get(field)!r}, running {running.get(field)!r}"
+             for field in fields if built.get(field) != running.get(field)]
     if manifest.embedder is not None:
         if embedder is None:
             diffs.append(f"the store's keys come from embedder {manifest.embedder.source}, none is loaded")
@@ -295,4 +311,7 @@ def check_compatible(manifest: StoreManifest, backbone, embedder=None) -> None:
             diffs.append(f"embedder weights: store has {manifest.embedder.fingerprint} ({manifest.embedder.source}), "
                          f"running {embedder.fingerprint()} ({embedder.source})")
     if diffs:
-        raise StoreMismatchError(f"store {manifest.task.name} {manifest.version} does not match: " + "; ".join(diffs))
+        advice = (" (serve it at the precision it was built with, --precision, or rebuild it; "
+                  "--allow-precision-mismatch serves it anyway)" if "precision" in fields else "")
+        raise StoreMismatchError(f"store {manifest.task.name} {manifest.version} does not match: " + "; ".join(diffs)
+                                 + advice)

@@ -1,21 +1,54 @@
 """Task definitions: labels, prompt templates and label words per backbone kind, and the metric.
 
-The eight built-in tasks follow the RAEE reference prompts (../shared/RAEE.md). A template holds `{x}` for the
-input text and, for masked LMs, `{mask}` for the mask token. Label words are read as single space-prefixed tokens.
-The sentence-encoder kind compares the input with one or more verbalizations per label instead of label words.
+The eight built-in tasks follow the RAEE reference prompts (../shared/RAEE.md and the reference code's scripts). A
+template holds `{x}` for the input text and, for masked LMs, `{mask}` for the mask token. Label words are read as
+single space-prefixed tokens. The sentence-encoder kind compares the input with one or more verbalizations per
+label instead of label words.
+
+A backbone knows no task: `TaskDefinition.prompting(kind, mask_token)` gives what a backbone of that kind is
+handed once, the filled template and a head spec (`LabelWords` or `Verbalizations`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Union
 
 from raee.errors import TaskError
+from raee.kinds import GENERATING_KINDS, KINDS, LM_KINDS
 
-BACKBONE_KINDS = ("masked-lm", "causal-lm", "sentence-encoder")
 METRICS = ("accuracy", "mcc")
+
+
+@dataclass(frozen=True)
+class LabelWords:
+    """Head spec of the LM kinds: one word per label, read as the logit of its (first) space-prefixed token."""
+
+    words: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Verbalizations:
+    """Head spec of the sentence-encoder kind: per label, sentences the input's pooled state is compared with."""
+
+    groups: tuple[tuple[str, ...], ...]
+
+
+HeadSpec = Union[LabelWords, Verbalizations]
+
+
+@dataclass(frozen=True)
+class Prompting:
+    """A task as one backbone kind sees it: a template whose mask is filled in, and the head spec."""
+
+    template: str  # holds {x}
+    head: HeadSpec
+
+    def prompts(self, texts: Sequence[str]) -> list[str]:
+        return [self.template.replace("{x}", text) for text in texts]
 
 
 @dataclass(frozen=True)
@@ -25,7 +58,7 @@ class TaskDefinition:
     name: str
     labels: tuple[str, ...]  # label names, in index order
     templates: Mapping[str, str]  # backbone kind -> template with {x} (and {mask} for masked-lm)
-    label_words: Mapping[str, tuple[str, ...]]  # backbone kind -> one word per label
+    label_words: Mapping[str, tuple[str, ...]]  # LM kind -> one word per label
     verbalizers: tuple[tuple[str, ...], ...]  # per label, sentences the sentence-encoder kind compares with
     metric: str = "accuracy"  # "accuracy" or "mcc" (Matthews correlation)
 
@@ -42,13 +75,19 @@ class TaskDefinition:
                 raise TaskError(f"task {self.name}: the {kind} template {template!r} has no {{x}} for the text")
             if kind == "masked-lm" and "{mask}" not in template:
                 raise TaskError(f"task {self.name}: the masked-lm template {template!r} has no {{mask}}")
+            if kind != "masked-lm" and "{mask}" in template:
+                raise TaskError(f"task {self.name}: the {kind} template {template!r} holds {{mask}}, which only "
+                                "masked-lm templates may")
         for kind, words in self.label_words.items():
-            _check_kind(self.name, kind)
+            _check_kind(self.name, kind, LM_KINDS)
             if len(words) != len(self.labels):
                 raise TaskError(
                     f"task {self.name}: {len(words)} {kind} label words for {len(self.labels)} labels")
+            if any(not isinstance(w, str) or not w.strip() for w in words):
+                raise TaskError(f"task {self.name}: {kind} label words must be non-empty strings, got {list(words)}")
         if self.verbalizers and len(self.verbalizers) != len(self.labels):
-            raise TaskError(f"task {self.name}: {len(self.verbalizers)} verbalizer groups for {len(self.labels)} labels")
+            raise TaskError(f"task {self.name}: {len(self.verbalizers)} verbalizer groups for "
+                            f"{len(self.labels)} labels")
         if any(not group or not all(s.strip() for s in group) for group in self.verbalizers):
             raise TaskError(f"task {self.name}: every label needs at least one non-empty verbalization")
 
@@ -64,15 +103,27 @@ class TaskDefinition:
             return "{x}"
         raise TaskError(f"task {self.name} has no template for {kind} backbones; add one to the task file")
 
-    def label_words_for(self, kind: str) -> tuple[str, ...]:
+    def head_spec(self, kind: str) -> HeadSpec:
+        """Label words for the LM kinds, verbalizations for the sentence-encoder kind."""
+        if kind == "sentence-encoder":
+            if not self.verbalizers:
+                raise TaskError(f"task {self.name} has no verbalizers, which sentence-encoder backbones need")
+            return Verbalizations(self.verbalizers)
         if kind not in self.label_words:
             raise TaskError(f"task {self.name} has no label words for {kind} backbones; add them to the task file")
-        return self.label_words[kind]
+        return LabelWords(self.label_words[kind])
 
-    def verbalizers_or_fail(self) -> tuple[tuple[str, ...], ...]:
-        if not self.verbalizers:
-            raise TaskError(f"task {self.name} has no verbalizers, which sentence-encoder backbones need")
-        return self.verbalizers
+    def prompting(self, kind: str, mask_token: str | None = None) -> Prompting:
+        """What a backbone of `kind` is given for this task. mask_token: the masked-LM tokenizer's mask token."""
+        _check_kind(self.name, kind)
+        template = self.template_for(kind)
+        if "{mask}" in template:
+            if not mask_token:
+                raise TaskError(f"task {self.name}: the {kind} template needs a mask token; the tokenizer has none")
+            template = template.replace("{mask}", mask_token)
+        if kind in GENERATING_KINDS:
+            template = template.rstrip()  # the label word brings its own leading space
+        return Prompting(template, self.head_spec(kind))
 
     def label_index(self, value: Any) -> int:
         """Index of a label given by name or by 0-based index; raises TaskError for an unknown label."""
@@ -97,8 +148,10 @@ class TaskDefinition:
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> "TaskDefinition":
-        """Build from the user-file format (see README): `template` and `label_words` may be given once for every
-        kind or per kind; `verbalizers` may be one sentence or a list of sentences per label."""
+        """Build from the user-file format (see README). `template` may be one string or a mapping kind ->
+        template; one string holding {mask} is the masked-lm template, one without it serves the generating kinds
+        (causal-lm, encoder-decoder). `label_words` may be one list for every LM kind or a mapping kind -> list;
+        `verbalizers` may be one sentence or a list of sentences per label."""
         unknown = set(spec) - {"name", "labels", "template", "label_words", "verbalizers", "metric"}
         if unknown:
             raise TaskError(f"unknown task field(s) {sorted(unknown)}; valid: name, labels, template, label_words, "
@@ -107,62 +160,79 @@ class TaskDefinition:
             if required not in spec:
                 raise TaskError(f"task definition lacks {required!r}")
         template = spec.get("template", {})
-        templates = ({kind: template for kind in ("masked-lm", "causal-lm")}
-                     if isinstance(template, str) else dict(template))
-        if isinstance(template, str) and "{mask}" not in template:
-            templates.pop("masked-lm")
+        if isinstance(template, str):
+            templates = ({"masked-lm": template} if "{mask}" in template
+                         else {kind: template for kind in GENERATING_KINDS})
+        elif isinstance(template, Mapping):
+            templates = {str(k): v for k, v in template.items()}
+        else:
+            raise TaskError("template must be a string or a mapping of backbone kind to string")
+        if any(not isinstance(t, str) for t in templates.values()):
+            raise TaskError("every template must be a string")
         words = spec.get("label_words", {})
-        label_words = ({kind: tuple(words) for kind in ("masked-lm", "causal-lm")}
-                       if isinstance(words, (list, tuple)) else {k: tuple(v) for k, v in dict(words).items()})
+        if isinstance(words, (list, tuple)):
+            label_words = {kind: tuple(words) for kind in LM_KINDS}
+        elif isinstance(words, Mapping):
+            label_words = {str(k): tuple(v) for k, v in words.items()}
+        else:
+            raise TaskError("label_words must be a list or a mapping of backbone kind to list")
         verbalizers = tuple((g,) if isinstance(g, str) else tuple(g) for g in spec.get("verbalizers", ()))
         return cls(name=str(spec["name"]), labels=tuple(str(x) for x in spec["labels"]), templates=templates,
                    label_words=label_words, verbalizers=verbalizers, metric=str(spec.get("metric", "accuracy")))
 
 
-def _check_kind(task: str, kind: str) -> None:
-    if kind not in BACKBONE_KINDS:
-        raise TaskError(f"task {task}: backbone kind {kind!r} is not one of {', '.join(BACKBONE_KINDS)}")
+def _check_kind(task: str, kind: str, allowed: tuple[str, ...] = KINDS) -> None:
+    if kind not in allowed:
+        raise TaskError(f"task {task}: backbone kind {kind!r} is not one of {', '.join(allowed)}")
 
 
-def _sentiment(name: str, labels: tuple[str, ...], words: tuple[str, ...], options: str) -> TaskDefinition:
+def _reference(name: str, labels: tuple[str, ...], *, mlm: str, mlm_words: tuple[str, ...], generate: str,
+               generate_words: tuple[str, ...], verbalizers: tuple[tuple[str, ...], ...],
+               metric: str = "accuracy") -> TaskDefinition:
+    """A task with the reference code's prompts: `mlm` for masked LMs (RoBERTa scripts), `generate` for causal LMs
+    and encoder-decoders (the Llama and T5 scripts use the same strings)."""
     return TaskDefinition(
-        name=name, labels=labels,
-        templates={"masked-lm": "{x} It was{mask}.",
-                   "causal-lm": f"What is the sentiment of the sentence '{{x}}'? Print {options}. The answer is"},
-        label_words={"masked-lm": words, "causal-lm": tuple(options.replace(" or ", ", ").split(", "))},
-        verbalizers=tuple((f"It was {w}.",) for w in words))
+        name=name, labels=labels, metric=metric,
+        templates={"masked-lm": mlm, "causal-lm": generate, "encoder-decoder": generate},
+        label_words={"masked-lm": mlm_words, "causal-lm": generate_words, "encoder-decoder": generate_words},
+        verbalizers=verbalizers)
+
+
+def _sentiment(name: str, labels: tuple[str, ...], mlm_words: tuple[str, ...],
+               words: tuple[str, ...]) -> TaskDefinition:
+    options = ", ".join(words[:-1]) + " or " + words[-1]
+    return _reference(name, labels, mlm="{x} It was{mask}.", mlm_words=mlm_words,
+                      generate=f"What is the sentiment of the sentence '{{x}}'? Print {options}. The answer is ",
+                      generate_words=words, verbalizers=tuple((f"It was {w}.",) for w in mlm_words))
 
 
 _BINARY = ("negative", "positive")
+_TREC = ("Description", "Entity", "Expression", "Human", "Location", "Number")
 BUILTIN_TASKS: dict[str, TaskDefinition] = {
-    "sst2": _sentiment("sst2", _BINARY, ("terrible", "great"), "negative or positive"),
-    "mr": _sentiment("mr", _BINARY, ("terrible", "great"), "negative or positive"),
-    "cr": _sentiment("cr", _BINARY, ("terrible", "great"), "negative or positive"),
-    "mpqa": _sentiment("mpqa", _BINARY, ("terrible", "great"), "negative or positive"),
+    "sst2": _sentiment("sst2", _BINARY, ("terrible", "great"), _BINARY),
+    "mr": _sentiment("mr", _BINARY, ("terrible", "great"), _BINARY),
+    "cr": _sentiment("cr", _BINARY, ("terrible", "great"), _BINARY),
+    "mpqa": _sentiment("mpqa", _BINARY, ("terrible", "great"), _BINARY),
     "sst5": _sentiment("sst5", ("very negative", "negative", "neutral", "positive", "very positive"),
-                       ("terrible", "bad", "okay", "good", "great"), "terrible, bad, okay, good or great"),
-    "subj": TaskDefinition(
-        name="subj", labels=("subjective", "objective"),
-        templates={"masked-lm": "{x} This is{mask}.",
-                   "causal-lm": "Is the sentence '{x}' subjective or objective? The answer is"},
-        label_words={"masked-lm": ("subjective", "objective"), "causal-lm": ("subjective", "objective")},
+                       ("terrible", "bad", "okay", "good", "great"), ("terrible", "bad", "okay", "good", "great")),
+    "subj": _reference(
+        "subj", ("subjective", "objective"), mlm="{x} This is{mask}.", mlm_words=("subjective", "objective"),
+        generate="What is the subjectivity of the sentence '{x}'? Print subjective or objective. The answer is ",
+        generate_words=("subjective", "objective"),
         verbalizers=(("This is subjective.",), ("This is objective.",))),
-    "trec": TaskDefinition(
-        name="trec", labels=("description", "entity", "expression", "human", "location", "number"),
-        templates={"masked-lm": "{mask}:{x}",
-                   "causal-lm": "What kind of answer does the question '{x}' ask for: description, entity, "
-                                "expression, human, location or number? The answer is"},
-        label_words={"masked-lm": ("Description", "Entity", "Expression", "Human", "Location", "Number"),
-                     "causal-lm": ("description", "entity", "expression", "human", "location", "number")},
+    "trec": _reference(
+        "trec", ("description", "entity", "expression", "human", "location", "number"), mlm="{mask}:{x}",
+        mlm_words=_TREC, generate="Print the category for the sentence '{x}': Description, Entity, Expression, "
+                                  "Human, Location or Number. The answer is",
+        generate_words=_TREC,
         verbalizers=(("This asks for a description.",), ("This asks for an entity.",),
                      ("This asks for an expression.",), ("This asks for a person.",),
                      ("This asks for a location.",), ("This asks for a number.",))),
-    "cola": TaskDefinition(
-        name="cola", labels=("unacceptable", "acceptable"), metric="mcc",
-        templates={"masked-lm": "{x} This is{mask}.",
-                   "causal-lm": "Is the sentence '{x}' grammatically correct or incorrect? The answer is"},
-        label_words={"masked-lm": ("incorrect", "correct"), "causal-lm": ("incorrect", "correct")},
-        verbalizers=(("This is incorrect.",), ("This is correct.",))),
+    "cola": _reference(
+        "cola", ("unacceptable", "acceptable"), metric="mcc", mlm="{x} This is{mask}.",
+        mlm_words=("incorrect", "correct"),
+        generate="Is the sentence '{x}' grammatically acceptable? Print no or yes. The answer is ",
+        generate_words=("no", "yes"), verbalizers=(("This is incorrect.",), ("This is correct.",))),
 }
 
 

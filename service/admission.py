@@ -107,7 +107,7 @@ def validate_prompts(engine: Engine, texts: list[str]) -> None:
         if not group:
             return
         try:
-            engine.backbone.check_prompts(group, engine.task)
+            engine.check_texts(group)
         except InputError as exc:
             raise InputError(_renumbered(str(exc), start)) from None
         start += len(group)
@@ -121,7 +121,7 @@ def check_prefix(engine: Engine, index: int, text: str) -> None:
     cut = text.rfind(" ", 0, backbone.max_tokens * PREFIX_CHARS_PER_TOKEN)
     if len(text) <= backbone.max_tokens * PREFIX_CHARS_PER_TOKEN or cut <= 0:
         return
-    tokens = backbone.token_counts([text[:cut]], engine.task)[0]
+    tokens = backbone.token_counts(engine.prompting.prompts([text[:cut]]))[0]
     if tokens > backbone.max_tokens:
         raise InputError(f"text {index} is over {tokens} tokens with its prompt (its first {cut} characters already "
                          f"are); the limit is {backbone.max_tokens}")

@@ -187,7 +187,7 @@ class Client:
         b, lim = r.backbone, r.limits
         return ServerInfo(
             {"source": b.source, "kind": b.kind, "num_layers": b.num_layers, "fingerprint": b.fingerprint,
-             "dtype": b.dtype},
+             "dtype": b.dtype, "runtime": b.runtime, "precision": b.precision},
             tuple(TaskInfo(t.name, tuple(t.labels), t.store_version, t.store_path, json.loads(t.manifest_json))
                   for t in r.tasks),
             {"max_texts": lim.max_texts, "max_text_bytes": lim.max_text_bytes, "max_batch": lim.max_batch,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raee.errors import InputError
+from raee.runtime import PRECISIONS, RUNTIMES
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464
@@ -32,6 +33,11 @@ class ServerConfig:
     # listener closes (at most grace_s), so probes and clients see the shutdown instead of a refused connection
     device: str = "cpu"  # cpu, cuda or cuda:N
     backbone: str | None = None  # backbone checkpoint; default: the source the stores' manifests name
+    runtime: str = "auto"  # auto (onnxruntime on the CPU where the family exports, else torch), torch, onnxruntime
+    precision: str | None = None  # fp32 or int8 (onnxruntime); default: the precision the stores were built at
+    allow_precision_mismatch: bool = False  # serve stores built at another precision (exits may differ), warning
+    threads: int = 0  # threads for torch, onnxruntime and FAISS; 0 = the container's CPU quota
+    cache_dir: str | None = None  # where onnxruntime exports live (default RAEE_CACHE_DIR or ~/.cache/raee)
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS
     tls_key: str | None = None  # PEM private key
     admin: bool = False  # serve ReloadStore; needs admin_port or admin_token_file, so that no client can reload
@@ -58,6 +64,12 @@ class ServerConfig:
                                  f"{getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InputError("TLS needs both tls_cert and tls_key")
+        if self.runtime not in RUNTIMES:
+            raise InputError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise InputError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.threads < 0:
+            raise InputError(f"threads must be 0 (the CPU quota) or more, got {self.threads}")
         if self.admin and self.admin_port < 0 and not self.admin_token_file:
             raise InputError("admin: true would let any client reload stores; also set admin_port (a listener on "
                              "admin_host, 127.0.0.1 by default) or admin_token_file (a token clients must send)")

@@ -64,7 +64,8 @@ def info_response(registry: StoreRegistry, config: ServerConfig) -> pb.GetInfoRe
     c = config
     return pb.GetInfoResponse(
         backbone=pb.BackboneInfo(source=b["source"], kind=b["kind"], num_layers=b["num_layers"],
-                                 fingerprint=b["fingerprint"], dtype=b["dtype"]),
+                                 fingerprint=b["fingerprint"], dtype=b["dtype"], runtime=b["runtime"],
+                                 precision=b["precision"]),
         tasks=[pb.TaskInfo(name=e.task.name, labels=list(e.task.labels), store_version=e.store.version,
                            store_path=str(e.store.path), manifest_json=json.dumps(e.store.manifest.to_dict()))
                for e in registry.engines()],

@@ -19,8 +19,9 @@ class UnknownTask(InputError):
 
 
 class StoreRegistry:
-    def __init__(self, backbone: Backbone, device: str = "cpu") -> None:
+    def __init__(self, backbone: Backbone, device: str = "cpu", allow_precision_mismatch: bool = False) -> None:
         self.backbone, self.device = backbone, device
+        self.allow_precision_mismatch = allow_precision_mismatch
         self._engines: dict[str, Engine] = {}
         self._embedders: dict[str, Embedder] = {}
         self._lock = threading.Lock()  # guards _engines
@@ -40,7 +41,7 @@ class StoreRegistry:
             if source not in self._embedders:
                 self._embedders[source] = Embedder(source, device=self.device)
             embedder = self._embedders[source]
-        engine = Engine(store, self.backbone, embedder)
+        engine = Engine(store, self.backbone, embedder, self.allow_precision_mismatch)
         if check is not None:
             check()
         try:  # the first call also allocates, dispatches and fills caches: better here than on a request

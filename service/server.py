@@ -23,8 +23,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from raee.backbones import Backbone, load_backbone
+from raee import cache
+from raee.backbones import Backbone
+from raee.engine import load_backbone_for
 from raee.errors import RaeeError
+from raee.runtime import configure_threads
 from raee.store import load_store
 from service.admission import Admission
 from service.batcher import MicroBatcher
@@ -49,6 +52,8 @@ class RaeeServer:
     def __init__(self, config: ServerConfig, backbone: Backbone | Callable[[], Backbone] | None = None) -> None:
         """backbone: a loaded backbone, a function that loads one, or None to load what the stores name."""
         self.config = config
+        cache.use(config.cache_dir)
+        configure_threads(config.threads or None)
         self.metrics = ServerMetrics()
         token = read_token(config.admin_token_file) if config.admin_token_file else None
         self.admission = Admission(config, ThreadPoolExecutor(VALIDATION_THREADS, thread_name_prefix="raee-validate"))
@@ -142,7 +147,7 @@ class RaeeServer:
                 backbone = self._backbone
             else:
                 backbone = (self._backbone or self._load_backbone)()
-            registry = StoreRegistry(backbone, self.config.device)
+            registry = StoreRegistry(backbone, self.config.device, self.config.allow_precision_mismatch)
             for store in self.config.stores:
                 registry.add(store)  # verified and warmed on one query
             self.batcher = MicroBatcher(self.config.max_batch, self.config.max_wait_ms, self.config.max_queue,
@@ -163,9 +168,10 @@ class RaeeServer:
             self.loaded.set()
 
     def _load_backbone(self) -> Backbone:
-        built = load_store(self.config.stores[0]).manifest.backbone
-        return load_backbone(self.config.backbone or built.source, kind=built.kind, device=self.config.device,
-                             dtype=built.dtype, **built.settings)
+        c = self.config
+        return load_backbone_for(load_store(c.stores[0]).manifest, source=c.backbone, device=c.device,
+                                 runtime=c.runtime, precision=c.precision,
+                                 allow_precision_mismatch=c.allow_precision_mismatch)
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):

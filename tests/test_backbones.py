@@ -1,7 +1,10 @@
-"""Every backbone kind: truncated passes equal the full pass, layers past the exit never run, and a batch with mixed
-exits answers exactly as one row at a time."""
+"""Every supported family: truncated passes equal the model's own pass at every layer, layers past the exit never
+run, a batch with mixed exits answers exactly as one row at a time, and the head at full depth equals the model's
+own logits."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -9,48 +12,67 @@ import torch
 from raee.backbones import mean_pool
 from raee.errors import InputError
 from raee.tasks import BUILTIN_TASKS
-from tests.conftest import synthetic_texts
+from tests.tiny import synthetic_texts, tiny_backbone
 
 TASK = BUILTIN_TASKS["sst2"]
 TEXTS = [t for t, _ in synthetic_texts(6, seed=3)]
 
 
-def full_pass_hidden_states(backbone, texts):
-    """The model's own forward with output_hidden_states: the slow obvious reference."""
-    enc = backbone.tokenizer([backbone.prompt(t, TASK) for t in texts], padding=True, return_tensors="pt")
+def prompts(backbone, texts=TEXTS):
+    return TASK.prompting(backbone.kind, backbone.mask_token).prompts(texts)
+
+
+def head(backbone):
+    return backbone.head(TASK.prompting(backbone.kind, backbone.mask_token).head)
+
+
+def model_inputs(backbone, texts=TEXTS):
+    """The padded batch, tokenized by the tokenizer itself (not by the backbone)."""
+    enc = backbone.tokenizer(prompts(backbone, texts), padding=True, return_tensors="pt",
+                             add_special_tokens=backbone.add_special_tokens)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def own_hidden_states(backbone, texts=TEXTS):
+    """The model's own forward with output_hidden_states, aligned with raee's layers: the slow obvious reference.
+    For an encoder-decoder: the encoder's states, then the decoder's states at the first step."""
+    input_ids, mask = model_inputs(backbone, texts)
     with torch.no_grad():
-        out = backbone.base(**enc, output_hidden_states=True)
-    return out.hidden_states, enc["attention_mask"]
+        if backbone.kind == "encoder-decoder":
+            start = torch.zeros((len(texts), 1), dtype=torch.long)
+            out = backbone.model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=start,
+                                 output_hidden_states=True)
+            return [*out.encoder_hidden_states, *out.decoder_hidden_states[1:]], mask
+        return backbone.base(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states, mask
 
 
-@pytest.mark.parametrize("layer", [0, 1, 2, 3])
-def test_truncated_pass_equals_full_pass_hidden_state(backbone, layer):
-    reference, mask = full_pass_hidden_states(backbone, TEXTS)
-    fwd = backbone.start(TEXTS, TASK)
-    for _ in range(layer):
-        fwd.advance()
-    ours = fwd.hidden
-    if layer == backbone.num_layers and backbone.kind == "causal-lm":
+def test_truncated_state_equals_the_models_own_hidden_state_at_every_layer(backbone):
+    reference, mask = own_hidden_states(backbone)
+    fwd = backbone.start(prompts(backbone))
+    for layer in range(backbone.num_layers + 1):
+        ours = fwd.hidden
         with torch.inference_mode():
-            ours = backbone.final_norm(ours)  # the model reports its last state after the final norm
-    real = mask.bool()
-    torch.testing.assert_close(ours[real], reference[layer][real], atol=1e-5, rtol=1e-4)
+            if backbone.kind == "encoder-decoder" and layer in (backbone.num_encoder_layers, backbone.num_layers):
+                stack = backbone.model.encoder if layer == backbone.num_encoder_layers else backbone.model.decoder
+                ours = stack.final_layer_norm(ours)  # the model reports each stack's output normed
+            elif layer == backbone.num_layers:
+                ours = backbone.family.finalize(ours)  # a decoder reports its last state after its final norm
+        real = mask.bool() if ours.shape[1] == mask.shape[1] else torch.ones(ours.shape[:2], dtype=torch.bool)
+        torch.testing.assert_close(ours[real], reference[layer][real], atol=1e-5, rtol=1e-4)
+        if layer < backbone.num_layers:
+            fwd.advance()
 
 
 class LayerCallCounter:
-    """Counts, per layer, how many rows each call of the layer carried. Warms the backbone first: the
-    sentence-encoder kind runs its label verbalizations once, on first use, and caches them."""
+    """Counts, per layer, how many rows each call of the layer carried."""
 
-    def __init__(self, layers, backbone=None):
-        if backbone is not None:
-            backbone.finish(backbone.start(TEXTS[:1], TASK), torch.tensor([0]), TASK)
+    def __init__(self, layers):
         self.rows = [0] * len(layers)
         self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)]
 
     def _hook(self, i):
         def hook(_module, args, _output):
-            hidden = args[0] if args else None
-            self.rows[i] += hidden.shape[0] if hidden is not None else 1
+            self.rows[i] += args[0].shape[0]
         return hook
 
     def remove(self):
@@ -58,22 +80,25 @@ class LayerCallCounter:
             h.remove()
 
 
-@pytest.mark.parametrize("exit_layer", [0, 1, 2])
+@pytest.mark.parametrize("exit_layer", [0, 1, 2, "last"])
 def test_layers_past_the_exit_never_run(backbone, exit_layer):
-    counter = LayerCallCounter(backbone.layers, backbone)
+    exit_layer = backbone.num_layers if exit_layer == "last" else exit_layer
+    the_head = head(backbone)  # made before counting: a sentence encoder runs its verbalizations once, cached
+    counter = LayerCallCounter(backbone.layers)
     try:
-        fwd = backbone.start(TEXTS, TASK)
-        backbone.finish(fwd, torch.full((len(TEXTS),), exit_layer), TASK)
+        backbone.finish(backbone.start(prompts(backbone)), torch.full((len(TEXTS),), exit_layer), the_head)
     finally:
         counter.remove()
     assert counter.rows == [len(TEXTS) if i < exit_layer else 0 for i in range(backbone.num_layers)]
 
 
 def test_rows_leave_the_batch_at_their_own_exit(backbone):
-    exits = torch.tensor([0, 3, 1, 2, 1, 3])
-    counter = LayerCallCounter(backbone.layers, backbone)
+    last = backbone.num_layers
+    exits = torch.tensor([0, last, 1, 2, 1, last])
+    the_head = head(backbone)
+    counter = LayerCallCounter(backbone.layers)
     try:
-        backbone.finish(backbone.start(TEXTS, TASK), exits, TASK)
+        backbone.finish(backbone.start(prompts(backbone)), exits, the_head)
     finally:
         counter.remove()
     # layer i (1-based i+1) runs exactly the rows whose exit is past it
@@ -81,70 +106,103 @@ def test_rows_leave_the_batch_at_their_own_exit(backbone):
 
 
 def test_mixed_exit_batch_answers_as_one_row_at_a_time(backbone):
-    exits = torch.tensor([2, 0, 3, 1, 3, 2])
-    batched = backbone.finish(backbone.start(TEXTS, TASK), exits, TASK)
+    last = backbone.num_layers
+    exits = torch.tensor([2, 0, last, 1, last - 1, 2])
+    batched = backbone.finish(backbone.start(prompts(backbone)), exits, head(backbone))
     for i, text in enumerate(TEXTS):
-        alone = backbone.finish(backbone.start([text], TASK), exits[i:i + 1], TASK)
+        alone = backbone.finish(backbone.start(prompts(backbone, [text])), exits[i:i + 1], head(backbone))
         torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-4)
         assert int(batched[i].argmax()) == int(alone[0].argmax())
 
 
 def test_all_layers_agrees_with_truncated_passes(backbone):
-    every = backbone.all_layers(TEXTS, TASK, pooled_layers=(1,))
+    every = backbone.all_layers(prompts(backbone), head(backbone), pooled_layers=(1,))
     assert every.label_logits.shape == (len(TEXTS), backbone.num_layers + 1, 2)
     for layer in range(backbone.num_layers + 1):
-        truncated = backbone.finish(backbone.start(TEXTS, TASK), torch.full((len(TEXTS),), layer), TASK)
+        truncated = backbone.finish(backbone.start(prompts(backbone)), torch.full((len(TEXTS),), layer),
+                                    head(backbone))
         torch.testing.assert_close(torch.from_numpy(every.label_logits[:, layer]), truncated, atol=1e-5, rtol=1e-4)
-    fwd = backbone.start(TEXTS, TASK)
+    fwd = backbone.start(prompts(backbone))
     fwd.advance()
     torch.testing.assert_close(torch.from_numpy(every.pooled[1]), mean_pool(fwd.hidden, fwd.attention_mask))
 
 
+def test_label_logits_at_the_last_layer_equal_the_models_own_logits(backbone):
+    """The head reading (label-word rows only) against the model's full forward and full-vocabulary logits (for
+    Gemma-2, soft-capped; for T5, rescaled and read at the decoder's first step)."""
+    if backbone.kind == "sentence-encoder":
+        pytest.skip("a sentence encoder has no LM head; its pooling is checked against sentence-transformers")
+    input_ids, mask = model_inputs(backbone)
+    call = {"input_ids": input_ids, "attention_mask": mask}
+    if backbone.kind == "encoder-decoder":
+        call["decoder_input_ids"] = torch.zeros((len(TEXTS), 1), dtype=torch.long)
+    with torch.no_grad():
+        logits = backbone.model(**call).logits  # (B, T, V)
+    if backbone.kind == "masked-lm":
+        positions = (input_ids == backbone.tokenizer.mask_token_id).int().argmax(dim=1)
+    elif backbone.kind == "causal-lm":
+        positions = mask.sum(dim=1) - 1
+    else:
+        positions = torch.zeros(len(TEXTS), dtype=torch.long)
+    the_head = head(backbone)
+    expected = logits[torch.arange(len(TEXTS)), positions][:, the_head.ids]
+    ours = backbone.finish(backbone.start(prompts(backbone)), torch.full((len(TEXTS),), backbone.num_layers),
+                           the_head)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_vocabulary_top2_at_every_layer(backbone):
+    every = backbone.all_layers(prompts(backbone), head(backbone), with_vocab_top2=True)
+    if backbone.kind == "sentence-encoder":
+        assert every.vocab_top2 is None
+        return
+    assert every.vocab_top2.shape == (len(TEXTS), backbone.num_layers + 1, 2)
+    assert (every.vocab_top2[..., 0] >= every.vocab_top2[..., 1]).all() and (every.vocab_top2 <= 1).all()
+
+
 def test_masked_lm_reads_the_mask_position():
-    from tests.conftest import tiny_backbone
     backbone = tiny_backbone("bert-mlm")
-    fwd = backbone.start(["good film"], TASK)
-    ids = backbone.tokenizer(backbone.prompt("good film", TASK))["input_ids"]
+    fwd = backbone.start(prompts(backbone, ["good film"]))
+    ids = backbone.tokenizer(prompts(backbone, ["good film"])[0])["input_ids"]
     assert int(fwd.answer_positions[0]) == ids.index(backbone.tokenizer.mask_token_id)
 
 
-def test_causal_prompt_ends_on_a_word_not_a_space():
-    from tests.conftest import tiny_backbone
-    backbone = tiny_backbone("llama")
-    assert backbone.prompt("good film", TASK).endswith("The answer is")
-
-
 @pytest.mark.parametrize("texts, message", [([], "no texts"), (["good", "  "], "text 1 is empty"),
-                                            (["good " * 100], "tokens")])
+                                            (["good " * 3000], "characters")])
 def test_bad_texts_are_refused_with_a_reason(encoder_backbone, texts, message):
     with pytest.raises(InputError, match=message):
-        encoder_backbone.start(texts, TASK)
+        encoder_backbone.check_texts(texts)
+
+
+def test_over_long_prompts_are_refused_with_a_reason(encoder_backbone):
+    with pytest.raises(InputError, match="text 1 is .* tokens"):
+        encoder_backbone.start(["good", "good " * 100])
 
 
 def test_exit_layers_out_of_range_are_refused(encoder_backbone):
-    fwd = encoder_backbone.start(TEXTS[:2], TASK)
+    fwd = encoder_backbone.start(["good film", "bad plot"])
     with pytest.raises(InputError):
-        encoder_backbone.finish(fwd, torch.tensor([1, 9]), TASK)
+        encoder_backbone.finish(fwd, torch.tensor([1, 9]), head(encoder_backbone))
     with pytest.raises(InputError):
-        encoder_backbone.finish(fwd, torch.tensor([1]), TASK)
+        encoder_backbone.finish(fwd, torch.tensor([1]), head(encoder_backbone))
 
 
 def test_one_backbone_is_safe_to_share_between_threads():
-    """A server validates requests (token counts) in RPC threads while its batcher tokenizes padded batches; the
-    fast tokenizer's shared padding state once made such batches fail to pad."""
-    import threading
-    from tests.conftest import tiny_backbone
+    """A server validates requests (token counts) in RPC threads while its batcher tokenizes padded batches, with
+    no lock between them: every tokenizer call uses the same settings, so none changes shared state."""
     backbone = tiny_backbone("bert-encoder")
     texts = [t for t, _ in synthetic_texts(40, seed=5)]
+    expected = backbone.all_layers(texts[:5], head(backbone)).label_logits
     errors = []
 
     def hammer(i):
         try:
             for j in range(150):
                 if (i + j) % 2:
-                    backbone.token_counts(texts[j % 40:j % 40 + 3], TASK)
+                    backbone.token_counts(texts[j % 40:j % 40 + 3])
                 else:
-                    backbone.start(texts[j % 40:j % 40 + 5], TASK)
+                    got = backbone.all_layers(texts[:5], head(backbone)).label_logits
+                    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(expected))
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -154,19 +212,3 @@ def test_one_backbone_is_safe_to_share_between_threads():
     for t in threads:
         t.join()
     assert errors == []
-
-
-def test_label_logits_at_the_last_layer_equal_the_models_own_logits(backbone):
-    """The head reading (label-word rows only) against the model's full forward and full vocabulary logits."""
-    if backbone.kind == "sentence-encoder":
-        pytest.skip("a sentence encoder has no LM head")
-    enc = backbone.tokenizer([backbone.prompt(t, TASK) for t in TEXTS], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        logits = backbone.model(**enc).logits  # (B, T, V)
-    if backbone.kind == "masked-lm":
-        positions = (enc["input_ids"] == backbone.tokenizer.mask_token_id).int().argmax(dim=1)
-    else:
-        positions = enc["attention_mask"].sum(dim=1) - 1
-    expected = logits[torch.arange(len(TEXTS)), positions][:, backbone.label_ids(TASK)]
-    ours = backbone.finish(backbone.start(TEXTS, TASK), torch.full((len(TEXTS),), backbone.num_layers), TASK)
-    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)

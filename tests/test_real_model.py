@@ -15,6 +15,7 @@ from raee.engine import Engine
 from raee.keys import KeySpec
 from raee.policy import RaeeConfig
 from raee.tasks import BUILTIN_TASKS
+from tests.tiny import all_layers
 
 pytestmark = pytest.mark.real_model
 DATA = Path(__file__).resolve().parents[1] / "data" / "sst2"
@@ -48,7 +49,7 @@ def test_real_model_stops_at_each_rows_exit(engine):
             h.remove()
     layers_run = np.array([r.layers_run for r in results])
     assert rows_per_layer == [int((layers_run > i).sum()) for i in range(6)]
-    every = engine.backbone.all_layers(texts, TASK)
+    every = all_layers(engine.backbone, TASK, texts)
     expected = every.label_logits[np.arange(len(texts)), [r.exit_layer for r in results]].argmax(axis=1)
     assert [r.label_index for r in results] == expected.tolist()
 
@@ -59,8 +60,19 @@ def test_real_model_truncation_matches_full_hidden_states(engine):
     enc = backbone.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         reference = backbone.base(**enc, output_hidden_states=True).hidden_states
-    fwd = backbone.start(texts, TASK)
+    fwd = backbone.start(texts)
     for layer in range(1, 7):
         fwd.advance()
         real = enc["attention_mask"].bool()
         torch.testing.assert_close(fwd.hidden[real], reference[layer][real], atol=1e-4, rtol=1e-4)
+
+
+def test_the_embedded_default_runs_on_onnxruntime_and_answers_as_torch(engine):
+    """The default runtime on the CPU is onnxruntime; at fp32 its exits and labels are torch's."""
+    assert (engine.backbone.runtime, engine.backbone.precision) == ("onnxruntime", "fp32")
+    assert engine.store.manifest.backbone.runtime == "onnxruntime"
+    texts = [e.text for e in read_examples(DATA / "test.jsonl", TASK, limit=64)]
+    on_torch = Engine(engine.store, load_backbone(runtime="torch")).classify(texts)
+    on_ort = engine.classify(texts)
+    assert [(r.exit_layer, r.label) for r in on_ort] == [(r.exit_layer, r.label) for r in on_torch]
+    np.testing.assert_allclose([r.scores for r in on_ort], [r.scores for r in on_torch], atol=1e-4)

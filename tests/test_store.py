@@ -17,6 +17,7 @@ import pytest
 
 from raee import store as store_module
 from raee import versions as versions_module
+from raee.backbones import MaskedLMBackbone
 from raee.errors import StoreError, StoreMismatchError
 from raee.index import IndexSpec, build_index
 from raee.keys import KeySpec
@@ -25,7 +26,7 @@ from raee.policy import RaeeConfig
 from raee.records import ExitRecords
 from raee.store import check_compatible, load_store, resolve_version, write_store
 from raee.tasks import BUILTIN_TASKS
-from tests.conftest import tiny_backbone
+from tests.tiny import make_tokenizer, tiny_backbone, tiny_model
 
 
 def synthetic_manifest(n=20, layers=3, dim=8, task="sst2") -> StoreManifest:
@@ -198,10 +199,10 @@ def test_a_manifest_that_makes_no_sense_is_refused_as_a_store_error(tmp_path, ch
 
 def test_unknown_optional_sections_are_kept_as_written(tmp_path):
     version = write_store(tmp_path / "s", *random_store_parts())
-    edit_manifest(version, lambda m: m.update(runtime={"note": "from a newer raee"}))
+    edit_manifest(version, lambda m: m.update(calibration_notes={"note": "from a newer raee"}))
     store = load_store(tmp_path / "s")
-    assert store.manifest.extra == {"runtime": {"note": "from a newer raee"}}
-    assert store.manifest.to_dict()["runtime"] == {"note": "from a newer raee"}
+    assert store.manifest.extra == {"calibration_notes": {"note": "from a newer raee"}}
+    assert store.manifest.to_dict()["calibration_notes"] == {"note": "from a newer raee"}
 
 
 @pytest.mark.parametrize("current", ["/etc", "../other/v20260101T000000000000Z", "v1", ""])
@@ -320,9 +321,10 @@ def test_an_unwritable_output_is_one_store_error(tmp_path):
 
 def test_a_store_for_other_weights_is_refused_with_the_difference():
     built_on = tiny_backbone("bert-mlm")
-    other = tiny_backbone("bert-mlm")
+    model = tiny_model("bert-mlm")
     with __import__("torch").no_grad():
-        next(other.model.parameters()).add_(1.0)
+        next(model.parameters()).add_(1.0)
+    other = MaskedLMBackbone(model, make_tokenizer(), source="other weights")
     manifest = dataclasses.replace(synthetic_manifest(), backbone=BackboneIdentity.from_dict(built_on.identity()))
     check_compatible(manifest, built_on)
     with pytest.raises(StoreMismatchError, match="backbone fingerprint"):

@@ -8,19 +8,44 @@ import pytest
 
 from raee.data import read_examples
 from raee.errors import DataError, TaskError
-from raee.tasks import BUILTIN_TASKS, TaskDefinition, load_task
+from raee.tasks import BUILTIN_TASKS, LabelWords, TaskDefinition, Verbalizations, load_task
 
 
 def test_eight_builtin_tasks_with_every_kind():
     assert set(BUILTIN_TASKS) == {"sst2", "sst5", "mr", "cr", "mpqa", "subj", "trec", "cola"}
     for task in BUILTIN_TASKS.values():
-        for kind in ("masked-lm", "causal-lm"):
-            assert len(task.label_words_for(kind)) == task.num_labels
+        for kind in ("masked-lm", "causal-lm", "encoder-decoder"):
+            assert len(task.head_spec(kind).words) == task.num_labels
             assert "{x}" in task.template_for(kind)
-        assert len(task.verbalizers_or_fail()) == task.num_labels
+        assert len(task.head_spec("sentence-encoder").groups) == task.num_labels
     assert BUILTIN_TASKS["cola"].metric == "mcc"
     assert BUILTIN_TASKS["sst2"].template_for("masked-lm") == "{x} It was{mask}."
     assert BUILTIN_TASKS["trec"].template_for("masked-lm") == "{mask}:{x}"
+
+
+def test_generating_kinds_use_the_reference_code_strings():
+    """The RAEE reference scripts' Llama and T5 prompts (the same strings for both), whitespace-stripped at the end
+    because each label word is read as its own space-prefixed token."""
+    cola = BUILTIN_TASKS["cola"].prompting("causal-lm")
+    assert cola.template == "Is the sentence '{x}' grammatically acceptable? Print no or yes. The answer is"
+    assert cola.head == LabelWords(("no", "yes"))
+    trec = BUILTIN_TASKS["trec"].prompting("encoder-decoder")
+    assert trec.template.startswith("Print the category for the sentence '{x}': Description, Entity")
+    assert trec.head.words == ("Description", "Entity", "Expression", "Human", "Location", "Number")
+    assert BUILTIN_TASKS["subj"].prompting("causal-lm").template == (
+        "What is the subjectivity of the sentence '{x}'? Print subjective or objective. The answer is")
+    assert BUILTIN_TASKS["sst5"].prompting("encoder-decoder").template == (
+        "What is the sentiment of the sentence '{x}'? Print terrible, bad, okay, good or great. The answer is")
+
+
+def test_prompting_fills_the_mask_and_gives_the_head_spec():
+    prompting = BUILTIN_TASKS["sst2"].prompting("masked-lm", "<mask>")
+    assert prompting.prompts(["a fine film"]) == ["a fine film It was<mask>."]
+    assert prompting.head == LabelWords(("terrible", "great"))
+    encoder = BUILTIN_TASKS["sst2"].prompting("sentence-encoder")
+    assert encoder.prompts(["a fine film"]) == ["a fine film"] and isinstance(encoder.head, Verbalizations)
+    with pytest.raises(TaskError, match="needs a mask token"):
+        BUILTIN_TASKS["sst2"].prompting("masked-lm")
 
 
 def test_task_round_trips_through_its_dict():
@@ -35,7 +60,8 @@ def test_user_task_from_yaml(tmp_path):
                     "['This is spam.', 'This is an advert.']]\nmetric: mcc\n")
     task = load_task(path)
     assert task.labels == ("ham", "spam") and task.metric == "mcc"
-    assert task.label_words_for("masked-lm") == ("fine", "spam") == task.label_words_for("causal-lm")
+    assert set(task.templates) == {"masked-lm"}  # one template holding {mask}: the masked-lm one
+    assert task.head_spec("masked-lm") == LabelWords(("fine", "spam")) == task.head_spec("causal-lm")
     assert task.verbalizers[1] == ("This is spam.", "This is an advert.")
 
 
@@ -48,12 +74,23 @@ def test_user_task_from_json_with_per_kind_templates(tmp_path):
     assert load_task(path).template_for("causal-lm") == "Q: {x} A:"
 
 
+def test_one_template_without_a_mask_serves_the_generating_kinds(tmp_path):
+    """The README's task-file example style, as one string: it must not reach a causal LM with a {mask} in it."""
+    task = TaskDefinition.from_dict({"name": "q", "labels": ["no", "yes"], "template": "Q: {x} A:",
+                                     "label_words": ["no", "yes"]})
+    assert set(task.templates) == {"causal-lm", "encoder-decoder"}
+    with pytest.raises(TaskError, match="no template for masked-lm"):
+        task.prompting("masked-lm", "[MASK]")
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"name": "a", "labels": ["x"]}, "at least two"),
     ({"name": "a", "labels": ["x", "y"], "metric": "f1"}, "metric"),
     ({"name": "a", "labels": ["x", "y"], "template": "no slot"}, "no {x}"),
     ({"name": "a", "labels": ["x", "y"], "label_words": ["one"]}, "1 masked-lm label words for 2"),
     ({"name": "a", "labels": ["x", "y"], "colour": "red"}, "unknown task field"),
+    ({"name": "a", "labels": ["x", "y"], "template": {"causal-lm": "{x} is{mask}"}}, "only masked-lm"),
+    ({"name": "a", "labels": ["x", "y"], "template": {"rnn": "{x}"}}, "kind 'rnn' is not one of"),
 ])
 def test_invalid_task_definitions_say_why(spec, message):
     with pytest.raises(TaskError, match=message):

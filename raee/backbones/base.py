@@ -1,20 +1,27 @@
-"""The backbone interface: label scores at every layer in one pass, and passes that stop at each row's exit layer."""
+"""The backbone interface: label scores at every layer in one pass, and passes that stop at each row's exit layer.
+
+A backbone is a model, its tokenizer and its family adapter, read one way (its *kind*). It takes prompts, not
+tasks: a task gives its prompts and a head spec once (raee.tasks.Prompting), and `head(spec)` turns the spec into
+what the kind reads (label token ids, verbalization prototypes), cached.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from raee.backbones.layerwise import LayerwiseForward, capture_layer_inputs, find_layer_stack
+from raee.backbones.family import Family, adapter_for
+from raee.backbones.layerwise import LayerwiseForward
 from raee.errors import InputError
-from raee.tasks import TaskDefinition
+from raee.tasks import HeadSpec
 
 # A text longer than this many characters per allowed token is refused before tokenizing (cheap guard).
 MAX_CHARS_PER_TOKEN = 32
@@ -22,61 +29,123 @@ MAX_CHARS_PER_TOKEN = 32
 
 @dataclass
 class LayerPass:
-    """What a full pass over a batch gives: label logits at every layer 0..L and, on request, pooled keys."""
+    """What a full pass over a batch gives: label logits at every layer 0..L and, on request, pooled keys and the
+    full vocabulary distribution's top-2 probabilities."""
 
     label_logits: np.ndarray  # (B, L+1, C) float32
     pooled: dict[int, np.ndarray]  # layer -> (B, H) L2-normalised mean-pooled hidden state
+    vocab_top2: np.ndarray | None = None  # (B, L+1, 2) top-1 and top-2 probability over the whole vocabulary
 
 
 class Backbone(ABC):
-    """A transformer used zero-shot: a prompt, a layer stack, and a head that gives label scores at any layer."""
+    """A transformer used zero-shot: prompts in, a layer stack run layer by layer, label scores at any layer."""
 
-    kind: str = ""
+    kind: ClassVar[str] = ""
+    add_special_tokens: ClassVar[bool] = True  # whether prompts are wrapped in the tokenizer's special tokens
 
-    def __init__(self, model: nn.Module, tokenizer, *, source: str, max_tokens: int | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, *, source: str, max_tokens: int | None = None,
+                 family: Family | None = None, verify: bool = True) -> None:
+        """verify: run the load-time self-check (raee.backbones.selfcheck), refusing an adapter that does not
+        reproduce the model's own hidden states."""
         self.model = model.eval()
-        self.base = getattr(model, getattr(model, "base_model_prefix", ""), model)
-        self.layers = find_layer_stack(self.base)
+        self.family = family if family is not None else adapter_for(self.model)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"  # positions of real tokens then match the unpadded row
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        # A fast tokenizer keeps its padding/truncation settings on one shared Rust object, so concurrent calls
-        # (a server validating requests while its batcher tokenizes a batch) corrupt each other. One lock per backbone.
-        self._tokenizer_lock = threading.Lock()
         self.source = source
         self.max_tokens = max_tokens or _model_max_tokens(model, tokenizer)
         self._fingerprint: str | None = None
+        self._heads: dict[HeadSpec, Any] = {}
+        self._heads_lock = threading.Lock()
+        if verify:
+            from raee.backbones.selfcheck import verify_backbone
+            verify_backbone(self)
 
     # -- what each kind defines ------------------------------------------------------------------------------
     @abstractmethod
-    def label_logits(self, fwd: LayerwiseForward, rows: torch.Tensor, task: TaskDefinition) -> torch.Tensor:
+    def make_head(self, spec: HeadSpec) -> Any:
+        """What label_logits reads for a head spec (label token ids, verbalization prototypes)."""
+
+    @abstractmethod
+    def label_logits(self, fwd: LayerwiseForward, rows: torch.Tensor, head: Any) -> torch.Tensor:
         """Label logits (len(rows), C) for the current rows `rows` (bool or index) of `fwd` at `fwd.layer`."""
 
-    def answer_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def answer_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Token position (B,) the head reads; by default the last real token."""
         return attention_mask.sum(dim=1) - 1
 
-    def prepare(self, task: TaskDefinition) -> None:
-        """Compute what the head needs for a task (label token ids, verbalization states) ahead of traffic."""
+    def vocab_top2(self, fwd: LayerwiseForward) -> torch.Tensor | None:
+        """(B, 2) top-1 and top-2 probability of the full vocabulary softmax at fwd.layer; None if the kind has
+        no vocabulary head."""
+        return None
 
     def settings(self) -> dict:
         """Settings that change the label scores; saved in the store manifest and checked on load."""
         return {}
 
+    @property
+    def mask_token(self) -> str | None:
+        """The token a prompt's {mask} becomes (masked LMs only)."""
+        return None
+
+    def _check_prompt_ids(self, index: int, ids: list[int]) -> None:
+        """Kind-specific checks of one tokenized prompt."""
+
     # -- shared machinery --------------------------------------------------------------------------------------
     @property
+    def base(self) -> nn.Module:
+        return self.family.base
+
+    @property
+    def layers(self) -> Sequence[nn.Module]:
+        return self.family.layers
+
+    @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        return self.family.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the hidden states (and of prefix keys)."""
+        config = self.family.config
+        return int(getattr(config, "hidden_size", None) or config.d_model)
+
+    @property
+    def max_prefix_layer(self) -> int:
+        """The deepest layer a prefix key may pool: one whose state covers the prompt's tokens."""
+        return self.num_layers
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def runtime(self) -> str:
+        return self.family.runtime
+
+    @property
+    def precision(self) -> str:
+        return self.family.precision
+
     def identity(self) -> dict:
-        return {"source": self.source, "kind": self.kind, "num_layers": self.num_layers,
-                "fingerprint": self.fingerprint(), "dtype": str(next(self.model.parameters()).dtype).removeprefix(
-                    "torch."), "settings": self.settings()}
+        return {"source": self.source, "kind": self.kind, "family": self.family.name,
+                "num_layers": self.num_layers, "fingerprint": self.fingerprint(),
+                "dtype": str(self.dtype).removeprefix("torch."), "runtime": self.runtime,
+                "precision": self.precision, "settings": self.settings()}
+
+    def use_family(self, family: Family, verify: bool = True) -> None:
+        """Run on another adapter of the same model (another runtime): self-checked again, heads made again."""
+        self.family = family
+        with self._heads_lock:
+            self._heads.clear()
+        if verify:
+            from raee.backbones.selfcheck import verify_backbone
+            verify_backbone(self)
 
     def fingerprint(self) -> str:
         """Hash of every weight (names, shapes, dtypes, bytes): ties a store to the exact weights it was built on."""
@@ -84,13 +153,14 @@ class Backbone(ABC):
             self._fingerprint = fingerprint_module(self.model)
         return self._fingerprint
 
-    def prompt(self, text: str, task: TaskDefinition) -> str:
-        template = task.template_for(self.kind)
-        if "{mask}" in template:
-            template = template.replace("{mask}", self.tokenizer.mask_token)
-        return template.replace("{x}", text)
+    def head(self, spec: HeadSpec) -> Any:
+        """The kind's reading of a head spec, made once per spec (before traffic, so requests never pay it)."""
+        with self._heads_lock:
+            if spec not in self._heads:
+                self._heads[spec] = self.make_head(spec)
+            return self._heads[spec]
 
-    def check_texts(self, texts: list[str]) -> None:
+    def check_texts(self, texts: Sequence[str]) -> None:
         """Raise InputError for an empty batch, an empty text or one too long to read; name the text's index."""
         if isinstance(texts, (str, bytes)) or not isinstance(texts, (list, tuple)):
             raise InputError(f"texts must be a list of strings, got {type(texts).__name__}")
@@ -103,72 +173,69 @@ class Backbone(ABC):
                 raise InputError(f"text {i} has {len(text)} characters, more than this backbone reads "
                                  f"({self.max_tokens} tokens)")
 
-    def check_prompts(self, texts: list[str], task: TaskDefinition) -> None:
-        """Raise InputError for a text that would fail in a batch: too many tokens with its prompt, or (masked LMs)
-        not exactly one mask token after prompting. Lets a server refuse it before it joins other requests."""
-        self.check_texts(texts)
-        prompts = [self.prompt(t, task) for t in texts]
-        with self._tokenizer_lock:
-            encoded = self.tokenizer(prompts)["input_ids"]
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt, unpadded and untruncated. Every call uses the same tokenizer settings, so the
+        fast tokenizer's shared state never changes and threads can tokenize at once without a lock."""
+        return self.tokenizer(list(prompts), add_special_tokens=self.add_special_tokens)["input_ids"]
+
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenize(prompts)]
+
+    def check_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Raise InputError for a prompt that would fail in a batch: too many tokens, or a kind-specific fault
+        (a masked-LM prompt without exactly one mask). Lets a server refuse it before it joins other requests.
+        Returns the token ids."""
+        encoded = self.tokenize(prompts)
         for i, ids in enumerate(encoded):
             if len(ids) > self.max_tokens:
-                raise InputError(f"text {i} is {len(ids)} tokens with its prompt; the limit is {self.max_tokens}")
+                raise InputError(f"text {i} is {len(ids)} tokens with its prompt; this backbone reads at most "
+                                 f"{self.max_tokens}")
             self._check_prompt_ids(i, ids)
+        return encoded
 
-    def _check_prompt_ids(self, index: int, ids: list[int]) -> None:
-        """Kind-specific checks of one tokenized prompt."""
-
-    def token_counts(self, texts: list[str], task: TaskDefinition) -> list[int]:
-        prompts = [self.prompt(t, task) for t in texts]
-        with self._tokenizer_lock:
-            encoded = self.tokenizer(prompts)["input_ids"]
-        return [len(ids) for ids in encoded]
-
-    @torch.inference_mode()
-    def start(self, texts: list[str], task: TaskDefinition) -> LayerwiseForward:
-        """Embed a batch (layer 0); nothing of the layer stack has run yet."""
-        self.check_texts(texts)
-        with self._tokenizer_lock:
-            enc = self.tokenizer([self.prompt(t, task) for t in texts], padding=True, return_tensors="pt")
-        lengths = enc["attention_mask"].sum(dim=1)
-        too_long = (lengths > self.max_tokens).nonzero().flatten().tolist()
-        if too_long:
-            i = too_long[0]
-            raise InputError(f"text {i} is {int(lengths[i])} tokens with its prompt; this backbone reads at most "
-                             f"{self.max_tokens}")
-        input_ids = enc["input_ids"].to(self.device)
-        mask = enc["attention_mask"].to(self.device)
-        positions = self.answer_positions(input_ids, mask)
-        hidden, args, kwargs = capture_layer_inputs(self.base, self.layers, input_ids, mask)
-        return LayerwiseForward(self.layers, hidden, args, kwargs, mask, positions)
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids (B, T), attention_mask (B, T)) on the backbone's device, right-padded."""
+        encoded = self.check_prompts(prompts)
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, :len(ids)] = 1
+        return input_ids.to(self.device), mask.to(self.device)
 
     @torch.inference_mode()
-    def all_layers(self, texts: list[str], task: TaskDefinition, pooled_layers: tuple[int, ...] = ()) -> LayerPass:
-        """Label logits at every layer 0..L in one pass (for indexing), and pooled states at `pooled_layers`."""
-        fwd = self.start(texts, task)
-        everything = torch.ones(len(texts), dtype=torch.bool, device=self.device)
-        logits, pooled = [], {}
+    def start(self, prompts: Sequence[str]) -> LayerwiseForward:
+        """Embed a batch of prompts (layer 0); nothing of the layer stack has run yet."""
+        if not prompts:
+            raise InputError("no texts given")
+        input_ids, mask = self.encode(prompts)
+        hidden, inputs, carry = self.family.begin(input_ids, mask)
+        return LayerwiseForward(self.family, hidden, inputs, mask, self.answer_positions(input_ids, mask), carry)
+
+    @torch.inference_mode()
+    def all_layers(self, prompts: Sequence[str], head: Any, pooled_layers: tuple[int, ...] = (),
+                   with_vocab_top2: bool = False) -> LayerPass:
+        """Label logits at every layer 0..L in one pass (for indexing), pooled states at `pooled_layers`, and
+        with_vocab_top2 the full-vocabulary top-2 probabilities at every layer (LM kinds)."""
+        fwd = self.start(prompts)
+        everything = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
+        logits, pooled, top2 = [], {}, []
         while True:
-            logits.append(self.label_logits(fwd, everything, task).float())
+            logits.append(self.label_logits(fwd, everything, head).float())
+            if with_vocab_top2:
+                top2.append(self.vocab_top2(fwd))
             if fwd.layer in pooled_layers:
                 pooled[fwd.layer] = mean_pool(fwd.hidden, fwd.attention_mask).cpu().numpy()
             if fwd.layer == self.num_layers:
                 break
             fwd.advance()
-        return LayerPass(torch.stack(logits, dim=1).cpu().numpy(), pooled)
+        vocab = (torch.stack(top2, dim=1).float().cpu().numpy()
+                 if top2 and all(t is not None for t in top2) else None)
+        return LayerPass(torch.stack(logits, dim=1).cpu().numpy(), pooled, vocab)
 
     @torch.inference_mode()
-    def pooled_every_layer(self, texts: list[str], task: TaskDefinition) -> torch.Tensor:
-        """(B, L+1, H) normalised mean-pooled states of every layer."""
-        fwd = self.start(texts, task)
-        states = [mean_pool(fwd.hidden, fwd.attention_mask)]
-        while fwd.layer < self.num_layers:
-            fwd.advance()
-            states.append(mean_pool(fwd.hidden, fwd.attention_mask))
-        return torch.stack(states, dim=1)
-
-    @torch.inference_mode()
-    def finish(self, fwd: LayerwiseForward, exit_layers: torch.Tensor, task: TaskDefinition) -> torch.Tensor:
+    def finish(self, fwd: LayerwiseForward, exit_layers: torch.Tensor, head: Any) -> torch.Tensor:
         """Run each current row of `fwd` up to its own exit layer and read the head there; rows leave the batch as
         they exit, so no row runs a layer past its exit. Returns logits (B0, C) indexed by the starting rows.
 
@@ -179,35 +246,41 @@ class Backbone(ABC):
             raise InputError(f"{exits.numel()} exit layers for a batch of {fwd.hidden.shape[0]}")
         if exits.numel() and (int(exits.min()) < fwd.layer or int(exits.max()) > self.num_layers):
             raise InputError(f"exit layers must lie in {fwd.layer}..{self.num_layers}")
-        out = torch.full((fwd.start_size, task.num_labels), float("nan"), device=self.device)
+        out: torch.Tensor | None = None
         while fwd.rows.numel():
             here = exits == fwd.layer
             if bool(here.any()):
-                out[fwd.rows[here]] = self.label_logits(fwd, here, task).float()
+                logits = self.label_logits(fwd, here, head).float()
+                if out is None:
+                    out = torch.full((fwd.start_size, logits.shape[1]), float("nan"), device=self.device)
+                out[fwd.rows[here]] = logits
                 fwd.keep_rows(~here)
                 exits = exits[~here]
                 if not fwd.rows.numel():
                     break
             fwd.advance()
+        if out is None:
+            raise InputError("no rows to finish")
         return out
 
-
     @torch.inference_mode()
-    def run_until(self, fwd: LayerwiseForward, task: TaskDefinition,
+    def run_until(self, fwd: LayerwiseForward, head: Any,
                   should_stop: Callable[[int, np.ndarray], np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
         """Read the head at every layer and let rows leave when should_stop(layer, logits (R, C)) -> (R,) bool says
         so (the last layer always stops): how head-reading policies run online. Returns (logits (B0, C),
         exit layers (B0,))."""
-        out = torch.full((fwd.start_size, task.num_labels), float("nan"), device=self.device)
+        out: torch.Tensor | None = None
         exits = np.full(fwd.start_size, -1)
-        everyone = torch.ones(fwd.hidden.shape[0], dtype=torch.bool, device=self.device)
         while True:
-            logits = self.label_logits(fwd, everyone[:fwd.hidden.shape[0]], task)
-            stop = np.asarray(should_stop(fwd.layer, logits.float().cpu().numpy()), dtype=bool)
+            everyone = torch.ones(fwd.hidden.shape[0], dtype=torch.bool, device=self.device)
+            logits = self.label_logits(fwd, everyone, head).float()
+            if out is None:
+                out = torch.full((fwd.start_size, logits.shape[1]), float("nan"), device=self.device)
+            stop = np.asarray(should_stop(fwd.layer, logits.cpu().numpy()), dtype=bool)
             if fwd.layer == self.num_layers:
                 stop[:] = True
             leaving = torch.from_numpy(stop).to(self.device)
-            out[fwd.rows[leaving]] = logits[leaving].float()
+            out[fwd.rows[leaving]] = logits[leaving]
             exits[fwd.rows[leaving].cpu().numpy()] = fwd.layer
             fwd.keep_rows(~leaving)
             if not fwd.rows.numel():
@@ -231,7 +304,7 @@ def fingerprint_module(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _model_max_tokens(model: nn.Module, tokenizer) -> int:
+def _model_max_tokens(model: nn.Module, tokenizer: Any) -> int:
     limits = [getattr(model.config, name) for name in ("max_position_embeddings", "n_positions")
               if isinstance(getattr(model.config, name, None), int)]
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)

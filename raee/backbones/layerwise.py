@@ -1,38 +1,28 @@
-"""Drive a transformer's layer stack one layer at a time, so that each row stops at its own exit layer.
+"""Drive a transformer's layers one at a time, so that each row stops at its own exit layer.
 
-The model's own forward computes the embeddings and whatever each layer is called with (attention masks, rotary
-position embeddings, ...). A pre-hook on the first layer captures those inputs and aborts the forward before any
-layer runs; from there we call `layers[i]` ourselves. Rows that have exited are dropped from the batch, together
-with their slices of every per-row layer input, so no row ever runs a layer past its exit.
+The model's own forward computes the embeddings and whatever its first layer is called with (attention masks,
+rotary position embeddings, ...): a pre-hook on that layer captures those inputs and aborts the forward before any
+layer runs. From there the family adapter (raee.backbones.family) calls the layers itself, passing on what each
+layer hands the next. Rows that have exited are dropped from the batch, with their slices of every per-row input,
+so no row ever runs a layer past its exit.
 """
 
 from __future__ import annotations
 
 import inspect
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-# Attribute paths, relative to a transformers base model, where the layer stack lives.
-LAYER_STACK_PATHS = ("encoder.layer", "layers", "h", "decoder.layers", "transformer.layer", "block", "encoder.layers")
+if TYPE_CHECKING:
+    from raee.backbones.family import Family
 
 
 class _LayerInputsCaptured(Exception):
-    """Raised by the capture hook to stop the model's forward before its first layer."""
-
-
-def find_layer_stack(base_model: nn.Module) -> nn.ModuleList:
-    for path in LAYER_STACK_PATHS:
-        module: Any = base_model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            return module
-    raise TypeError(f"cannot find the layer stack of {type(base_model).__name__}; looked at {LAYER_STACK_PATHS}")
+    """Raised by the capture hook to stop the model's forward before the hooked module runs."""
 
 
 # One permanent pre-hook per module we capture from; it captures only for the thread that asked, so threads sharing
@@ -48,7 +38,7 @@ def _capture_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         raise _LayerInputsCaptured
 
 
-def capture_inputs(module: nn.Module, run) -> tuple[tuple, dict]:
+def capture_inputs(module: nn.Module, run: Callable[[], Any]) -> tuple[tuple, dict]:
     """Call run() and stop it as `module` is about to execute; return the (args, kwargs) it was called with."""
     with _install_lock:
         if not getattr(module, "_raee_capture_hook", False):
@@ -67,68 +57,85 @@ def capture_inputs(module: nn.Module, run) -> tuple[tuple, dict]:
     return slot["args"], dict(slot["kwargs"])
 
 
-def capture_layer_inputs(base_model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
-    """Run the base model's forward up to its first layer; return (hidden (B, T, H), other args, kwargs)."""
-    call: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+def as_keywords(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(hidden, every other input by name) for a layer call: positional inputs are named by the layer's signature,
+    so a family adapter can replace one (a position bias, a mask) whatever position the model passed it in."""
+    signature = inspect.signature(layer.forward)
+    bound = signature.bind(*args, **kwargs)
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        parameter = signature.parameters[name]
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"{type(layer).__name__} takes *{name}; its inputs cannot be named")
+        else:
+            named[name] = value
+    first = next(iter(signature.parameters))
+    return named.pop(first), named
+
+
+def capture_layer_inputs(base_model: nn.Module, layer: nn.Module, call: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+    """Run base_model(**call) up to `layer`; return (its hidden input (B, T, H), its other inputs by name)."""
     if "use_cache" in inspect.signature(base_model.forward).parameters:
-        call["use_cache"] = False  # a KV cache would be filled twice when layers are replayed
-    args, kwargs = capture_inputs(layers[0], lambda: base_model(**call))
-    if args:
-        return args[0], tuple(args[1:]), kwargs
-    return kwargs.pop("hidden_states"), (), kwargs
+        call = {**call, "use_cache": False}  # a KV cache would be filled twice when layers are replayed
+    args, kwargs = capture_inputs(layer, lambda: base_model(**call))
+    return as_keywords(layer, args, kwargs)
 
 
-def _select_rows(value: Any, keep: torch.Tensor, batch: int) -> Any:
-    """Keep rows `keep` of every per-row tensor (dim 0 == batch, 2+ dims) inside args/kwargs; leave the rest."""
+def select_rows(value: Any, keep: torch.Tensor, batch: int, shared: frozenset[str] = frozenset()) -> Any:
+    """Keep rows `keep` of every per-row tensor (2+ dims, dim 0 == batch) inside nested tuples, lists and dicts;
+    leave the rest, and dict entries named in `shared` (inputs that are not per-row whatever their shape)."""
     if torch.is_tensor(value):
         return value[keep] if value.dim() >= 2 and value.shape[0] == batch else value
     if isinstance(value, tuple):
-        return tuple(_select_rows(v, keep, batch) for v in value)
+        return tuple(select_rows(v, keep, batch, shared) for v in value)
     if isinstance(value, list):
-        return [_select_rows(v, keep, batch) for v in value]
+        return [select_rows(v, keep, batch, shared) for v in value]
     if isinstance(value, dict):
-        return {k: _select_rows(v, keep, batch) for k, v in value.items()}
+        return {k: v if k in shared else select_rows(v, keep, batch, shared) for k, v in value.items()}
     return value
 
 
 class LayerwiseForward:
-    """One batch travelling through a layer stack. `layer` is the number of layers already run (0 = embeddings).
+    """One batch travelling through a backbone's layers. `layer` is the number of layers already run
+    (0 = embeddings); `rows` maps the current batch rows back to the rows of the batch as it started.
 
-    `rows` maps the current batch rows back to the rows of the batch as it started.
+    `inputs` are the keyword inputs every layer is called with; `carry` is what the family passes from one layer
+    to the next (a position bias, the embeddings DeBERTa's conv reads, the encoder states of an encoder-decoder).
     """
 
-    def __init__(self, layers: nn.ModuleList, hidden: torch.Tensor, args: tuple, kwargs: dict,
-                 attention_mask: torch.Tensor, answer_positions: torch.Tensor | None = None) -> None:
-        self.layers = layers
+    def __init__(self, family: Family, hidden: torch.Tensor, inputs: dict[str, Any], attention_mask: torch.Tensor,
+                 answer_positions: torch.Tensor | None = None, carry: dict[str, Any] | None = None) -> None:
+        self.family = family
         self.hidden = hidden  # (B, T, H)
+        self.inputs = inputs
+        self.carry = carry if carry is not None else {}
         self.attention_mask = attention_mask  # (B, T), 1 for real tokens
         self.answer_positions = answer_positions  # (B,) token position the head reads, if the kind has one
-        self._args, self._kwargs = args, kwargs
         self.layer = 0
         self.start_size = hidden.shape[0]
         self.rows = torch.arange(hidden.shape[0], device=hidden.device)
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        return self.family.num_layers
 
     @torch.inference_mode()
     def advance(self) -> None:
         """Run the next layer on every row still in the batch."""
-        if self.layer >= len(self.layers):
+        if self.layer >= self.family.num_layers:
             raise RuntimeError("already at the last layer")
-        out = self.layers[self.layer](self.hidden, *self._args, **self._kwargs)
-        self.hidden = out[0] if isinstance(out, (tuple, list)) else out
+        self.hidden = self.family.run_layer(self, self.layer)
         self.layer += 1
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Drop the rows where `keep` (bool, current batch size) is False."""
-        batch = self.hidden.shape[0]
+        batch, shared = self.hidden.shape[0], self.family.shared_inputs
         self.hidden = self.hidden[keep]
         self.attention_mask = self.attention_mask[keep]
         self.rows = self.rows[keep]
         if self.answer_positions is not None:
             self.answer_positions = self.answer_positions[keep]
-        self._args = _select_rows(self._args, keep, batch)
-        self._kwargs = _select_rows(self._kwargs, keep, batch)
+        self.inputs = select_rows(self.inputs, keep, batch, shared)
+        self.carry = select_rows(self.carry, keep, batch, shared)

@@ -5,20 +5,31 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from raee.backbones.base import Backbone
 from raee.backbones.causal_lm import CausalLMBackbone
+from raee.backbones.encoder_decoder import EncoderDecoderBackbone
 from raee.backbones.masked_lm import MaskedLMBackbone
+from raee.backbones.pooling import checkpoint_pooling
 from raee.backbones.sentence_encoder import DEFAULT_SCALE, SentenceEncoderBackbone
 from raee.errors import BackboneError
+from raee.kinds import KINDS
+from raee.runtime import DTYPE_NAMES, PRECISIONS, RUNTIMES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "builtin:all-MiniLM-L6-v2"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-KINDS = {"masked-lm": MaskedLMBackbone, "causal-lm": CausalLMBackbone, "sentence-encoder": SentenceEncoderBackbone}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+BACKBONE_CLASSES: dict[str, type[Backbone]] = {
+    "masked-lm": MaskedLMBackbone, "causal-lm": CausalLMBackbone, "encoder-decoder": EncoderDecoderBackbone,
+    "sentence-encoder": SentenceEncoderBackbone}
+assert set(BACKBONE_CLASSES) == set(KINDS), "every kind needs a backbone class"
+# The transformers Auto class that loads each kind.
+_AUTO_CLASSES = {"masked-lm": "AutoModelForMaskedLM", "causal-lm": "AutoModelForCausalLM",
+                 "encoder-decoder": "AutoModelForSeq2SeqLM", "sentence-encoder": "AutoModel"}
 
 
 def embedded_model_path() -> Path:
@@ -38,32 +49,44 @@ def resolve_source(source: str | None) -> tuple[str, Path]:
     path = Path(source).expanduser().resolve()
     if not path.is_dir():
         raise BackboneError(f"no checkpoint directory at {path}; models load from local paths only")
+    if not (path / "config.json").is_file():
+        raise BackboneError(f"{path} holds no config.json, so it is not a transformers checkpoint")
     return str(path), path
 
 
 def detect_kind(path: Path) -> str:
-    """masked-lm, causal-lm or sentence-encoder, from the checkpoint's files and declared architecture."""
+    """The backbone kind, from the checkpoint's files and its declared architecture."""
     if (path / "modules.json").is_file():
         return "sentence-encoder"
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"{path}: unreadable config.json: {exc}") from None
     for arch in config.architectures or []:
         if arch.endswith("ForMaskedLM"):
             return "masked-lm"
         if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
             return "causal-lm"
+        if arch.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
+            return "encoder-decoder"
     raise BackboneError(f"{path}: cannot tell the backbone kind from architectures {config.architectures}; "
-                        f"pass kind= one of {', '.join(KINDS)}")
+                        f"pass --kind, one of {', '.join(KINDS)}")
 
 
 def load_backbone(source: str | None = None, *, kind: str = "auto", device: str = "cpu", dtype: str = "float32",
-                  scale: float = DEFAULT_SCALE, max_tokens: int | None = None) -> Backbone:
+                  scale: float = DEFAULT_SCALE, max_tokens: int | None = None, verify: bool = True,
+                  runtime: str = "auto", precision: str | None = None, threads: int | None = None) -> Backbone:
     """Load a backbone from a local checkpoint directory, or the embedded default when source is None.
 
-    kind: "auto" (from the checkpoint) or one of masked-lm, causal-lm, sentence-encoder.
+    kind: "auto" (from the checkpoint) or one of raee.kinds.KINDS.
     scale: the sentence-encoder kind's cosine scale (inverse temperature).
+    verify: run the load-time self-check (see raee.backbones.selfcheck); turn it off only in tests of the check.
+    runtime: "auto" (onnxruntime on the CPU where the family exports, else torch), "torch" or "onnxruntime".
+    precision: onnxruntime's fp32 (default) or int8; torch runs in its weights' dtype.
+    threads: onnxruntime's intra-op threads (default: raee.runtime.thread_count()).
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    import transformers
 
     if dtype not in DTYPES:
         raise BackboneError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -71,20 +94,43 @@ def load_backbone(source: str | None = None, *, kind: str = "auto", device: str 
         raise BackboneError(f"device {device} asked for, but torch sees no CUDA device")
     ident, path = resolve_source(source)
     kind = detect_kind(path) if kind == "auto" else kind
-    if kind not in KINDS:
+    if kind not in BACKBONE_CLASSES:
         raise BackboneError(f"backbone kind {kind!r} is not one of auto, {', '.join(KINDS)}")
-    auto = {"masked-lm": AutoModelForMaskedLM, "causal-lm": AutoModelForCausalLM, "sentence-encoder": AutoModel}[kind]
+    auto = getattr(transformers, _AUTO_CLASSES[kind])
     try:
         model = auto.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
         raise BackboneError(f"{path}: cannot load a {kind} checkpoint: {exc}") from None
     model.to(device)
-    extra = {"scale": scale} if kind == "sentence-encoder" else {}
+    extra: dict[str, Any] = {}
+    if kind == "sentence-encoder":
+        extra = {"scale": scale, "pooling": checkpoint_pooling(path)}
     max_tokens = max_tokens or _sentence_transformers_max_tokens(path)
-    backbone = KINDS[kind](model, tokenizer, source=ident, max_tokens=max_tokens, **extra)
-    log.info("loaded %s backbone %s: %d layers, %s on %s", kind, ident, backbone.num_layers, dtype, device)
+    backbone = BACKBONE_CLASSES[kind](model, tokenizer, source=ident, max_tokens=max_tokens, verify=verify, **extra)
+    place_on_runtime(backbone, runtime, precision, threads, verify)
+    log.info("loaded %s backbone %s (%s adapter): %d layers, %s on %s, runtime %s", kind, ident,
+             backbone.family.name, backbone.num_layers, backbone.precision, device, backbone.runtime)
     return backbone
+
+
+def place_on_runtime(backbone: Backbone, runtime: str = "auto", precision: str | None = None,
+                     threads: int | None = None, verify: bool = True) -> None:
+    """Move a torch backbone onto the runtime asked for (see load_backbone); refuse a combination that cannot run."""
+    from raee.backbones.onnx import supports_onnxruntime, use_onnxruntime
+
+    if runtime not in RUNTIMES:
+        raise BackboneError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise BackboneError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if runtime == "auto":
+        runtime = "onnxruntime" if supports_onnxruntime(backbone) or precision == "int8" else "torch"
+    if runtime == "torch":
+        if precision not in (None, backbone.precision):
+            raise BackboneError(f"precision {precision} asked for, but the torch runtime runs this backbone in "
+                                f"{backbone.precision} (its --dtype); int8 runs on --runtime onnxruntime")
+        return
+    use_onnxruntime(backbone, precision or "fp32", threads, verify)
 
 
 def _sentence_transformers_max_tokens(path: Path) -> int | None:

@@ -1,0 +1,332 @@
+"""The onnxruntime runtime: the backbone exported once per weights to one ONNX graph for the embeddings and one per
+layer, so that a batch still stops at each row's exit layer, now on onnxruntime's kernels.
+
+Graphs pass the hidden state between them as CPU tensors shared with torch without copying (torch.from_numpy),
+so the rest of raee (row selection, heads, pooling) is the same code on either runtime; the heads, a few rows of a
+few matrices, stay in torch.
+
+Exports live in the cache directory (raee.cache), keyed by what they are made from: the weight fingerprint, the
+model config, this module's code, and the torch, transformers and onnxruntime versions. Each holds a meta.json with
+the sha256 of every graph; an export whose files do not match is stale and rebuilt, never mixed. A read-only
+deployment ships them (`raee-index export`, at image build); where the cache cannot be written, the export goes to
+a temporary directory with a warning.
+
+Before an export is used, its fp32 graphs are run on the self-check's probe and compared layer by layer with the
+torch adapter (float tolerance). int8 graphs (onnxruntime dynamic quantization of the checked fp32 graphs) cannot
+equal fp32, so the check there is that every layer's states stay close in direction to fp32's (mean cosine),
+which catches a broken quantization, not the expected rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from raee import cache
+from raee.backbones.family import Family, VocabularyHead
+from raee.errors import BackboneError
+from raee.runtime import ONNXRUNTIME_PRECISIONS, thread_count
+
+if TYPE_CHECKING:
+    from raee.backbones.base import Backbone
+    from raee.backbones.layerwise import LayerwiseForward
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+class OrtLayer:
+    """One layer's onnxruntime session, called like the torch layer it replaces; forward hooks work as on a torch
+    module (hook(layer, (hidden,), output)), so call-counting tests run unchanged on either runtime."""
+
+    def __init__(self, session: Any, index: int) -> None:
+        self.session, self.index = session, index
+        self._hooks: dict[int, Any] = {}
+
+    def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = torch.from_numpy(self.session.run(None, {"hidden": _numpy(hidden), "mask": _numpy(mask)})[0])
+        for hook in list(self._hooks.values()):
+            hook(self, (hidden,), out)
+        return out
+
+    def register_forward_hook(self, hook: Any) -> Any:
+        key = id(hook)
+        self._hooks[key] = hook
+        hooks = self._hooks
+
+        class Handle:
+            def remove(self) -> None:
+                hooks.pop(key, None)
+
+        return Handle()
+
+
+class OnnxRuntimeFamily(Family):
+    """A family adapter whose layers run on onnxruntime; everything else (heads, the reference pass the self-check
+    compares with) is the torch adapter's."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, torch_family: Family, directory: Path, precision: str, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.torch_family = torch_family
+        self.name = torch_family.name
+        self.model, self.config, self.base = torch_family.model, torch_family.config, torch_family.base
+        self.final_norm = torch_family.final_norm
+        self.shared_inputs = torch_family.shared_inputs
+        self.directory, self._precision = directory, precision
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or thread_count()
+        options.inter_op_num_threads = 1
+        # A spinning pool per session would keep every core busy between calls: seven sessions on two cores ran 7x
+        # slower than one graph until spinning was turned off.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+        def session(name: str) -> Any:
+            return ort.InferenceSession(str(directory / name), options, providers=["CPUExecutionProvider"])
+
+        self.embeddings = session("embeddings.onnx")
+        self.layers = [OrtLayer(session(f"layer_{i:03d}.onnx"), i) for i in range(torch_family.num_layers)]
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+        hidden = torch.from_numpy(self.embeddings.run(None, {"input_ids": _numpy(input_ids)})[0])
+        return hidden, {"mask": attention_mask.to(torch.float32)}, {}
+
+    def run_layer(self, fwd: LayerwiseForward, index: int) -> torch.Tensor:
+        return self.layers[index](fwd.hidden, fwd.inputs["mask"])
+
+    def finalize(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.torch_family.finalize(hidden)
+
+    def reference_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        return self.torch_family.reference_states(input_ids, attention_mask)
+
+    def comparable(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.torch_family.comparable(layer, hidden)
+
+    def mlm_head(self) -> VocabularyHead:
+        return self.torch_family.mlm_head()
+
+    def lm_head(self) -> VocabularyHead:
+        return self.torch_family.lm_head()
+
+
+def supports_onnxruntime(backbone: Backbone) -> bool:
+    """Whether this backbone can run on onnxruntime: an exportable family, on the CPU, in float32 weights."""
+    return backbone.family.exportable and backbone.device.type == "cpu" and backbone.dtype == torch.float32
+
+
+def use_onnxruntime(backbone: Backbone, precision: str = "fp32", threads: int | None = None,
+                    verify: bool = True) -> None:
+    """Move a (self-checked, torch) backbone's layers onto onnxruntime: export or find the graphs, check them, and
+    self-check the backbone again on the new runtime."""
+    if precision not in ONNXRUNTIME_PRECISIONS:
+        raise BackboneError(f"precision {precision!r} is not one the onnxruntime runtime runs "
+                            f"({', '.join(ONNXRUNTIME_PRECISIONS)})")
+    if not supports_onnxruntime(backbone):
+        raise BackboneError(f"{backbone.source}: the onnxruntime runtime runs {backbone.kind} backbones of the "
+                            f"exportable families ({', '.join(_exportable_families())}) on the CPU in float32; this "
+                            f"one is {backbone.family.name} on {backbone.device.type} in "
+                            f"{str(backbone.dtype).removeprefix('torch.')}. Use --runtime torch.")
+    directory = ensure_export(backbone, precision)
+    backbone.use_family(OnnxRuntimeFamily(backbone.family, directory, precision, threads), verify)
+
+
+def ensure_export(backbone: Backbone, precision: str) -> Path:
+    """The directory of this backbone's checked graphs at `precision`, exported now if missing or stale."""
+    key = export_key(backbone)
+    root = cache.cache_dir() / "onnx"
+    directory = root / f"{key}-{precision}"
+    if _is_complete(directory, key):
+        return directory
+    if directory.exists():
+        log.warning("onnxruntime export %s is incomplete or does not match its checksums; rebuilding it", directory)
+    fp32 = directory if precision == "fp32" else root / f"{key}-fp32"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        writable = os.access(root, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        root = Path(tempfile.mkdtemp(prefix="raee-onnx-"))
+        log.warning("the export cache %s cannot be written; exporting to %s for this process only. Ship exports "
+                    "with the deployment (raee-index export)", cache.cache_dir(), root)
+        directory, fp32 = root / f"{key}-{precision}", root / f"{key}-fp32"
+    if precision == "int8" and not _is_complete(fp32, key):
+        _publish(fp32, lambda staging: _export_fp32(backbone, staging, key))
+    if precision == "fp32":
+        _publish(directory, lambda staging: _export_fp32(backbone, staging, key))
+    else:
+        _publish(directory, lambda staging: _quantize_int8(backbone, fp32, staging, key))
+    return directory
+
+
+def export_key(backbone: Backbone) -> str:
+    """What an export is made from: weights, config, the family's and this module's code, library versions."""
+    import onnxruntime
+    import transformers
+
+    code = [inspect.getsource(cls) for cls in type(backbone.family).__mro__ if cls is not object]
+    parts = [backbone.fingerprint(), backbone.model.config.to_json_string(), inspect.getsource(_export_fp32),
+             inspect.getsource(OnnxRuntimeFamily), *code, torch.__version__, transformers.__version__,
+             onnxruntime.__version__, str(OPSET)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _export_fp32(backbone: Backbone, staging: Path, key: str) -> dict:
+    """Export the embeddings and every layer to staging/, check them against the torch adapter on the probe;
+    returns what meta.json records beyond the checksums."""
+    family = backbone.family
+    started = time.perf_counter()
+    hidden_size = backbone.hidden_size
+    ids = torch.full((2, 8), backbone.tokenizer.pad_token_id or 0, dtype=torch.long)
+    ids[:, :6] = torch.arange(6) + 5
+    mask = torch.ones(2, 8)
+    mask[1, 6:] = 0
+    dims = {0: "batch", 1: "tokens"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on traced Python control flow
+        try:
+            _export(_Embeddings(family), (ids,), staging / "embeddings.onnx", ["input_ids"], {"input_ids": dims})
+            for i in range(family.num_layers):
+                _export(family.export_layer(i), (torch.zeros(2, 8, hidden_size), mask),
+                        staging / f"layer_{i:03d}.onnx", ["hidden", "mask"], {"hidden": dims, "mask": dims})
+        finally:
+            backbone.model.eval()  # the exporter may leave modules in training mode: dropout would then be on
+    differences = _compare_with_torch(backbone, staging, "fp32")
+    worst = max(differences)
+    log.info("exported %s to onnxruntime (%d layers) in %.1f s; worst layer difference from torch %.2g",
+             backbone.source, family.num_layers, time.perf_counter() - started, worst)
+    return {"precision": "fp32", "max_difference_by_layer": differences}
+
+
+def _quantize_int8(backbone: Backbone, fp32: Path, staging: Path, key: str) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.disable(logging.WARNING)  # the quantizer logs every tensor it leaves alone on the root logger
+    try:
+        for source in sorted(fp32.glob("*.onnx")):
+            quantize_dynamic(str(source), str(staging / source.name), weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+    differences = _compare_with_torch(backbone, staging, "int8")
+    log.info("quantized %s to int8 (onnxruntime dynamic quantization); largest layer difference from fp32 %.3g",
+             backbone.source, max(differences))
+    return {"precision": "int8", "max_difference_by_layer": differences, "quantized_from": fp32.name}
+
+
+@torch.inference_mode()
+def _compare_with_torch(backbone: Backbone, directory: Path, precision: str) -> list[float]:
+    """Run the self-check's probe through the graphs in `directory` and the torch adapter side by side; raise
+    BackboneError where they part (raee.backbones.selfcheck.compare_states: float tolerance for fp32, direction
+    for int8). Returns the largest difference per layer."""
+    from raee.backbones.layerwise import LayerwiseForward
+    from raee.backbones.selfcheck import compare_states, probe_prompts
+
+    family = backbone.family
+    input_ids, mask = backbone.encode(probe_prompts(backbone))
+
+    def start(f: Family) -> LayerwiseForward:
+        hidden, inputs, carry = f.begin(input_ids, mask)
+        return LayerwiseForward(f, hidden, inputs, mask, None, carry)
+
+    theirs, ours = start(family), start(OnnxRuntimeFamily(family, directory, precision))
+    real = mask.bool()
+    differences = []
+    for layer in range(family.num_layers + 1):
+        difference, off, tolerance = compare_states(ours.hidden[real], theirs.hidden[real], precision)
+        differences.append(difference)
+        if off:
+            raise BackboneError(f"{backbone.source}: the {precision} onnxruntime graphs part from the torch "
+                                f"{family.name} adapter after layer {layer} (difference {difference:.3g}; "
+                                f"{tolerance}); refusing the export. Use --runtime torch.")
+        if layer < family.num_layers:
+            ours.advance()
+            theirs.advance()
+    return differences
+
+
+def _publish(directory: Path, build: Any) -> None:
+    """Build an export into a staging directory beside `directory`, write meta.json with every file's sha256, and
+    rename it into place: a crash leaves no half export under the final name."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700: another uid (the serving image's) could not read it
+    try:
+        meta = build(staging)
+        meta["files"] = {p.name: _sha256(p) for p in sorted(staging.glob("*.onnx"))}
+        meta["key"] = directory.name.rsplit("-", 1)[0]
+        meta["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_complete(directory: Path, key: str) -> bool:
+    """A finished export of this key whose graphs all match their recorded checksums."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    files = meta.get("files") or {}
+    if meta.get("key") != key or "embeddings.onnx" not in files:
+        return False
+    return all((directory / name).is_file() and _sha256(directory / name) == digest for name, digest in files.items())
+
+
+def _export(module: nn.Module, args: tuple, path: Path, names: list[str], dynamic: dict) -> None:
+    torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=["out"],
+                      dynamic_axes={**dynamic, "out": {0: "batch", 1: "tokens"}}, opset_version=OPSET, dynamo=False)
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, family: Family) -> None:
+        super().__init__()
+        self.family = family
+        self.base = family.base  # registered, so export and eval() see the embedding weights
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.family.embed(input_ids)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().cpu().numpy())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _exportable_families() -> list[str]:
+    from raee.backbones.family import FAMILIES
+
+    return sorted(name for name, cls in FAMILIES.items() if cls.exportable)

@@ -1,0 +1,176 @@
+"""The onnxruntime runtime: exported per layer, it answers as torch does (fp32), stops at each row's exit, caches
+its export by weights and rebuilds a stale one, and a store built at one precision is refused at another."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raee import cache
+from raee.backbones import load_backbone, onnx
+from raee.backbones.loading import place_on_runtime
+from raee.build import build_store
+from raee.data import read_examples
+from raee.engine import Engine
+from raee.errors import BackboneError, StoreMismatchError
+from raee.keys import KeySpec
+from raee.runtime import configure_threads, cpu_quota
+from raee.store import load_store
+from raee.tasks import BUILTIN_TASKS
+from tests.tiny import FAMILIES, all_layers, save_checkpoint, synthetic_texts, tiny_backbone
+
+TASK = BUILTIN_TASKS["sst2"]
+TEXTS = [t for t, _ in synthetic_texts(8, seed=21)]
+EXPORTABLE = ["bert-mlm", "roberta-mlm", "xlm-roberta-mlm", "electra-mlm", "distilbert-mlm", "bert-encoder"]
+
+
+def on_onnxruntime(name: str, precision: str = "fp32"):
+    backbone = tiny_backbone(name)
+    place_on_runtime(backbone, "onnxruntime", precision)
+    return backbone
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_fp32_onnxruntime_answers_as_torch_at_every_layer(name):
+    torch_backbone, ort_backbone = tiny_backbone(name), on_onnxruntime(name)
+    assert (ort_backbone.runtime, ort_backbone.precision) == ("onnxruntime", "fp32")
+    assert torch_backbone.runtime == "torch"
+    ours, theirs = all_layers(ort_backbone, TASK, TEXTS, pooled_layers=(1,)), all_layers(torch_backbone, TASK, TEXTS,
+                                                                                         pooled_layers=(1,))
+    np.testing.assert_allclose(ours.label_logits, theirs.label_logits, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(ours.label_logits.argmax(-1), theirs.label_logits.argmax(-1))
+    np.testing.assert_allclose(ours.pooled[1], theirs.pooled[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert-mlm", "bert-encoder"])
+def test_int8_stays_close_to_fp32(name):
+    ours = all_layers(on_onnxruntime(name, "int8"), TASK, TEXTS).label_logits
+    theirs = all_layers(tiny_backbone(name), TASK, TEXTS).label_logits
+    assert np.abs(ours - theirs).max() < 0.5 and (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.8
+
+
+def test_layers_past_the_exit_never_run_on_onnxruntime():
+    backbone = on_onnxruntime("bert-mlm")
+    prompting = TASK.prompting(backbone.kind, backbone.mask_token)
+    head = backbone.head(prompting.head)
+    rows = [0] * backbone.num_layers
+    handles = [layer.register_forward_hook(lambda _l, args, _o, i=i: rows.__setitem__(i, rows[i] + args[0].shape[0]))
+               for i, layer in enumerate(backbone.layers)]
+    exits = torch.tensor([0, 3, 1, 2, 1, 3, 0, 2])
+    try:
+        batched = backbone.finish(backbone.start(prompting.prompts(TEXTS)), exits, head)
+    finally:
+        for h in handles:
+            h.remove()
+    assert rows == [int((exits > i).sum()) for i in range(backbone.num_layers)]
+    for i, text in enumerate(TEXTS):  # and a mixed batch answers as one row at a time
+        alone = backbone.finish(backbone.start(prompting.prompts([text])), exits[i:i + 1], head)
+        torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_engine_exits_and_labels_equal_on_both_runtimes(sst2_like, tmp_path):
+    examples = read_examples(sst2_like, TASK)
+    build_store(tmp_path / "s", TASK, tiny_backbone("bert-encoder"), examples, key=KeySpec("prefix", 1),
+                progress=False)
+    queries = [t for t, _ in synthetic_texts(24, seed=4)]
+    on_torch = Engine(load_store(tmp_path / "s"), tiny_backbone("bert-encoder")).classify(queries)
+    on_ort = Engine(load_store(tmp_path / "s"), on_onnxruntime("bert-encoder")).classify(queries)
+    assert [(r.exit_layer, r.label) for r in on_ort] == [(r.exit_layer, r.label) for r in on_torch]
+    np.testing.assert_allclose([r.scores for r in on_ort], [r.scores for r in on_torch], atol=1e-5)
+
+
+def test_a_store_is_refused_at_another_precision(sst2_like, tmp_path, caplog):
+    examples = read_examples(sst2_like, TASK)[:80]
+    build_store(tmp_path / "s", TASK, on_onnxruntime("bert-mlm", "int8"), examples, key=KeySpec("prefix", 1),
+                progress=False)
+    store = load_store(tmp_path / "s")
+    assert (store.manifest.backbone.runtime, store.manifest.backbone.precision) == ("onnxruntime", "int8")
+    with pytest.raises(StoreMismatchError, match="precision: store has 'int8', running 'fp32'.*--precision"):
+        Engine(store, on_onnxruntime("bert-mlm", "fp32"))
+    with pytest.raises(StoreMismatchError, match="precision"):
+        Engine(store, tiny_backbone("bert-mlm"))
+    with caplog.at_level(logging.WARNING):
+        Engine(store, tiny_backbone("bert-mlm"), allow_precision_mismatch=True).classify(TEXTS[:2])
+    assert "records come from int8" in caplog.text
+    Engine(store, on_onnxruntime("bert-mlm", "int8")).classify(TEXTS[:2])  # its own precision serves
+
+
+def test_the_export_is_made_once_and_a_stale_one_is_rebuilt(monkeypatch):
+    exports = []
+    real = onnx._export_fp32
+    monkeypatch.setattr(onnx, "_export_fp32", lambda *a: exports.append(1) or real(*a))
+    first = on_onnxruntime("roberta-mlm")
+    on_onnxruntime("roberta-mlm")
+    assert len(exports) <= 1  # another test may have exported these very weights already
+    directory: Path = first.family.directory
+    meta = json.loads((directory / "meta.json").read_text())
+    assert meta["precision"] == "fp32" and max(meta["max_difference_by_layer"]) < 1e-4
+    graph = directory / "layer_001.onnx"
+    graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")  # a damaged graph: its checksum no longer matches
+    before = len(exports)
+    rebuilt = on_onnxruntime("roberta-mlm")
+    assert len(exports) == before + 1 and rebuilt.family.directory == directory
+    assert onnx._is_complete(directory, meta["key"])
+
+
+def test_an_unwritable_cache_exports_to_a_temporary_directory(tmp_path, caplog):
+    (tmp_path / "a-file").write_text("not a directory")
+    cache.use(tmp_path / "a-file" / "cache")  # cannot be created, whoever runs the test (root included)
+    try:
+        with caplog.at_level(logging.WARNING):
+            backbone = on_onnxruntime("electra-mlm")
+    finally:
+        cache.use(None)
+    assert "cannot be written" in caplog.text and backbone.runtime == "onnxruntime"
+    assert not str(backbone.family.directory).startswith(str(tmp_path))
+
+
+def test_families_that_do_not_export_run_on_torch_and_say_so_when_forced():
+    llama = tiny_backbone("llama")
+    place_on_runtime(llama, "auto")
+    assert llama.runtime == "torch"
+    with pytest.raises(BackboneError, match="onnxruntime runtime runs .* exportable families .* --runtime torch"):
+        place_on_runtime(tiny_backbone("t5"), "onnxruntime")
+    with pytest.raises(BackboneError, match="int8 runs on --runtime onnxruntime"):
+        place_on_runtime(tiny_backbone("gpt2"), "torch", "int8")
+    assert set(EXPORTABLE) <= set(FAMILIES)
+
+
+def test_load_backbone_picks_onnxruntime_for_an_exportable_checkpoint(tmp_path):
+    path = str(save_checkpoint("bert-mlm", tmp_path / "bert"))
+    assert load_backbone(path).runtime == "onnxruntime"
+    assert load_backbone(path, runtime="torch").runtime == "torch"
+    assert load_backbone(str(save_checkpoint("gpt2", tmp_path / "gpt2"))).runtime == "torch"
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "200000 100000\n"}, (2, "cgroup cpu.max")),
+    ({"cpu.max": "150000 100000\n"}, (2, "cgroup cpu.max")),
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, (3, "cgroup cpu.cfs_quota_us")),
+])
+def test_threads_default_to_the_containers_cpu_quota(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(str(tmp_path)) == expected
+
+
+def test_no_quota_means_the_cpus_this_process_may_use(tmp_path):
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(str(tmp_path))[1] == "CPU affinity"
+
+
+def test_configure_threads_sets_torch_and_faiss(monkeypatch):
+    import faiss
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 and torch.get_num_threads() == 1 and faiss.omp_get_max_threads() == 1
+        monkeypatch.setenv("RAEE_THREADS", "2")
+        assert configure_threads() == 2
+    finally:
+        configure_threads(before)
