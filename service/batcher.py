@@ -4,17 +4,19 @@ Admission: `reserve(n)` counts a request's texts from the moment it is admitted 
 answered, so max_queue bounds the real backlog and a refusal costs microseconds. When the queue is full, a client
 holding less of it than the heaviest one pushes out the heaviest one's newest queued requests (which get
 RESOURCE_EXHAUSTED) instead of being refused itself: a flood fills the queue, but cannot keep others out of it.
-Scheduling: every client (one
-connection) has a virtual time that grows by one per text scheduled; a batch takes texts from the clients with the
-smallest virtual times (start-time fair queuing), so a client sending a text now and then waits about one batch,
-whatever others send. A request larger than max_batch is split across batches; its rows leave the backbone at their
-own exit layers. Work whose deadline has passed is dropped before any compute; a cancelled request's queued texts
-leave the queue at once.
+Scheduling: a batch takes texts first from the clients (connections) holding the fewest texts in the queue, and
+among equals from those with the smallest virtual time, which grows by one per text scheduled (start-time fair
+queuing). A batch started for a light client takes no rows from clients holding far more (HEAVY_FACTOR), so it
+runs short; with max_batch_ms, batches shrink under load to about that long. So a client sending a few texts at a
+time waits about one batch whatever floods others send, and clients sending alike share alike. A request larger
+than max_batch is split across batches; its rows leave the backbone at their own exit layers. Work whose deadline
+has passed is dropped before any compute; a cancelled request's queued texts leave the queue at once.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -28,7 +30,9 @@ from service.errors import DeadlineExpired, Draining, QueueFull
 log = logging.getLogger(__name__)
 
 MAX_IDLE_CLIENTS = 4096  # fair-share records kept for clients with nothing queued
-BATCH_SECONDS_SMOOTHING = 0.2  # weight of the newest batch in the batch time estimate
+SMOOTHING = 0.2  # weight of the newest batch in the batch and row time estimates
+MIN_BATCH_SHARE = 4  # max_batch_ms never shrinks batches below max_batch / this: throughput stays within reach
+HEAVY_FACTOR = 4  # a batch takes no rows from clients holding more than this times what its first client holds
 
 
 @dataclass(frozen=True)
@@ -85,14 +89,19 @@ class _Client:
 
 
 class MicroBatcher:
-    def __init__(self, max_batch: int, max_wait_ms: float, max_queue: int, metrics=None) -> None:
+    def __init__(self, max_batch: int, max_wait_ms: float, max_queue: int, metrics=None,
+                 max_batch_ms: float = 0.0) -> None:
+        """max_batch_ms: when set, batches hold at most as many rows as recent batches ran in that time, so that
+        under load a batch, and so the wait of a client that sends a text now and then, stays about that long."""
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
+        self.max_batch_seconds = max_batch_ms / 1000.0
         self.metrics = metrics
         self._clients: dict[str, _Client] = {}
         self._vtime = 0.0  # virtual start time of the last text scheduled
         self._backlog = 0  # texts admitted and not yet answered
         self._held_by: dict[str, int] = {}  # the same, per client
         self._batch_seconds: float | None = None  # smoothed time a batch takes
+        self._row_seconds: float | None = None  # smoothed time per row, within a batch
         self._cond = threading.Condition()
         self._closing = False
         self._busy = False
@@ -165,8 +174,16 @@ class MicroBatcher:
         batches as its texts need, each as long as recent batches. None before any batch has run."""
         if self._batch_seconds is None:
             return None
-        batches = -(-texts // self.max_batch) + (1 if self._busy else 0)
+        batches = -(-texts // self._batch_rows()) + (1 if self._busy else 0)
         return self._batch_seconds * batches
+
+    def _batch_rows(self) -> int:
+        """Most rows in the next batch: max_batch, or fewer (down to a quarter of it) when max_batch_ms says
+        batches run too long."""
+        if not self.max_batch_seconds or self._row_seconds is None:
+            return self.max_batch
+        fitting = int(self.max_batch_seconds / self._row_seconds)
+        return max(1, self.max_batch // MIN_BATCH_SHARE, min(self.max_batch, fitting))
 
     @property
     def backlog(self) -> int:
@@ -221,24 +238,26 @@ class MicroBatcher:
             client.queue.popleft()
         return None
 
-    def _next_rows(self, batch_key: tuple | None, room: int, now: float) -> tuple[Pending, int] | None:
-        """(request, rows) to add to the batch: from the matching client with the smallest virtual time, as many
-        rows as keep it no further ahead than the next client; None when nothing matches."""
-        best = second = None
-        for client in self._clients.values():
+    def _next_rows(self, batch_key: tuple | None, room: int, now: float,
+                   max_held: float = math.inf) -> tuple[Pending, int] | None:
+        """(request, rows) to add to the batch, from the matching client that holds the fewest texts in the queue,
+        and among equals the one with the smallest virtual time: as many rows as keep it no further ahead than the
+        next such client. Clients holding more than max_held are passed over. None when nothing matches."""
+        ranked = []
+        for name, client in self._clients.items():
             p = self._head(client, now)
-            if p is None or (batch_key is not None and (p.key, id(p.engine)) != batch_key):
-                continue
-            if best is None or client.vtime < best[0].vtime:
-                best, second = (client, p), best
-            elif second is None or client.vtime < second[0].vtime:
-                second = (client, p)
-        if best is None:
+            held = self._held_by.get(name, 0)
+            if p is not None and held <= max_held and (batch_key is None or (p.key, id(p.engine)) == batch_key):
+                ranked.append((held, client.vtime, client, p))
+        if not ranked:
             return None
-        client, p = best
-        share = int(second[0].vtime - client.vtime) + 1 if second is not None else room
+        ranked.sort(key=lambda r: r[:2])
+        held, vtime, client, p = ranked[0]
+        share = room
+        if len(ranked) > 1 and ranked[1][0] == held:
+            share = int(ranked[1][1] - vtime) + 1
         rows = max(1, min(share, room, len(p.texts) - p.next_row))
-        self._vtime = client.vtime
+        self._vtime = vtime
         client.vtime += rows
         return p, rows
 
@@ -247,10 +266,10 @@ class MicroBatcher:
         with self._cond:
             while True:
                 batch: list[tuple[Pending, range]] = []
-                size, batch_key, until = 0, None, None
-                while size < self.max_batch:
+                size, batch_key, until, limit, max_held = 0, None, None, self._batch_rows(), math.inf
+                while size < limit:
                     now = time.monotonic()
-                    picked = self._next_rows(batch_key, self.max_batch - size, now)
+                    picked = self._next_rows(batch_key, limit - size, now, max_held)
                     if picked is None:
                         if not batch:
                             break
@@ -263,7 +282,9 @@ class MicroBatcher:
                     p.next_row += rows
                     p.started = p.started or now
                     size += rows
-                    batch_key = batch_key or (p.key, id(p.engine))
+                    if batch_key is None:  # light clients' rows run without heavy ones slowing their batch
+                        batch_key = (p.key, id(p.engine))
+                        max_held = HEAVY_FACTOR * max(1, self._held_by.get(p.client, 0))
                     until = until or now + self.max_wait
                 if batch:
                     self._busy = True
@@ -334,8 +355,8 @@ class MicroBatcher:
             return
         seconds = time.perf_counter() - started
         with self._cond:
-            smoothed = self._batch_seconds if self._batch_seconds is not None else seconds
-            self._batch_seconds = (1 - BATCH_SECONDS_SMOOTHING) * smoothed + BATCH_SECONDS_SMOOTHING * seconds
+            self._batch_seconds = _smoothed(self._batch_seconds, seconds)
+            self._row_seconds = _smoothed(self._row_seconds, seconds / len(texts))
         start = 0
         for p, rows in batch:
             self._settle(p, rows, results[start:start + len(rows)], None)
@@ -355,6 +376,10 @@ class MicroBatcher:
             if all(r is not None for r in p.results):
                 p.future.set_result(BatchOutcome(p.results, p.engine.store.version,
                                                  ((p.started or p.admitted) - p.admitted) * 1e3))
+
+
+def _smoothed(average: float | None, value: float) -> float:
+    return value if average is None else (1 - SMOOTHING) * average + SMOOTHING * value
 
 
 def _classify(engine: Engine, key: BatchKey, texts: list[str]) -> list[Classification]:

@@ -23,6 +23,8 @@ class ServerConfig:
     metrics_port: int = DEFAULT_METRICS_PORT  # Prometheus HTTP port (0 = any free port, -1 = off)
     max_batch: int = 32  # most rows the batcher sends through the backbone together; larger requests are split
     max_wait_ms: float = 5.0  # longest the batcher waits for more rows before running a batch
+    max_batch_ms: float = 100.0  # under load, batches shrink to about this long (down to max_batch / 4; 0 = off),
+    # so that a client sending a few texts waits about two such batches whatever others send
     max_queue: int = 1024  # most texts admitted and not yet answered; beyond it requests get RESOURCE_EXHAUSTED
     max_texts: int = 64  # most texts in one request (at most max_queue)
     max_text_bytes: int = 8192  # most UTF-8 bytes in one text
@@ -56,8 +58,9 @@ class ServerConfig:
         if self.max_texts > self.max_queue:
             raise InputError(f"max_texts {self.max_texts} is larger than max_queue {self.max_queue}: a request of "
                              "max_texts texts could never be admitted")
-        if self.max_wait_ms < 0 or self.grace_s < 0 or self.drain_s < 0 or self.stream_idle_s <= 0:
-            raise InputError("max_wait_ms, grace_s and drain_s must not be negative, stream_idle_s must be positive")
+        if min(self.max_wait_ms, self.max_batch_ms, self.grace_s, self.drain_s) < 0 or self.stream_idle_s <= 0:
+            raise InputError("max_wait_ms, max_batch_ms, grace_s and drain_s must not be negative, stream_idle_s "
+                             "must be positive")
         for name in ("port", "metrics_port", "admin_port"):
             if not -1 <= getattr(self, name) <= 65535 or (name == "port" and self.port < 0):
                 raise InputError(f"{name} must lie in 0..65535 (-1 = off for metrics_port and admin_port), got "

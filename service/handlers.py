@@ -18,6 +18,7 @@ import grpc
 from service.api import pb
 from service.errors import MalformedRequest, message_for, status_for
 from service.metrics import ServerMetrics
+from service.throttle import SLOWED, RefusalThrottle
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Raee"]
@@ -46,8 +47,9 @@ def ended_by_caller(context: grpc.aio.ServicerContext) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
 
-def counted(name: str, metrics: ServerMetrics):
-    """Wrap a unary method: parse failures and raised errors become statuses; every call is counted by code."""
+def counted(name: str, metrics: ServerMetrics, throttle: RefusalThrottle):
+    """Wrap a unary method: parse failures and raised errors become statuses; every call is counted by code; a
+    client that keeps sending what gets refused hears of it late (service.throttle)."""
     def wrap(method):
         @functools.wraps(method)
         async def handler(request, context: grpc.aio.ServicerContext):
@@ -61,6 +63,7 @@ def counted(name: str, metrics: ServerMetrics):
             except Exception as exc:  # noqa: BLE001 - every error leaves as a status, never as a crash
                 status = report(name, exc)
                 metrics.requests.labels(name, status.name).inc()  # counted before the caller hears of it
+                await slow_down(throttle, metrics, status, context.peer())
                 await context.abort(status, message_for(exc, status))
             metrics.requests.labels(name, "OK").inc()
             return response
@@ -88,6 +91,15 @@ def counted_stream(name: str, metrics: ServerMetrics):
     return wrap
 
 
+async def slow_down(throttle: RefusalThrottle, metrics: ServerMetrics, status: grpc.StatusCode, client: str) -> None:
+    """Wait before refusing a client that keeps sending what gets refused (service.throttle)."""
+    if status in SLOWED:
+        pause = throttle.pause_for(client)
+        if pause:
+            metrics.slowed_refusals.inc()
+            await asyncio.sleep(pause)
+
+
 def report(name: str, exc: BaseException) -> grpc.StatusCode:
     """The status of an error, logged: one line for bad bytes, a traceback for a defect."""
     status = status_for(exc)
@@ -102,7 +114,8 @@ def raee_handler(servicer, metrics: ServerMetrics) -> grpc.GenericRpcHandler:
     """The generic handler serving raee.v1.Raee with `servicer`'s async methods."""
     def unary(name: str, request_type, response_type):
         return grpc.unary_unary_rpc_method_handler(
-            counted(name, metrics)(getattr(servicer, name)), request_deserializer=tolerant_parser(request_type),
+            counted(name, metrics, servicer.throttle)(getattr(servicer, name)),
+            request_deserializer=tolerant_parser(request_type),
             response_serializer=response_type.SerializeToString)
 
     methods = {

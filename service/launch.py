@@ -27,6 +27,8 @@ class ServerProcess:
     admin: also an admin listener on a free loopback port (`admin_address`), reloading from `roots` (default: the
     stores' directories). drain: the SIGTERM notice period (0 here: most users of this class stop servers often)."""
 
+    cpus: set[int] | None = None  # CPUs every server runs on (a benchmark keeps its clients off them); None = any
+
     def __init__(self, stores: list[str], *extra: str, grace: float = 10.0, drain: float = 0.0, admin: bool = False,
                  roots: tuple[str, ...] = (), port: int | None = None, metrics: bool = False) -> None:
         self.port = port or free_port()
@@ -44,8 +46,10 @@ class ServerProcess:
         args += list(extra)
         for store in stores:
             args += ["--store", store]
+        cpus = self.cpus
         self.process = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+                                        stdout=self.log, stderr=subprocess.STDOUT,
+                                        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
 
     def wait_serving(self, timeout: float = 300) -> bool:
         """True once health reports SERVING; False if it did not within `timeout` seconds."""

@@ -27,6 +27,8 @@ class ServerMetrics:
                                  registry=r)
         self.stream_messages = Counter("raee_stream_messages", "ClassifyStream requests answered, by status code",
                                        ["code"], registry=r)
+        self.slowed_refusals = Counter("raee_slowed_refusals", "Refusals answered late because their client keeps "
+                                       "sending what gets refused (service/throttle.py)", registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Start the HTTP exposition server; returns (http server, thread)."""

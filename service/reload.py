@@ -85,6 +85,7 @@ class Reloader:
 
         def run() -> tuple[str, str]:
             try:
+                lower_priority()
                 return self.registry.reload(task, path, check)
             finally:
                 self._running.release()  # only when the work has stopped, not when the caller left
@@ -99,3 +100,15 @@ class Reloader:
         except asyncio.CancelledError:
             cancelled.set()
             raise
+
+
+RELOAD_NICENESS = 10  # reloads yield the CPU to serving: a reload may take longer, requests should not
+
+
+def lower_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux: per-thread niceness); a no-op where not supported."""
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), max(current, RELOAD_NICENESS))
+    except (AttributeError, OSError):
+        pass

@@ -39,6 +39,7 @@ from service.registry import StoreRegistry
 from service.reload import ReloadGuard, Reloader, read_token
 from service.servicer import RaeeServicer
 from service.streams import StreamSlots
+from service.throttle import RefusalThrottle
 
 log = logging.getLogger("raee-serve")
 SERVICE_NAME = SERVICE.full_name  # "raee.v1.Raee"
@@ -61,10 +62,11 @@ class RaeeServer:
         on_public = config.admin and token is not None
         refusal = ("ReloadStore is off on this server (admin: false)" if not config.admin else
                    f"ReloadStore is served on the admin listener only ({config.admin_host}:{config.admin_port})")
-        self.servicer = RaeeServicer(config, self.metrics, self.admission, streams, ReloadGuard(on_public, token,
-                                                                                                  refusal))
-        self.admin_servicer = (RaeeServicer(config, self.metrics, self.admission, streams, ReloadGuard(True, token))
-                               if config.admin and config.admin_port >= 0 else None)
+        throttle = RefusalThrottle()
+        self.servicer = RaeeServicer(config, self.metrics, self.admission, streams,
+                                     ReloadGuard(on_public, token, refusal), throttle)
+        self.admin_servicer = (RaeeServicer(config, self.metrics, self.admission, streams, ReloadGuard(True, token),
+                                            throttle) if config.admin and config.admin_port >= 0 else None)
         self._reloads = ThreadPoolExecutor(1, thread_name_prefix="raee-reload")
         self._backbone = backbone
         self._loop = asyncio.new_event_loop()
@@ -151,7 +153,7 @@ class RaeeServer:
             for store in self.config.stores:
                 registry.add(store)  # verified and warmed on one query
             self.batcher = MicroBatcher(self.config.max_batch, self.config.max_wait_ms, self.config.max_queue,
-                                        self.metrics)
+                                        self.metrics, self.config.max_batch_ms)
             reloader = Reloader(registry, self.config.roots, self._reloads)
             for servicer in (self.servicer, self.admin_servicer):
                 if servicer is not None:

@@ -11,17 +11,21 @@ from service import convert
 from service.admission import Admission
 from service.api import pb
 from service.config import ServerConfig
+from service.errors import status_for
+from service.handlers import slow_down
 from service.metrics import ServerMetrics
 from service.reload import ReloadGuard, Reloader
 from service.streams import StreamSlots, answer_in_order
+from service.throttle import RefusalThrottle
 
 
 class RaeeServicer:
     """One listener's view of the server: the shared admission, streams and reloader, and this listener's guard."""
 
     def __init__(self, config: ServerConfig, metrics: ServerMetrics, admission: Admission, streams: StreamSlots,
-                 guard: ReloadGuard) -> None:
+                 guard: ReloadGuard, throttle: RefusalThrottle) -> None:
         self.config, self.metrics, self.admission, self.streams, self.guard = config, metrics, admission, streams, guard
+        self.throttle = throttle  # shared by every listener: slows clients that keep sending bad input
         self.reloader: Reloader | None = None  # set once the stores are loaded
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
@@ -50,6 +54,7 @@ class RaeeServicer:
         except Exception as exc:  # noqa: BLE001 - answered in the stream, see convert.error_response
             response = convert.error_response(exc, request_id)
             self.metrics.stream_messages.labels(response.error.code_name).inc()
+            await slow_down(self.throttle, self.metrics, status_for(exc), context.peer())
             return response
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:

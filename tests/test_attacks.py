@@ -5,7 +5,8 @@ bench/attacks.py, run by `make reliability`); tests elsewhere are named with the
    1 idle streams starve every call        test_idle_streams_starve_nothing,
                                            test_streams_are_bounded_and_idle_ones_closed
    2 over-long texts stall valid clients   test_over_long_texts_are_refused_after_one_text_is_tokenized,
-                                           test_refusals_count_against_the_queue_before_tokenizing
+                                           test_refusals_count_against_the_queue_before_tokenizing,
+                                           test_a_client_that_keeps_sending_bad_input_is_answered_late_and_others_..
    3 no RESOURCE_EXHAUSTED under a burst   test_the_queue_counts_the_real_backlog_and_refuses_at_once,
                                            test_a_flood_cannot_keep_a_light_client_out_of_a_full_queue,
                                            test_a_cancelled_call_is_counted_and_leaves_the_queue
@@ -100,7 +101,8 @@ def metrics_text(server) -> str:
 
 def metric(server, name: str, **labels) -> float:
     wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    match = re.search(rf"^{name}{{{re.escape(wanted)}}} (\S+)$", metrics_text(server), re.M)
+    selector = re.escape(f"{{{wanted}}}") if labels else ""
+    match = re.search(rf"^{name}{selector} (\S+)$", metrics_text(server), re.M)
     return float(match.group(1)) if match else 0.0
 
 
@@ -196,6 +198,22 @@ def test_over_long_texts_are_refused_after_one_text_is_tokenized(serve, counted_
             c.classify([text] * 64, task="sst2")
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "text 0 is" in info.value.message
     assert counted_tokenizer.characters < len(text)  # refused on part of one text, not 64 texts
+
+
+def test_a_client_that_keeps_sending_bad_input_is_answered_late_and_others_are_not(serve):
+    server = serve()
+    flooder = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                                     options=[("grpc.use_local_subchannel_pool", 1)]))
+    bad = pb.ClassifyRequest(task="sst2", texts=[""])
+    started = time.perf_counter()
+    took = [timed(lambda: flooder.Classify(bad, timeout=5)) for _ in range(30)]
+    assert {code for _, code in took} == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert max(t for t, _ in took[:4]) < 0.1  # a few bad requests are answered at once ...
+    assert time.perf_counter() - started > 2.5  # ... a closed loop of them is held to a few a second
+    other = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                                   options=[("grpc.use_local_subchannel_pool", 1)]))
+    assert timed(lambda: other.Classify(bad, timeout=5))[0] < 0.1  # another connection is answered at once
+    assert metric(server, "raee_slowed_refusals_total") >= 5
 
 
 def test_refusals_count_against_the_queue_before_tokenizing(serve, stores, counted_tokenizer):
@@ -388,7 +406,7 @@ def test_one_reload_at_a_time_and_abandoned_with_its_deadline(serve, stores, mon
     first = stub.ReloadStore.future(request, timeout=30)
     time.sleep(0.2)
     codes = []
-    for _ in range(10):
+    for _ in range(4):  # within the attempts a client gets answered at once (service/throttle.py)
         took, code = timed(lambda: stub.ReloadStore(request, timeout=30))
         codes.append(code)
         assert took < 0.1
