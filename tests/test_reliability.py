@@ -1,7 +1,7 @@
 """The quick versions of the scripted reliability checks (bench/reliability.py --quick) on the embedded model.
 
-The attacks whose verdict is a latency under load (idle streams, floods, a reload storm) run in `make reliability`
-only: on a shared test machine their figures say more about the neighbours than about the server. Their
+The checks whose verdict is a latency under load (the queue limit, idle streams, floods, a reload storm) run in
+`make reliability` only: on a shared test machine their figures say more about the neighbours than about the server. Their
 mechanisms are tested on tiny models in tests/test_attacks.py."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from raee.tasks import BUILTIN_TASKS
 
 pytestmark = pytest.mark.real_model
 ROOT = Path(__file__).resolve().parents[1]
-QUICK_CHECKS = ("reload", "bad-stores", "sigterm", "overload", "fuzz", "soak", "attack-hostile-stores",
-                "attack-malformed", "attack-second-server", "attack-sigterm")
+QUICK_CHECKS = ("reload", "bad-stores", "sigterm", "fuzz", "soak", "attack-hostile-stores", "attack-malformed",
+                "attack-second-server", "attack-sigterm")
 
 
 def test_quick_reliability_checks_all_pass(tmp_path):
