@@ -127,7 +127,7 @@ class RaeeServer:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self._listeners.append(server)
         address = f"{host}:{port}"
-        check_port_free(host, port)
+        check_port_free(host, port, "gRPC" if servicer is self.servicer else "admin")
         try:
             if c.tls_cert:
                 with open(c.tls_key, "rb") as key, open(c.tls_cert, "rb") as cert:
@@ -214,7 +214,7 @@ class RaeeServer:
         self._loop_thread.join(10)
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, what: str = "gRPC") -> None:
     """StartupError now if something already listens on host:port (gRPC would say so only in its own log)."""
     if port == 0:
         return
@@ -228,8 +228,8 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as exc:
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror} (another raee-serve?); stop it or "
-                               "choose another port") from None
+            raise StartupError(f"cannot listen on {host}:{port} ({what}): {exc.strerror} (another raee-serve?); stop "
+                               "it or choose another port") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         config = load_config(argv)
+        for host, port, what in ((config.host, config.port, "gRPC"), (config.admin_host, config.admin_port, "admin"),
+                                 (config.host, config.metrics_port, "metrics")):
+            if port > 0:
+                check_port_free(host, port, what)  # before anything else starts: one line and exit 2
         server = RaeeServer(config).start()
     except RaeeError as exc:
         print(f"raee-serve: error: {exc}", file=sys.stderr)

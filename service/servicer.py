@@ -25,7 +25,7 @@ class RaeeServicer:
     def __init__(self, config: ServerConfig, metrics: ServerMetrics, admission: Admission, streams: StreamSlots,
                  guard: ReloadGuard, throttle: RefusalThrottle) -> None:
         self.config, self.metrics, self.admission, self.streams, self.guard = config, metrics, admission, streams, guard
-        self.throttle = throttle  # shared by every listener: slows clients that keep sending bad input
+        self.throttle = throttle  # shared by every listener: slows clients that keep getting refused
         self.reloader: Reloader | None = None  # set once the stores are loaded
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:

@@ -543,7 +543,7 @@ def test_a_second_server_on_a_taken_port_fails_in_one_line(serve, stores, capsys
     assert err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{first.port}" in err
     assert main(["--store", stores["current"], "--host", "127.0.0.1", "--port", "0", "--metrics-port",
                  str(first.metrics_port)]) == 2
-    assert "cannot serve metrics" in capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{first.metrics_port} (metrics)" in capsys.readouterr().err
 
 
 def test_shutdown_says_not_serving_before_the_listener_closes(serve, stores):
