@@ -97,6 +97,7 @@ bench-faiss: install
 bench-keys: install
 	mkdir -p out && $(BIN)/python bench/key_cost.py --json out/key_cost.json
 reliability: install $(STORE)/CURRENT
-	mkdir -p out && $(BIN)/python bench/reliability.py --store $(STORE) --soak-seconds 600 --json out/reliability.json
+	mkdir -p out && $(BIN)/python bench/reliability.py --store $(STORE) --soak-seconds 600 --split-cpus \
+	  --json out/reliability.json
 reliability-quick: install $(STORE)/CURRENT
-	$(BIN)/python bench/reliability.py --store $(STORE) --quick
+	$(BIN)/python bench/reliability.py --store $(STORE) --quick --split-cpus

@@ -241,7 +241,7 @@ def main() -> int:
 def report(args, task, reference: Engine, threads: int, accuracy, layers, timing, profile, grpc, n: int) -> None:
     whole = {precision: timing[f"onnxruntime whole model, full depth, {precision}"] for precision in ("fp32", "int8")}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads"
-    policy = reference.store.manifest.get("policy")
+    policy = reference.store.manifest.policy.to_dict()
     print(f"\n## {task.name}: {n} test texts ({task.metric}), timing on {min(args.sample, n)} of them, "
           f"{args.repeats} interleaved repeats; {machine}; backbone {reference.backbone.source}, "
           f"{reference.num_layers} layers; served policy {json.dumps(policy)}\n")

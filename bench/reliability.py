@@ -1,14 +1,16 @@
 """Scripted, repeatable reliability checks against a real raee-serve process.
 
-  1 reload under load: zero failed requests
-  2 corrupt / truncated store and a store for another backbone: refused at start and at reload; the old version
-    keeps serving
-  3 SIGTERM under load: in-flight requests complete, new ones are refused cleanly, exit within the grace period
-  4 load past the queue limit: RESOURCE_EXHAUSTED within milliseconds, server memory bounded
-  5 fuzzing (random unicode, huge strings, empty lists, out-of-range numbers): never INTERNAL, server alive
-  6 soak at moderate load: resident memory grows less than 10%
+  reload       reload under load: zero failed requests
+  bad-stores   corrupt / truncated store and a store for another backbone: refused at start and at reload; the old
+               version keeps serving
+  sigterm      SIGTERM under load: in-flight requests complete, new ones are refused cleanly, exit within the grace
+  overload     load past the queue limit: RESOURCE_EXHAUSTED within milliseconds, server memory bounded
+  fuzz         random unicode, huge strings, empty lists, out-of-range numbers: never INTERNAL, server alive
+  soak         moderate load: resident memory grows less than 10%
+  attack-*     the attacks of issue 11 (bench/attacks.py): idle streams, over-long and queue floods, a reload
+               storm, hostile stores, malformed bytes and bad stream requests, a second server, the SIGTERM notice
 
-    python bench/reliability.py --store stores/sst2 --quick          # about 2 minutes
+    python bench/reliability.py --store stores/sst2 --quick          # short runs of every check
     python bench/reliability.py --store stores/sst2 --soak-seconds 600 --json out/reliability.json
 """
 
@@ -38,11 +40,11 @@ from service.client import Client, RaeeClientError  # noqa: E402
 from service.launch import ServerProcess  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
+import attacks  # noqa: E402
 from load import closed_loop  # noqa: E402
 
 TEXTS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés.",
          "it's a charming and often affecting journey.", "an ugly, pointless, stupid movie."]
-
 
 Server = ServerProcess
 
@@ -60,9 +62,10 @@ def broken_copies(store: str, workdir: Path) -> dict[str, str]:
     out = {}
     for damage in ("truncated", "corrupted"):
         target = workdir / damage
-        shutil.copytree(resolve_version(store), target / "v1")
-        (target / "CURRENT").write_text("v1\n")
-        keys = target / "v1" / ("keys.faiss" if damage == "truncated" else "records.npz")
+        version = resolve_version(store)
+        shutil.copytree(version, target / version.name)
+        (target / "CURRENT").write_text(version.name + "\n")
+        keys = target / version.name / ("keys.faiss" if damage == "truncated" else "records.npz")
         data = keys.read_bytes()
         keys.write_bytes(data[: len(data) // 2] if damage == "truncated" else data[:200] + bytes([data[200] ^ 0xFF])
                          + data[201:])
@@ -93,7 +96,7 @@ def other_backbone_store(directory: Path) -> str:
 
 
 def check_reload_under_load(store: str, seconds: float) -> dict:
-    server = Server([store])
+    server = Server([store], admin=True)
     server.wait_serving()
     try:
         result: dict = {}
@@ -101,7 +104,7 @@ def check_reload_under_load(store: str, seconds: float) -> dict:
                                                                     load(server.address, seconds, 8))))
         traffic.start()
         reloads = 0
-        with Client(server.address) as admin:
+        with Client(server.admin_address) as admin:
             while traffic.is_alive():
                 admin.reload("sst2", store)
                 reloads += 1
@@ -121,14 +124,14 @@ def check_bad_stores(store: str, broken: dict[str, str]) -> dict:
         code = server.process.wait(timeout=300)
         details[f"start with {name}"] = {"exit_code": code, "said": next((line for line in server.output().splitlines()
                                                                           if "cannot serve" in line), "")[-160:]}
-    server = Server([store])
+    server = Server([store], admin=True, roots=(store, str(Path(next(iter(broken.values()))).parent)))
     server.wait_serving()
     try:
-        with Client(server.address) as c:
+        with Client(server.address) as c, Client(server.admin_address) as admin:
             before = c.info().tasks[0].store_version
             for name, path in broken.items():
                 try:
-                    c.reload("sst2", path)
+                    admin.reload("sst2", path)
                     details[f"reload with {name}"] = "accepted (WRONG)"
                 except RaeeClientError as exc:
                     details[f"reload with {name}"] = exc.code.name
@@ -143,7 +146,7 @@ def check_bad_stores(store: str, broken: dict[str, str]) -> dict:
 
 
 def check_sigterm(store: str, grace: float = 10.0) -> dict:
-    server = Server([store], "--max-wait-ms", "200", grace=grace)
+    server = Server([store], "--max-wait-ms", "200", grace=grace, drain=1.0)
     server.wait_serving()
     results, lock = Counter(), threading.Lock()
 
@@ -180,24 +183,21 @@ def check_sigterm(store: str, grace: float = 10.0) -> dict:
 
 
 def check_overload(store: str, seconds: float) -> dict:
-    server = Server([store], "--max-queue", "16", "--max-batch", "8")
+    """32 clients sending 4 texts each back to back at a queue of 16 texts (in a process of their own); a probe
+    sending the same requests times the refusals."""
+    server = Server([store], "--max-queue", "16", "--max-batch", "8", "--max-texts", "4")
     server.wait_serving()
     try:
-        rss_before = server.rss_mb()
-        calls = closed_loop(server.address, lambda _w, _n: pb.ClassifyRequest(task="sst2", texts=TEXTS), 32,
-                            seconds)
-        codes = Counter(code for code, _ in calls)
-        rss_after = server.rss_mb()
-        rejected = np.array([s for code, s in calls if code == "RESOURCE_EXHAUSTED"]) * 1e3
-        p99 = float(np.percentile(rejected, 99)) if len(rejected) else None
-        passed = (codes["RESOURCE_EXHAUSTED"] > 0 and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
-                  and p99 is not None and p99 < 100 and float(np.percentile(rejected, 50)) < 25
-                  and rss_after < rss_before * 1.25)
-        return {"check": "load past the queue limit", "passed": passed, "codes": dict(codes),
-                "rejected_p50_ms": float(np.percentile(rejected, 50)) if len(rejected) else None,
-                "rejected_p99_ms": p99, "rss_mb_before": round(rss_before), "rss_mb_after": round(rss_after)}
+        result = attacks.under_attack(server, "flood", (server.address, pb.ClassifyRequest(task="sst2", texts=TEXTS),
+                                                        32), seconds, seconds, refusal_texts=4)
     finally:
         server.stop()
+    refused = result["refusal_probe"].get("RESOURCE_EXHAUSTED", {})
+    codes = {**result["attack"]["codes"], **result["valid_attacked"]["codes"]}
+    passed = (refused.get("n", 0) > 0 and refused["p99_ms"] < attacks.REFUSAL_MS
+              and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and result["rss_mb_peak"] < result["rss_mb_before"] * 1.25)
+    return {"check": "load past the queue limit", "passed": passed, "refused_p50_ms": refused.get("p50_ms"),
+            "refused_p99_ms": refused.get("p99_ms"), **result}
 
 
 def check_fuzz(store: str, requests: int) -> dict:
@@ -260,25 +260,52 @@ def check_soak(store: str, seconds: float) -> dict:
         server.stop()
 
 
+CHECKS = ("reload", "bad-stores", "sigterm", "overload", "fuzz", "soak", "attack-idle-streams", "attack-over-long",
+          "attack-queue-flood", "attack-reload-storm", "attack-hostile-stores", "attack-malformed",
+          "attack-second-server", "attack-sigterm")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default=str(ROOT / "stores" / "sst2"), help="a good sst2 store")
     p.add_argument("--quick", action="store_true", help="short runs of every check (about 2 minutes)")
     p.add_argument("--soak-seconds", type=float, default=600.0)
-    p.add_argument("--checks", default="reload,bad-stores,sigterm,overload,fuzz,soak")
+    p.add_argument("--checks", default=",".join(CHECKS))
     p.add_argument("--json", default=None)
+    p.add_argument("--split-cpus", action="store_true",
+                   help="run servers on the upper half of this machine's CPUs and every client and attacker on the "
+                        "lower half, as if across a network: the figures then measure the server, not the CPU its "
+                        "clients take from it")
     args = p.parse_args()
+    if args.split_cpus:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            p.error("--split-cpus needs at least 2 CPUs")
+        ServerProcess.cpus = set(cpus[len(cpus) // 2:])
+        os.sched_setaffinity(0, set(cpus[:len(cpus) // 2]))
     seconds = 5.0 if args.quick else 30.0
     soak = 20.0 if args.quick else args.soak_seconds
     wanted = args.checks.split(",")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = {"reload": lambda: check_reload_under_load(args.store, seconds),
-                "bad-stores": lambda: check_bad_stores(args.store, broken_copies(args.store, Path(tmp))),
+                "bad-stores": lambda: check_bad_stores(args.store, broken_copies(args.store, Path(tmp) / "broken")),
                 "sigterm": lambda: check_sigterm(args.store),
                 "overload": lambda: check_overload(args.store, seconds),
                 "fuzz": lambda: check_fuzz(args.store, 60 if args.quick else 400),
-                "soak": lambda: check_soak(args.store, soak)}
+                "soak": lambda: check_soak(args.store, soak),
+                "attack-idle-streams": lambda: attacks.check_idle_streams(args.store, seconds),
+                "attack-over-long": lambda: attacks.check_over_long_flood(args.store, seconds),
+                "attack-queue-flood": lambda: attacks.check_queue_flood(args.store, seconds),
+                "attack-reload-storm": lambda: attacks.check_reload_storm(args.store, seconds),
+                "attack-hostile-stores": lambda: attacks.check_hostile_stores(args.store, Path(tmp) / "hostile"),
+                "attack-malformed": lambda: attacks.check_malformed_and_streams(args.store,
+                                                                                200 if args.quick else 1000),
+                "attack-second-server": lambda: attacks.check_second_server(args.store),
+                "attack-sigterm": lambda: attacks.check_sigterm_notice(args.store)}
+        unknown = set(wanted) - set(runs)
+        if unknown:
+            p.error(f"unknown checks {sorted(unknown)}; valid: {', '.join(runs)}")
         for name in wanted:
             result = runs[name]()
             results.append(result)
@@ -287,7 +314,8 @@ def main() -> int:
     for r in results:
         print(f"| {r['check']} | {'PASS' if r['passed'] else 'FAIL'} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"quick": args.quick, "cores": os.cpu_count(), "results": results},
+        Path(args.json).write_text(json.dumps({"quick": args.quick, "cores": os.cpu_count(),
+                                               "server_cpus": sorted(ServerProcess.cpus or []), "results": results},
                                               indent=2))
     return 0 if all(r["passed"] for r in results) else 1
 

@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     except RaeeError as exc:
         print(f"raee-index {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a plot or JSON path that cannot be written, a disk that fills
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"raee-index {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

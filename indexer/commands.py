@@ -15,7 +15,7 @@ from raee.data import read_examples
 from raee.index import IndexSpec
 from raee.keys import Embedder, KeySpec
 from raee.raee_rule import RaeeConfig
-from raee.store import load_store
+from raee.store import check_store_root, load_store
 from raee.tasks import load_task
 from raee.tuning import choose, grid_search
 
@@ -38,6 +38,7 @@ def build(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(args.objective, args.epsilon, args.delta, args.depth_budget, args.gate_alpha,
                                    args.stream_p)  # bad settings are refused before anything is loaded
     policy = RaeeConfig(k=args.k, tau=args.tau)
+    check_store_root(args.out)  # a wrong --out fails now, not after loading the model and the calibration pass
     key = KeySpec.parse(args.key)
     task, examples, backbone = _load(args)
     embedder = Embedder(args.embedder, device=args.device) if key.source == "embedder" else None
@@ -49,7 +50,7 @@ def build(args: argparse.Namespace) -> int:
           f"{backbone.precision}, key {key}, index {args.index})")
     print(layer_table(calibration.records))
     store = load_store(version)
-    build = store.manifest["build"]
+    build = store.manifest.build
     print(f"\nindexed {calibration.records.num_items} items in {calibration.seconds:.1f} s "
           f"({calibration.items_per_second:.0f} items/s); with the index and calibration "
           f"{build['seconds_total']:.1f} s ({build['items_per_second_total']:.0f} items/s)")
@@ -74,15 +75,14 @@ def export(args: argparse.Namespace) -> int:
 
 def inspect(args: argparse.Namespace) -> int:
     store = load_store(args.store)
-    manifest = dict(store.manifest)
     print(f"store {store.path}  (checksums verified)")
-    print(json.dumps(manifest, indent=2))
+    print(json.dumps(store.manifest.to_dict(), indent=2))
     print()
     print(layer_table(store.records))
     if store.calibration_evidence is not None:
         print(calibration_summary(store))
     if args.plot:
-        plot_layers(store.records, args.plot, f"{store.task.name}: {manifest['backbone']['source']}")
+        plot_layers(store.records, args.plot, f"{store.task.name}: {store.manifest.backbone.source}")
         print(f"plot written to {args.plot}")
     if args.calibration_plot:
         if store.calibration_evidence is None:

@@ -95,7 +95,8 @@ def evaluate_task(engine: Engine, test_file: str, names: list[str], args: argpar
     return {"task": engine.task.name, "num_layers": engine.num_layers, "n": len(evaluator.examples),
             "n_read": len(examples), "n_unseen": int((~evaluator.view.seen).sum()), "test_file": test_file,
             "store": str(store.path), "key": str(store.key), "calibrated_policy": engine.calibrated().name,
-            "calibration_settings": store.manifest.get("calibration_settings"),
+            "calibration_settings": (store.manifest.calibration_settings.to_dict()
+                                     if store.manifest.calibration_settings else None),
             "calibration_evidence": evidence.to_dict() if evidence else None,
             "policies": {r.policy: r.to_dict() for r in results}, "_results": results}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,10 @@ from raee.errors import InputError, StoreError
 from raee.exit_policy import Objective
 from raee.index import IndexSpec, build_index, keys_of, leave_one_out_search
 from raee.keys import Embedder, KeySpec
+from raee.manifest import BackboneIdentity, EmbedderIdentity, Shard, StoreManifest
 from raee.raee_rule import RaeeConfig
 from raee.records import ExitRecords
-from raee.store import ExitStore, load_store, write_store
+from raee.store import ExitStore, check_store_root, load_store, write_store
 from raee.tasks import TaskDefinition
 
 log = logging.getLogger(__name__)
@@ -120,24 +121,15 @@ def run_calibration_pass(backbone: Backbone, task: TaskDefinition, examples: lis
 def store_manifest(task: TaskDefinition, backbone: Backbone, embedder: Embedder | None, key: KeySpec,
                    index_spec: IndexSpec, policy: RaeeConfig, calibration: CalibrationPass, *,
                    settings: CalibrationSettings, source_file: str | None = None,
-                   shard: tuple[int, int] | None = None) -> dict:
-    return {
-        "task": task.to_dict(),
-        "backbone": backbone.identity(),
-        "embedder": embedder.identity() if key.source == "embedder" else None,
-        "key": str(key),
-        "key_dim": int(calibration.keys.shape[1]),
-        "num_layers": backbone.num_layers,
-        "num_items": calibration.records.num_items,
-        "num_labels": task.num_labels,
-        "index": {"spec": index_spec.to_dict(), "metric": "inner_product", "normalized": True},
-        "policy": policy.to_dict(),
-        "calibration_settings": asdict(settings),
-        "shard": {"index": shard[0], "count": shard[1]} if shard else None,
-        "source_file": source_file,
-        "build": {"seconds": round(calibration.seconds, 3),
-                  "items_per_second": round(calibration.items_per_second, 1)},
-    }
+                   shard: tuple[int, int] | None = None) -> StoreManifest:
+    """The draft manifest of a store built from `calibration` (write_store adds the version and file entries)."""
+    return StoreManifest(
+        task=task, backbone=BackboneIdentity.from_dict(backbone.identity()),
+        embedder=EmbedderIdentity.from_dict(embedder.identity()) if key.source == "embedder" else None,
+        key=key, key_dim=int(calibration.keys.shape[1]), num_layers=backbone.num_layers,
+        num_items=calibration.records.num_items, num_labels=task.num_labels, index=index_spec, policy=policy,
+        calibration_settings=settings, shard=Shard(*shard) if shard else None, source_file=source_file,
+        build={"seconds": round(calibration.seconds, 3), "items_per_second": round(calibration.items_per_second, 1)})
 
 
 def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examples: list[Example], *,
@@ -146,7 +138,9 @@ def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examp
                 batch_size: int = 64, shard: tuple[int, int] | None = None, source_file: str | None = None,
                 progress: bool = True) -> tuple[Path, CalibrationPass]:
     """Run the backbone over the items, index them, calibrate the served policy (not for a shard: merging does)
-    and write a store version; returns (version directory, the calibration pass)."""
+    and write a store version; returns (version directory, the calibration pass). The output directory is checked
+    first, so a wrong --out fails in a second, not after an hour."""
+    check_store_root(out)
     started = time.perf_counter()
     calibration = run_calibration_pass(backbone, task, shard_of(examples, shard), key, embedder, batch_size,
                                        progress)
@@ -156,11 +150,13 @@ def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examp
     if shard is None:
         chosen, evidence = calibrate_items(calibration.records, index, calibration.texts, key.prefix_layers,
                                            task.metric, policy, settings)
-        manifest.update(calibrated_policy=chosen.to_dict(), calibration_evidence=evidence.to_dict())
+        manifest = dataclasses.replace(manifest, calibrated_policy=chosen, calibration_evidence=evidence,
+                                       requires=_requires(manifest.requires))
         log.info("calibrated %s: %s", settings.objective, chosen.name)
     seconds = time.perf_counter() - started
-    manifest["build"].update(seconds_total=round(seconds, 3),
-                             items_per_second_total=round(calibration.records.num_items / seconds, 1))
+    manifest = dataclasses.replace(manifest, build={
+        **manifest.build, "seconds_total": round(seconds, 3),
+        "items_per_second_total": round(calibration.records.num_items / seconds, 1)})
     version = write_store(out, manifest, calibration.records, index, calibration.texts, calibration.lines)
     return version, calibration
 
@@ -177,43 +173,48 @@ def calibrate_store(store: ExitStore, objective: Objective | None = None) -> Cal
     settings otherwise): how raee-eval scores several objectives from one store."""
     if objective is None:
         return store.calibrated_policy
-    saved = store.manifest.get("calibration_settings") or {}
-    settings = dataclasses.replace(CalibrationSettings(**saved), objective=objective)
+    settings = dataclasses.replace(store.manifest.calibration_settings or CalibrationSettings(), objective=objective)
     chosen, _ = calibrate_items(store.records, store.index, store.texts, store.key_layer, store.task.metric,
                                 store.policy, settings)
     return chosen
 
 
+def _requires(sections: tuple[str, ...]) -> tuple[str, ...]:
+    """`sections` plus the calibrated policy, which a reader must understand: ignoring it would serve another policy."""
+    return tuple(dict.fromkeys((*sections, "calibrated_policy")))
+
+
 # Manifest fields every shard of one build shares.
 SHARED_FIELDS = ("task", "backbone", "embedder", "key", "key_dim", "num_layers", "num_labels", "index", "policy",
-                 "calibration_settings", "source_file")
+                 "calibration_settings", "source_file", "extra")
 
 
 def merge_stores(out: str | Path, parts: list[str | Path]) -> Path:
     """Join shard stores (any order) into one store that answers exactly as an unsharded build."""
+    check_store_root(out)
     stores: list[ExitStore] = [load_store(p) for p in parts]
-    if any(s.manifest.get("shard") is None for s in stores):
+    if any(s.manifest.shard is None for s in stores):
         raise StoreError("every part must be a shard (built with --shard I/N)")
-    count = stores[0].manifest["shard"]["count"]
-    stores.sort(key=lambda s: s.manifest["shard"]["index"])
-    found = [s.manifest["shard"]["index"] for s in stores]
-    if found != list(range(count)) or any(s.manifest["shard"]["count"] != count for s in stores):
+    count = stores[0].manifest.shard.count
+    stores.sort(key=lambda s: s.manifest.shard.index)
+    found = [s.manifest.shard.index for s in stores]
+    if found != list(range(count)) or any(s.manifest.shard.count != count for s in stores):
         raise StoreError(f"merge needs shards 0..{count - 1} of one build exactly once, got {found}")
+    first = stores[0].manifest
     for s in stores[1:]:
-        differ = [f for f in SHARED_FIELDS if s.manifest.get(f) != stores[0].manifest.get(f)]
+        differ = [f for f in SHARED_FIELDS if getattr(s.manifest, f) != getattr(first, f)]
         if differ:
             raise StoreError(f"shard {s.path} differs from {stores[0].path} in {', '.join(differ)}")
     records = ExitRecords.concatenate([s.records for s in stores])
     keys = np.concatenate([keys_of(s.index) for s in stores])
     index = build_index(keys, stores[0].index_spec)
-    manifest = {f: stores[0].manifest.get(f) for f in SHARED_FIELDS}
     texts = [t for s in stores for t in s.texts]
-    first = stores[0]
-    settings = CalibrationSettings(**(first.manifest.get("calibration_settings") or {}))
-    chosen, evidence = calibrate_items(records, index, texts, first.key_layer, first.task.metric, first.policy,
-                                       settings)
-    manifest.update(num_items=records.num_items, shard=None, merged_from=[s.version for s in stores],
-                    calibrated_policy=chosen.to_dict(), calibration_evidence=evidence.to_dict(),
-                    build={"seconds": round(sum(s.manifest["build"]["seconds"] for s in stores), 3)})
+    chosen, evidence = calibrate_items(records, index, texts, stores[0].key_layer, first.task.metric, first.policy,
+                                       first.calibration_settings or CalibrationSettings())
+    manifest = dataclasses.replace(
+        first, num_items=records.num_items, shard=None, merged_from=tuple(s.version for s in stores),
+        calibrated_policy=chosen, calibration_evidence=evidence, requires=_requires(first.requires),
+        build={"seconds": round(sum(s.manifest.build.get("seconds", 0.0) for s in stores), 3)},
+        version="", created_at="", files={})
     lines = np.concatenate([s.lines for s in stores])
     return write_store(out, manifest, records, index, texts, lines)

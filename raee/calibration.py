@@ -70,6 +70,13 @@ class CalibrationSettings:
         if not 0 <= self.stream_p < 1:
             raise InputError(f"stream p must lie in [0, 1), got {self.stream_p}")
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CalibrationSettings":
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class CurvePoint:
@@ -138,7 +145,7 @@ class CalibratedPolicy:
                 rule = dict(rule)
                 rule = (RaeeConfig if rule.pop("name") == "raee" else AccuracyRuleConfig).from_dict(rule)
             gate = OffDomainGate.from_dict(values["gate"]) if values.get("gate") else None
-            return cls(CalibrationSettings(**values["settings"]), rule, gate)
+            return cls(CalibrationSettings.from_dict(values["settings"]), rule, gate)
         except (KeyError, TypeError) as exc:
             raise StoreError(f"the store's calibrated policy is malformed ({exc}); rebuild the store") from None
 

@@ -4,18 +4,8 @@ The client itself lives in service/client.py, with the rest of the gRPC code, so
 gRPC; this module only gives it its public name.
 """
 
-from service.client import (
-                            Classification,
-                            ClassifyResult,
-                            Client,
-                            Neighbour,
-                            RaeeClientError,
-                            ReloadResult,
-                            Request,
-                            ServerInfo,
-                            TaskInfo,
-                            Timings,
-)
+from service.client import (Classification, ClassifyResult, Client, Neighbour, RaeeClientError, ReloadResult,
+                            Request, RequestFailure, ServerInfo, TaskInfo, Timings)
 
 __all__ = ["Client", "Classification", "ClassifyResult", "Neighbour", "RaeeClientError", "ReloadResult", "Request",
-           "ServerInfo", "TaskInfo", "Timings"]
+           "RequestFailure", "ServerInfo", "TaskInfo", "Timings"]

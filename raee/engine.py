@@ -18,6 +18,7 @@ from raee.exit_policy import CALIBRATED, ENGINE_KINDS, ExitPolicy, Objective
 from raee.exits import Decision, RecordArrays, Resolved, decide, resolve
 from raee.index import on_best_device, search
 from raee.keys import Embedder
+from raee.manifest import StoreManifest
 from raee.offdomain import StreamMonitor, conformal_pvalues
 from raee.records import softmax
 from raee.store import ExitStore, check_compatible, load_store
@@ -60,16 +61,17 @@ class Classification:
     off_domain: str = ""  # the off-domain gate sent the text to full depth: far, disagree or shifted ("" = no)
 
 
-def load_backbone_for(manifest: dict, *, source: str | None = None, device: str = "cpu", runtime: str = "auto",
-                      precision: str | None = None, allow_precision_mismatch: bool = False) -> Backbone:
+def load_backbone_for(manifest: StoreManifest, *, source: str | None = None, device: str = "cpu",
+                      runtime: str = "auto", precision: str | None = None,
+                      allow_precision_mismatch: bool = False) -> Backbone:
     """The backbone a store was built with (source, kind, dtype, settings), on the runtime asked for, at the store's
     precision unless another is asked for."""
-    built = manifest["backbone"]
-    wanted = precision or built.get("precision")
+    built = manifest.backbone
+    wanted = precision or built.precision
     if precision is None and runtime == "torch" and wanted == "int8" and allow_precision_mismatch:
         wanted = None  # int8 records served by torch's own precision, as asked
-    return load_backbone(source or built["source"], kind=built["kind"], device=device, dtype=built["dtype"],
-                         runtime=runtime, precision=wanted, **built["settings"])
+    return load_backbone(source or built.source, kind=built.kind, device=device, dtype=built.dtype,
+                         runtime=runtime, precision=wanted, **built.settings)
 
 
 class Engine:
@@ -109,8 +111,8 @@ class Engine:
         if backbone is None:
             backbone = load_backbone_for(store.manifest, source=source, device=device, runtime=runtime,
                                          precision=precision, allow_precision_mismatch=allow_precision_mismatch)
-        if embedder is None and store.manifest.get("embedder"):
-            embedder = Embedder(store.manifest["embedder"]["source"], device=device)
+        if embedder is None and store.manifest.embedder is not None:
+            embedder = Embedder(store.manifest.embedder.source, device=device)
         return cls(store, backbone, embedder, allow_precision_mismatch)
 
     @property

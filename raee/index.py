@@ -120,8 +120,20 @@ def leave_one_out_search(index: faiss.Index, groups: np.ndarray, k: int) -> tupl
             np.take_along_axis(ids, order, axis=1)[:, :width])
 
 
-def read_index(path: str) -> faiss.Index:
+def deserialize_index(data: bytes | bytearray, where: str) -> faiss.Index:
+    """An index from the bytes of a keys.faiss file; StoreError naming `where` if they are not one."""
     try:
-        return faiss.read_index(path)
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:
-        raise StoreError(f"{path}: not a readable FAISS index: {str(exc).splitlines()[0]}") from None
+        raise StoreError(f"{where}: not a readable FAISS index: {str(exc).splitlines()[0]}") from None
+
+
+def index_type_of(index: faiss.Index) -> str:
+    """flat, hnsw or ivf for an inner-product index this module builds; "other" for anything else."""
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return "other"
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(index, faiss.IndexIVF):
+        return "ivf"
+    return "flat" if isinstance(index, faiss.IndexFlat) else "other"

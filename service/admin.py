@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from service.client import Client, RaeeClientError
 
@@ -13,6 +15,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raee-admin", description=__doc__)
     p.add_argument("--address", default="localhost:50051", help="server host:port (localhost:50051)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (30)")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="file holding the server's admin token, sent with reload (default: $RAEE_ADMIN_TOKEN)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backbone, tasks with store versions, limits (JSON)")
     c = sub.add_parser("classify", help="classify texts and print label, exit layer and latency")
@@ -37,10 +41,17 @@ def every_address(address: str) -> list[str]:
     return [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in found]
 
 
-def reload_everywhere(args: argparse.Namespace) -> int:
+def admin_token(args: argparse.Namespace) -> str | None:
+    """The admin token from --token-file, else $RAEE_ADMIN_TOKEN, else none."""
+    if args.token_file:
+        return Path(args.token_file).read_text(encoding="utf-8").strip()
+    return os.environ.get("RAEE_ADMIN_TOKEN") or None
+
+
+def reload_everywhere(args: argparse.Namespace, token: str | None) -> int:
     failed = 0
     for address in every_address(args.address):
-        with Client(address, timeout=args.timeout) as client:
+        with Client(address, timeout=args.timeout, token=token) as client:
             try:
                 r = client.reload(args.task, args.store)
                 print(f"{address} {r.task}: {r.previous_version} -> {r.store_version}")
@@ -52,9 +63,14 @@ def reload_everywhere(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    try:
+        token = admin_token(args)
+    except OSError as exc:
+        print(f"raee-admin: error: --token-file {args.token_file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     if args.command == "reload" and args.every_address:
-        return reload_everywhere(args)
-    with Client(args.address, timeout=args.timeout) as client:
+        return reload_everywhere(args, token)
+    with Client(args.address, timeout=args.timeout, token=token) as client:
         try:
             if args.command == "info":
                 info = client.info()

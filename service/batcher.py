@@ -1,12 +1,22 @@
-"""Dynamic micro-batching: a bounded queue, batches formed up to a size or a wait, one backbone worker.
+"""Dynamic micro-batching with admission control and fair shares between clients.
 
-Requests with the same task and options are batched together; their rows travel through the backbone as one batch
-and leave at their own exit layers. Work whose deadline has passed is dropped before any compute.
+Admission: `reserve(n)` counts a request's texts from the moment it is admitted (before any tokenizing) until each is
+answered, so max_queue bounds the real backlog and a refusal costs microseconds. When the queue is full, a client
+holding less of it than the heaviest one pushes out the heaviest one's newest queued requests (which get
+RESOURCE_EXHAUSTED) instead of being refused itself: a flood fills the queue, but cannot keep others out of it.
+Scheduling: a batch takes texts first from the clients (connections) holding the fewest texts in the queue, and
+among equals from those with the smallest virtual time, which grows by one per text scheduled (start-time fair
+queuing). A batch started for a light client takes no rows from clients holding far more (HEAVY_FACTOR), so it
+runs short; with max_batch_ms, batches shrink under load to about that long. So a client sending a few texts at a
+time waits about one batch whatever floods others send, and clients sending alike share alike. A request larger
+than max_batch is split across batches; its rows leave the backbone at their own exit layers. Work whose deadline
+has passed is dropped before any compute; a cancelled request's queued texts leave the queue at once.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -16,20 +26,14 @@ from dataclasses import dataclass, field
 from raee.engine import Classification, Engine
 from raee.errors import RaeeError
 from raee.exit_policy import ExitPolicy
+from service.errors import DeadlineExpired, Draining, QueueFull
 
 log = logging.getLogger(__name__)
 
-
-class QueueFull(RaeeError):
-    """The batching queue holds as many texts as allowed."""
-
-
-class DeadlineExpired(RaeeError):
-    """The request's deadline passed before its batch ran."""
-
-
-class Draining(RaeeError):
-    """The server is shutting down and takes no new work."""
+MAX_IDLE_CLIENTS = 4096  # fair-share records kept for clients with nothing queued
+SMOOTHING = 0.2  # weight of the newest batch in the batch and row time estimates
+MIN_BATCH_SHARE = 4  # max_batch_ms never shrinks batches below max_batch / this: throughput stays within reach
+HEAVY_FACTOR = 4  # a batch takes no rows from clients holding more than this times what its first client holds
 
 
 @dataclass(frozen=True)
@@ -41,55 +45,154 @@ class BatchKey:
     neighbours: bool
 
 
-@dataclass
-class Pending:
-    key: BatchKey
-    texts: list[str]
-    deadline: float | None  # time.monotonic() by which the answer is useless
-    future: Future = field(default_factory=Future)
-    enqueued: float = field(default_factory=time.monotonic)
-
-
 @dataclass(frozen=True)
 class BatchOutcome:
     results: list[Classification]
     store_version: str
-    queue_ms: float
+    queue_ms: float  # from admission to the start of the request's first batch
+
+
+class Reservation:
+    """Room for `texts` texts in the queue, taken at admission and given back as they are answered."""
+
+    def __init__(self, texts: int, client: str) -> None:
+        self.texts, self.client = texts, client
+        self.held = texts  # not yet answered or released
+
+
+@dataclass(eq=False)
+class Pending:
+    """One admitted request: its texts, where it stands, and the future its caller awaits."""
+
+    key: BatchKey
+    engine: Engine  # pinned at admission: a reload between batches does not mix store versions in one answer
+    texts: list[str]
+    deadline: float | None  # time.monotonic() by which the answer is useless
+    client: str
+    reservation: Reservation
+    admitted: float
+    future: Future = field(default_factory=Future)
+    results: list = field(default_factory=list)
+    next_row: int = 0  # rows handed to batches so far
+    started: float | None = None  # when its first batch started
+    failed: bool = False
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.texts)
+        self.future.set_running_or_notify_cancel()  # only the batcher settles it; a caller cancels via the batcher
+
+
+@dataclass(eq=False)
+class _Client:
+    vtime: float = 0.0  # virtual time: texts scheduled for this client, in the shared clock
+    queue: deque = field(default_factory=deque)
 
 
 class MicroBatcher:
-    def __init__(self, engine_for, max_batch: int, max_wait_ms: float, max_queue: int, metrics=None) -> None:
-        """engine_for(task) -> Engine, looked up when a batch runs (so a reload takes effect between batches)."""
-        self.engine_for = engine_for
+    def __init__(self, max_batch: int, max_wait_ms: float, max_queue: int, metrics=None,
+                 max_batch_ms: float = 0.0) -> None:
+        """max_batch_ms: when set, batches hold at most as many rows as recent batches ran in that time, so that
+        under load a batch, and so the wait of a client that sends a text now and then, stays about that long."""
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
+        self.max_batch_seconds = max_batch_ms / 1000.0
         self.metrics = metrics
-        self._queue: deque[Pending] = deque()
-        self._queued_texts = 0
+        self._clients: dict[str, _Client] = {}
+        self._vtime = 0.0  # virtual start time of the last text scheduled
+        self._backlog = 0  # texts admitted and not yet answered
+        self._held_by: dict[str, int] = {}  # the same, per client
+        self._batch_seconds: float | None = None  # smoothed time a batch takes
+        self._row_seconds: float | None = None  # smoothed time per row, within a batch
         self._cond = threading.Condition()
         self._closing = False
         self._busy = False
         self._worker = threading.Thread(target=self._run, name="raee-batcher", daemon=True)
         self._worker.start()
 
-    def submit(self, key: BatchKey, texts: list[str], deadline: float | None) -> Future:
-        pending = Pending(key, texts, deadline)
+    # -- admission ----------------------------------------------------------------------------------------------
+    def reserve(self, texts: int, client: str = "") -> Reservation:
+        """Room for `texts` more texts from `client`, or QueueFull / Draining at once."""
         with self._cond:
             if self._closing:
-                raise Draining("the server is shutting down")
-            if self._queued_texts + len(texts) > self.max_queue:
-                raise QueueFull(f"queue full ({self._queued_texts} texts waiting, limit {self.max_queue}); "
-                                "retry with backoff")
-            self._queue.append(pending)
-            self._queued_texts += len(texts)
+                raise Draining("the server is shutting down; retry on another replica")
+            if self._backlog + texts > self.max_queue:
+                self._push_out(texts, client)
+            if self._backlog + texts > self.max_queue:
+                raise QueueFull(f"queue full: {self._backlog} texts admitted and not yet answered, {texts} more would "
+                                f"pass the limit of {self.max_queue}; retry with backoff")
+            self._backlog += texts
+            self._held_by[client] = self._held_by.get(client, 0) + texts
             self._set_depth()
-            self._cond.notify()
-        return pending.future
+            return Reservation(texts, client)
 
-    def check_room(self, texts: int) -> None:
-        """Raise QueueFull now if `texts` more would not fit: lets a server refuse before validating a request."""
-        if self._queued_texts + texts > self.max_queue:  # a racy read is fine: submit() checks again under the lock
-            raise QueueFull(f"queue full ({self._queued_texts} texts waiting, limit {self.max_queue}); retry with "
-                            "backoff")
+    def _push_out(self, texts: int, client: str) -> None:
+        """Make room for a lighter client by refusing the newest not-yet-started requests of the heaviest clients
+        (those holding more of the queue than this one would)."""
+        mine = self._held_by.get(client, 0) + texts
+        while self._backlog + texts > self.max_queue:
+            victims = [(self._held_by.get(name, 0), p) for name, queued in self._clients.items() if name != client
+                       for p in reversed(queued.queue) if p.next_row == 0 and not p.failed]
+            victims = [(held, p) for held, p in victims if held > mine]
+            if not victims:
+                return
+            held, victim = max(victims, key=lambda v: v[0])
+            self._fail(victim, QueueFull(f"pushed out of a full queue by a client holding less of it than yours "
+                                         f"({held} texts); retry with backoff"))
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back what a reservation still holds (the request was refused after admission). Idempotent."""
+        with self._cond:
+            self._give_back(reservation, reservation.held)
+
+    def submit(self, reservation: Reservation, key: BatchKey, engine: Engine, texts: list[str],
+               deadline: float | None) -> Pending:
+        """Queue a request within its reservation; await `pending.future` for a BatchOutcome."""
+        if len(texts) != reservation.held:
+            raise ValueError(f"{len(texts)} texts submitted on a reservation holding {reservation.held}")
+        client = reservation.client
+        pending = Pending(key, engine, texts, deadline, client, reservation, time.monotonic())
+        with self._cond:
+            if self._closing:
+                self._give_back(reservation, reservation.held)
+                raise Draining("the server is shutting down; retry on another replica")
+            queue_of = self._clients.get(client)
+            if queue_of is None:
+                queue_of = self._clients[client] = _Client()
+            if not queue_of.queue:
+                queue_of.vtime = max(queue_of.vtime, self._vtime)  # no credit for time spent idle
+            queue_of.queue.append(pending)
+            self._cond.notify()
+        return pending
+
+    def cancel(self, pending: Pending) -> None:
+        """The caller went away: its texts not yet in a batch leave the queue now."""
+        with self._cond:
+            if not pending.future.done():
+                self._fail(pending, DeadlineExpired("the call was cancelled"))
+
+    def estimated_seconds(self, texts: int) -> float | None:
+        """A low estimate of the time to answer `texts` more texts: the batch in progress (if any), then as many
+        batches as its texts need, each as long as recent batches. None before any batch has run."""
+        if self._batch_seconds is None:
+            return None
+        batches = -(-texts // self._batch_rows()) + (1 if self._busy else 0)
+        return self._batch_seconds * batches
+
+    def _batch_rows(self) -> int:
+        """Most rows in the next batch: max_batch, or fewer (down to a quarter of it) when max_batch_ms says
+        batches run too long."""
+        if not self.max_batch_seconds or self._row_seconds is None:
+            return self.max_batch
+        fitting = int(self.max_batch_seconds / self._row_seconds)
+        return max(1, self.max_batch // MIN_BATCH_SHARE, min(self.max_batch, fitting))
+
+    @property
+    def backlog(self) -> int:
+        return self._backlog
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return self._backlog == 0 and not self._busy
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new work, finish what is queued; True if the worker finished in time."""
@@ -99,42 +202,106 @@ class MicroBatcher:
         self._worker.join(timeout)
         return not self._worker.is_alive()
 
-    @property
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._queue and not self._busy
+    # -- scheduling (under self._cond) ----------------------------------------------------------------------------
+    def _give_back(self, reservation: Reservation, texts: int) -> None:
+        texts = min(texts, reservation.held)
+        reservation.held -= texts
+        self._backlog -= texts
+        held = self._held_by.get(reservation.client, 0) - texts
+        if held > 0:
+            self._held_by[reservation.client] = held
+        else:
+            self._held_by.pop(reservation.client, None)
+        self._set_depth()
+
+    def _fail(self, pending: Pending, error: BaseException) -> None:
+        """Settle a request with an error; its unscheduled rows leave the backlog (rows in a running batch leave
+        when that batch ends)."""
+        pending.failed = True
+        self._give_back(pending.reservation, len(pending.texts) - pending.next_row)
+        pending.next_row = len(pending.texts)
+        if not pending.future.done():
+            pending.future.set_exception(error)
 
     def _set_depth(self) -> None:
         if self.metrics:
-            self.metrics.queue_depth.set(self._queued_texts)
+            self.metrics.queue_depth.set(self._backlog)
 
-    def _take_batch(self) -> list[Pending] | None:
-        """Block for the first request, then gather same-key requests up to max_batch rows or max_wait."""
+    def _head(self, client: _Client, now: float) -> Pending | None:
+        """The client's first request with rows left to schedule; requests dead meanwhile are settled and dropped."""
+        while client.queue:
+            p = client.queue[0]
+            if p.deadline is not None and now >= p.deadline and not p.failed:
+                self._fail(p, DeadlineExpired("the deadline passed while the request waited in the queue"))
+            if p.next_row < len(p.texts) and not p.failed:
+                return p
+            client.queue.popleft()
+        return None
+
+    def _next_rows(self, batch_key: tuple | None, room: int, now: float,
+                   max_held: float = math.inf) -> tuple[Pending, int] | None:
+        """(request, rows) to add to the batch, from the matching client that holds the fewest texts in the queue,
+        and among equals the one with the smallest virtual time: as many rows as keep it no further ahead than the
+        next such client. Clients holding more than max_held are passed over. None when nothing matches."""
+        ranked = []
+        for name, client in self._clients.items():
+            p = self._head(client, now)
+            held = self._held_by.get(name, 0)
+            if p is not None and held <= max_held and (batch_key is None or (p.key, id(p.engine)) == batch_key):
+                ranked.append((held, client.vtime, client, p))
+        if not ranked:
+            return None
+        ranked.sort(key=lambda r: r[:2])
+        held, vtime, client, p = ranked[0]
+        share = room
+        if len(ranked) > 1 and ranked[1][0] == held:
+            share = int(ranked[1][1] - vtime) + 1
+        rows = max(1, min(share, room, len(p.texts) - p.next_row))
+        self._vtime = vtime
+        client.vtime += rows
+        return p, rows
+
+    def _take_batch(self) -> list[tuple[Pending, range]] | None:
+        """Block for work, then gather rows of one key up to max_batch or max_wait, fairly across clients."""
         with self._cond:
-            while not self._queue:
+            while True:
+                batch: list[tuple[Pending, range]] = []
+                size, batch_key, until, limit, max_held = 0, None, None, self._batch_rows(), math.inf
+                while size < limit:
+                    now = time.monotonic()
+                    picked = self._next_rows(batch_key, limit - size, now, max_held)
+                    if picked is None:
+                        if not batch:
+                            break
+                        if now >= until or self._closing:
+                            break
+                        self._cond.wait(until - now)
+                        continue
+                    p, rows = picked
+                    batch.append((p, range(p.next_row, p.next_row + rows)))
+                    p.next_row += rows
+                    p.started = p.started or now
+                    size += rows
+                    if batch_key is None:  # light clients' rows run without heavy ones slowing their batch
+                        batch_key = (p.key, id(p.engine))
+                        max_held = HEAVY_FACTOR * max(1, self._held_by.get(p.client, 0))
+                    until = until or now + self.max_wait
+                if batch:
+                    self._busy = True
+                    self._forget_idle_clients()
+                    return batch
                 if self._closing:
                     return None
                 self._cond.wait()
-            first = self._queue.popleft()
-            batch, rows = [first], len(first.texts)
-            until = time.monotonic() + self.max_wait
-            while rows < self.max_batch:
-                match = next((p for p in self._queue if p.key == first.key and rows + len(p.texts) <= self.max_batch),
-                             None)
-                if match is not None:
-                    self._queue.remove(match)
-                    batch.append(match)
-                    rows += len(match.texts)
-                    continue
-                remaining = until - time.monotonic()
-                if remaining <= 0 or self._closing:
-                    break
-                self._cond.wait(remaining)
-            self._queued_texts -= rows
-            self._set_depth()
-            self._busy = True
-            return batch
 
+    def _forget_idle_clients(self) -> None:
+        if len(self._clients) > MAX_IDLE_CLIENTS:
+            self._clients = {c: s for c, s in self._clients.items() if s.queue}
+        else:
+            for name in [c for c, s in self._clients.items() if not s.queue and s.vtime <= self._vtime]:
+                del self._clients[name]
+
+    # -- running batches ------------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             batch = self._take_batch()
@@ -144,52 +311,76 @@ class MicroBatcher:
                 self._process(batch)
             except Exception:  # never let the worker die: fail the batch, keep serving
                 log.exception("batch failed")
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(RuntimeError("internal error while classifying"))
+                with self._cond:
+                    for p, rows in batch:
+                        self._give_back(p.reservation, len(rows))
+                        self._fail(p, RuntimeError("internal error while classifying"))
             finally:
                 with self._cond:
                     self._busy = False
 
-    def _process(self, batch: list[Pending]) -> None:
-        now = time.monotonic()
-        live = []
-        for p in batch:
-            if not p.future.set_running_or_notify_cancel():
-                continue  # the caller gave up (its deadline passed) and cancelled it
-            if p.deadline is not None and now >= p.deadline:
-                p.future.set_exception(DeadlineExpired("the deadline passed while the request waited in the queue"))
-            else:
-                live.append(p)
-        if not live:
+    def _live(self, batch: list[tuple[Pending, range]]) -> list[tuple[Pending, range]]:
+        """The batch less rows of requests that were cancelled or expired while it formed."""
+        now, live = time.monotonic(), []
+        with self._cond:
+            for p, rows in batch:
+                if not p.failed and p.deadline is not None and now >= p.deadline:
+                    self._fail(p, DeadlineExpired("the deadline passed while the request waited in the queue"))
+                if p.failed:
+                    self._give_back(p.reservation, len(rows))
+                else:
+                    live.append((p, rows))
+        return live
+
+    def _process(self, batch: list[tuple[Pending, range]]) -> None:
+        batch = self._live(batch)
+        if not batch:
             return
-        key = live[0].key
-        engine: Engine = self.engine_for(key.task)
-        texts = [t for p in live for t in p.texts]
+        engine, key = batch[0][0].engine, batch[0][0].key
+        texts = [p.texts[r] for p, rows in batch for r in rows]
         if self.metrics:
             self.metrics.batch_size.observe(len(texts))
+        started = time.perf_counter()
         try:
-            results = engine.classify(texts, policy=key.policy, with_neighbours=key.neighbours)
+            results = _classify(engine, key, texts)
         except RaeeError as exc:
-            if len(live) == 1:
-                live[0].future.set_exception(exc)
+            if len({id(p) for p, _ in batch}) == 1:
+                self._settle(batch[0][0], batch[0][1], None, exc)
                 return
-            # One request's bad input must not fail the others: run each alone.
-            for p in live:
-                self._run_alone(engine, p, now)
+            for p, rows in batch:  # one request's bad input must not fail the others: run each alone
+                try:
+                    self._settle(p, rows, _classify(engine, key, [p.texts[r] for r in rows]), None)
+                except RaeeError as alone:
+                    self._settle(p, rows, None, alone)
             return
+        seconds = time.perf_counter() - started
+        with self._cond:
+            self._batch_seconds = _smoothed(self._batch_seconds, seconds)
+            self._row_seconds = _smoothed(self._row_seconds, seconds / len(texts))
         start = 0
-        for p in live:
-            _answer(p, engine, results[start:start + len(p.texts)], now)
-            start += len(p.texts)
+        for p, rows in batch:
+            self._settle(p, rows, results[start:start + len(rows)], None)
+            start += len(rows)
 
-    def _run_alone(self, engine: Engine, p: Pending, now: float) -> None:
-        try:
-            _answer(p, engine, engine.classify(p.texts, policy=p.key.policy, with_neighbours=p.key.neighbours),
-                    now)
-        except RaeeError as exc:
-            p.future.set_exception(exc)
+    def _settle(self, p: Pending, rows: range, results: list[Classification] | None,
+                error: BaseException | None) -> None:
+        """Record a batch's answers (or error) for some rows of a request; answer the request when all are in."""
+        with self._cond:
+            self._give_back(p.reservation, len(rows))
+            if p.failed:
+                return
+            if error is not None:
+                self._fail(p, error)
+                return
+            p.results[rows.start:rows.stop] = results
+            if all(r is not None for r in p.results):
+                p.future.set_result(BatchOutcome(p.results, p.engine.store.version,
+                                                 ((p.started or p.admitted) - p.admitted) * 1e3))
 
 
-def _answer(p: Pending, engine: Engine, results: list[Classification], batch_started: float) -> None:
-    p.future.set_result(BatchOutcome(results, engine.store.version, (batch_started - p.enqueued) * 1e3))
+def _smoothed(average: float | None, value: float) -> float:
+    return value if average is None else (1 - SMOOTHING) * average + SMOOTHING * value
+
+
+def _classify(engine: Engine, key: BatchKey, texts: list[str]) -> list[Classification]:
+    return engine.classify(texts, policy=key.policy, with_neighbours=key.neighbours)

@@ -52,11 +52,20 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class RequestFailure:
+    """Why one request of a stream failed; the stream went on."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass(frozen=True)
 class ClassifyResult:
     results: tuple[Classification, ...]
     timings: Timings
     store_version: str
     request_id: str = ""
+    error: RequestFailure | None = None  # streams only: this request failed (results is empty)
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,15 @@ def _request(r: Request) -> pb.ClassifyRequest:
                               return_neighbours=r.neighbours, request_id=r.request_id)
 
 
+def _status(number: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
+
+
 def _result(response: pb.ClassifyResponse) -> ClassifyResult:
+    if response.HasField("error"):
+        e = response.error
+        return ClassifyResult((), Timings(0.0, 0.0, 0.0, 0.0, 0.0), response.store_version, response.request_id,
+                              RequestFailure(_status(e.code), e.message))
     t = response.timings
     return ClassifyResult(
         tuple(Classification(c.label, c.label_index, tuple(c.scores), c.exit_layer, c.num_layers, c.layers_run,
@@ -121,6 +138,7 @@ class Client:
     backoff: float = 0.2  # first wait between attempts, doubled each time
     root_certificates: bytes | None = None  # PEM; TLS when given
     stream_timeout: float | None = None  # seconds for a whole stream; None = no deadline
+    token: str | None = None  # admin token, sent with ReloadStore as "authorization: Bearer TOKEN"
     _channel: grpc.Channel = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -130,11 +148,11 @@ class Client:
             self._channel = grpc.insecure_channel(self.address)
         self._stub = pb_grpc.RaeeStub(self._channel)
 
-    def _call(self, method, request):
+    def _call(self, method, request, metadata=None):
         wait = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                return method(request, timeout=self.timeout)
+                return method(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as exc:
                 if exc.code() in RETRYABLE and attempt < self.retries:
                     time.sleep(wait)
@@ -149,7 +167,8 @@ class Client:
         return _result(self._call(self._stub.Classify, request))
 
     def stream(self, requests: Iterable[Request]) -> Iterator[ClassifyResult]:
-        """Send requests on one bidirectional stream; results come back in order."""
+        """Send requests on one bidirectional stream; one result per request comes back, in order. A request that
+        failed comes back with `error` set; the stream goes on."""
         try:
             for response in self._stub.ClassifyStream((_request(r) for r in requests),
                                                           timeout=self.stream_timeout):
@@ -166,10 +185,12 @@ class Client:
             tuple(TaskInfo(t.name, tuple(t.labels), t.store_version, t.store_path, json.loads(t.manifest_json))
                   for t in r.tasks),
             {"max_texts": lim.max_texts, "max_text_bytes": lim.max_text_bytes, "max_batch": lim.max_batch,
-             "max_wait_ms": lim.max_wait_ms, "max_queue": lim.max_queue}, r.version)
+             "max_wait_ms": lim.max_wait_ms, "max_queue": lim.max_queue, "max_streams": lim.max_streams,
+             "stream_idle_s": lim.stream_idle_s}, r.version)
 
     def reload(self, task: str, store_path: str) -> ReloadResult:
-        r = self._call(self._stub.ReloadStore, pb.ReloadStoreRequest(task=task, store_path=store_path))
+        metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None
+        r = self._call(self._stub.ReloadStore, pb.ReloadStoreRequest(task=task, store_path=store_path), metadata)
         return ReloadResult(r.task, r.previous_version, r.store_version)
 
     def wait_until_serving(self, timeout: float = 120.0) -> None:

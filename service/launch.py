@@ -22,18 +22,34 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`raee-serve --store ... --host 127.0.0.1 --port <free>`; its output goes to a temporary log file."""
+    """`raee-serve --store ... --host 127.0.0.1 --port <free>`; its output goes to a temporary log file.
 
-    def __init__(self, stores: list[str], *extra: str, grace: float = 10.0) -> None:
-        self.port = free_port()
+    admin: also an admin listener on a free loopback port (`admin_address`), reloading from `roots` (default: the
+    stores' directories). drain: the SIGTERM notice period (0 here: most users of this class stop servers often)."""
+
+    cpus: set[int] | None = None  # CPUs every server runs on (a benchmark keeps its clients off them); None = any
+
+    def __init__(self, stores: list[str], *extra: str, grace: float = 10.0, drain: float = 0.0, admin: bool = False,
+                 roots: tuple[str, ...] = (), port: int | None = None, metrics: bool = False) -> None:
+        self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.admin_port = free_port() if admin else None
+        self.admin_address = f"127.0.0.1:{self.admin_port}" if admin else None
+        self.metrics_port = free_port() if metrics else None
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="raee-serve-", delete=False)
         args = [sys.executable, "-m", "service.server", "--host", "127.0.0.1", "--port", str(self.port),
-                "--metrics-port", "-1", "--grace-s", str(grace), *extra]
+                "--metrics-port", str(self.metrics_port or -1), "--grace-s", str(grace), "--drain-s", str(drain)]
+        if admin:
+            args += ["--admin", "true", "--admin-port", str(self.admin_port)]
+        if roots:
+            args += ["--store-roots", ",".join(roots)]
+        args += list(extra)
         for store in stores:
             args += ["--store", store]
+        cpus = self.cpus
         self.process = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+                                        stdout=self.log, stderr=subprocess.STDOUT,
+                                        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
 
     def wait_serving(self, timeout: float = 300) -> bool:
         """True once health reports SERVING; False if it did not within `timeout` seconds."""

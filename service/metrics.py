@@ -27,7 +27,12 @@ class ServerMetrics:
                                   ["task"], registry=r)
         self.batch_size = Histogram("raee_batch_size", "Rows per backbone batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.queue_depth = Gauge("raee_queue_depth", "Texts waiting in the batching queue", registry=r)
+        self.queue_depth = Gauge("raee_queue_depth", "Texts admitted and not yet answered (max_queue bounds it)",
+                                 registry=r)
+        self.stream_messages = Counter("raee_stream_messages", "ClassifyStream requests answered, by status code",
+                                       ["code"], registry=r)
+        self.slowed_refusals = Counter("raee_slowed_refusals", "Refusals answered late because their client keeps "
+                                       "sending what gets refused (service/throttle.py)", registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Start the HTTP exposition server; returns (http server, thread)."""

@@ -1,14 +1,23 @@
 """raee-serve: the gRPC server. It listens at once with health NOT_SERVING, loads the backbone and stores, warms
-them, then turns SERVING. SIGTERM: NOT_SERVING, new requests refused, in-flight work drains, exit."""
+them, then turns SERVING. SIGTERM: NOT_SERVING and new calls refused (UNAVAILABLE) while the listener stays up for
+drain_s, in-flight work finishes, then the listener closes; all within grace_s.
+
+The gRPC side runs on an asyncio event loop in a thread of its own: an open stream costs a coroutine, not a
+thread, so idle streams cannot starve health checks or other calls. The loop never runs model code: requests are
+tokenized on a small pool, batches run on the batcher's thread, reloads on a thread of their own.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
-from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,20 +29,26 @@ from raee.engine import load_backbone_for
 from raee.errors import RaeeError
 from raee.runtime import configure_threads
 from raee.store import load_store
-from service.api import pb as raee_pb2
-from service.api import pb_grpc as raee_pb2_grpc
+from service.admission import Admission
 from service.batcher import MicroBatcher
 from service.config import ServerConfig, load_config
+from service.errors import StartupError
+from service.handlers import SERVICE, raee_handler
 from service.metrics import ServerMetrics
 from service.registry import StoreRegistry
+from service.reload import ReloadGuard, Reloader, read_token
 from service.servicer import RaeeServicer
+from service.streams import StreamSlots
+from service.throttle import RefusalThrottle
 
 log = logging.getLogger("raee-serve")
-SERVICE_NAME = raee_pb2.DESCRIPTOR.services_by_name["Raee"].full_name  # "raee.v1.Raee"
+SERVICE_NAME = SERVICE.full_name  # "raee.v1.Raee"
+VALIDATION_THREADS = 2  # tokenize incoming requests apart from the batcher
+RPC_HEADROOM = 256  # calls beyond the queue and streams that may be in progress at once (health, info, refusals)
 
 
 class RaeeServer:
-    """One server process: gRPC (Raee, health, reflection) and Prometheus metrics."""
+    """One server process: gRPC (Raee, health, reflection), an optional admin listener, Prometheus metrics."""
 
     def __init__(self, config: ServerConfig, backbone: Backbone | Callable[[], Backbone] | None = None) -> None:
         """backbone: a loaded backbone, a function that loads one, or None to load what the stores name."""
@@ -41,40 +56,92 @@ class RaeeServer:
         cache.use(config.cache_dir)
         configure_threads(config.threads or None)
         self.metrics = ServerMetrics()
-        self.servicer = RaeeServicer(config, self.metrics)
-        self.health = health.HealthServicer()
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="rpc"),
-                                options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-        raee_pb2_grpc.add_RaeeServicer_to_server(self.servicer, self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        address = f"{config.host}:{config.port}"
-        if config.tls_cert:
-            with open(config.tls_key, "rb") as key, open(config.tls_cert, "rb") as cert:
-                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-            self.port = self.grpc.add_secure_port(address, credentials)
-        else:
-            self.port = self.grpc.add_insecure_port(address)
-        self.metrics_port = None
+        token = read_token(config.admin_token_file) if config.admin_token_file else None
+        self.admission = Admission(config, ThreadPoolExecutor(VALIDATION_THREADS, thread_name_prefix="raee-validate"))
+        streams = StreamSlots(config.max_streams)
+        on_public = config.admin and token is not None
+        refusal = ("ReloadStore is off on this server (admin: false)" if not config.admin else
+                   f"ReloadStore is served on the admin listener only ({config.admin_host}:{config.admin_port})")
+        throttle = RefusalThrottle()
+        self.servicer = RaeeServicer(config, self.metrics, self.admission, streams,
+                                     ReloadGuard(on_public, token, refusal), throttle)
+        self.admin_servicer = (RaeeServicer(config, self.metrics, self.admission, streams, ReloadGuard(True, token),
+                                            throttle) if config.admin and config.admin_port >= 0 else None)
+        self._reloads = ThreadPoolExecutor(1, thread_name_prefix="raee-reload")
         self._backbone = backbone
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="raee-grpc", daemon=True)
+        self._listeners: list[grpc.aio.Server] = []
+        self._http = None
+        self.health = None
+        self.port = self.admin_port = self.metrics_port = None
+        self.registry: StoreRegistry | None = None
+        self.batcher: MicroBatcher | None = None
         self.loaded = threading.Event()
         self.load_error: BaseException | None = None
-        self.batcher: MicroBatcher | None = None
+        self._stopped = threading.Event()
 
-    def _set_health(self, status) -> None:
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
+    def _on_loop(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
+    # -- start ----------------------------------------------------------------------------------------------------
     def start(self) -> "RaeeServer":
-        self.grpc.start()
-        if self.config.metrics_port >= 0:
-            http, _ = self.metrics.serve(self.config.metrics_port, self.config.host)
-            self.metrics_port = http.server_port
-            self._http = http
-        log.info("listening on %s:%d (metrics on %s), loading", self.config.host, self.port, self.metrics_port)
+        """Bind every listener (StartupError naming a taken port), then load in the background."""
+        self._loop_thread.start()
+        try:
+            self._on_loop(self._listen())
+            if self.config.metrics_port >= 0:
+                try:
+                    self._http, _ = self.metrics.serve(self.config.metrics_port, self.config.host)
+                except OSError as exc:
+                    raise StartupError(f"cannot serve metrics on {self.config.host}:{self.config.metrics_port}: "
+                                       f"{exc.strerror or exc}; choose another metrics_port (-1 = off)") from None
+                self.metrics_port = self._http.server_port
+        except BaseException:
+            self._on_loop(self._close_listeners(0))
+            self._stop_loop()
+            raise
+        log.info("listening on %s:%d (admin %s, metrics %s), loading", self.config.host, self.port,
+                 self.admin_port, self.metrics_port)
         threading.Thread(target=self._load, name="raee-load", daemon=True).start()
         return self
+
+    async def _listen(self) -> None:
+        self.health = health.aio.HealthServicer()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._listener(self.servicer, self.config.host, self.config.port)
+        if self.admin_servicer is not None:
+            self.admin_port = self._listener(self.admin_servicer, self.config.admin_host, self.config.admin_port)
+        for listener in self._listeners:
+            await listener.start()
+
+    def _listener(self, servicer: RaeeServicer, host: str, port: int) -> int:
+        c = self.config
+        largest_request = c.max_texts * (c.max_text_bytes + 16) + (64 << 10)
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
+                     ("grpc.max_receive_message_length", max(4 << 20, 2 * largest_request))],
+            maximum_concurrent_rpcs=c.max_queue + c.max_streams + RPC_HEADROOM)
+        server.add_generic_rpc_handlers((raee_handler(servicer, self.metrics),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self._listeners.append(server)
+        address = f"{host}:{port}"
+        check_port_free(host, port, "gRPC" if servicer is self.servicer else "admin")
+        try:
+            if c.tls_cert:
+                with open(c.tls_key, "rb") as key, open(c.tls_cert, "rb") as cert:
+                    credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+                bound = server.add_secure_port(address, credentials)
+            else:
+                bound = server.add_insecure_port(address)
+        except OSError as exc:
+            raise StartupError(f"cannot read the TLS key or certificate: {exc}") from None
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise StartupError(f"cannot listen on {address}: the port is taken or the address is not this host's")
+        return bound
 
     def _load(self) -> None:
         try:
@@ -84,13 +151,16 @@ class RaeeServer:
                 backbone = (self._backbone or self._load_backbone)()
             registry = StoreRegistry(backbone, self.config.device, self.config.allow_precision_mismatch)
             for store in self.config.stores:
-                registry.add(store)
-            self.batcher = MicroBatcher(registry.get, self.config.max_batch, self.config.max_wait_ms,
-                                        self.config.max_queue, self.metrics)
-            for engine in registry.engines():  # warm: first calls allocate, JIT-dispatch and fill caches
-                engine.classify([engine.store.texts[0]])
-            self.servicer.ready(registry, self.batcher)
-            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+                registry.add(store)  # verified and warmed on one query
+            self.batcher = MicroBatcher(self.config.max_batch, self.config.max_wait_ms, self.config.max_queue,
+                                        self.metrics, self.config.max_batch_ms)
+            reloader = Reloader(registry, self.config.roots, self._reloads)
+            for servicer in (self.servicer, self.admin_servicer):
+                if servicer is not None:
+                    servicer.reloader = reloader
+            self.registry = registry
+            self.admission.ready(registry, self.batcher)
+            self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
             log.info("SERVING tasks %s on %s backbone %s", [e.task.name for e in registry.engines()],
                      backbone.kind, backbone.source)
         except BaseException as exc:  # noqa: BLE001 - reported to the operator, health stays NOT_SERVING
@@ -105,17 +175,61 @@ class RaeeServer:
                                  runtime=c.runtime, precision=c.precision,
                                  allow_precision_mismatch=c.allow_precision_mismatch)
 
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    # -- stop -----------------------------------------------------------------------------------------------------
     def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period, stop."""
+        """NOT_SERVING and new calls refused at once; the listener stays up for the notice period (drain_s) while
+        in-flight work finishes; then it closes. Everything within `grace` seconds (default grace_s)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
         grace = self.config.grace_s if grace is None else grace
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        done = self.grpc.stop(grace)
+        started = time.monotonic()
+        self.admission.draining = True
+        self._on_loop(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        notice = min(self.config.drain_s, grace)
+        while (elapsed := time.monotonic() - started) < grace:
+            if elapsed >= notice and (self.batcher is None or self.batcher.idle):
+                break
+            time.sleep(0.02)
+        left = max(0.0, grace - (time.monotonic() - started))
         if self.batcher is not None:
-            self.batcher.close(timeout=grace)
-        done.wait(grace + 1)
-        if getattr(self, "_http", None) is not None:
+            self.batcher.close(timeout=left)
+        self._on_loop(self._close_listeners(min(1.0, left)))  # answers already computed still go out
+        if self._http is not None:
             self._http.shutdown()
+        self._stop_loop()
+        self.admission.executor.shutdown(wait=False, cancel_futures=True)
+        self._reloads.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
+
+    async def _close_listeners(self, grace: float) -> None:
+        await asyncio.gather(*(listener.stop(grace) for listener in self._listeners))
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(10)
+
+
+def check_port_free(host: str, port: int, what: str = "gRPC") -> None:
+    """StartupError now if something already listens on host:port (gRPC would say so only in its own log)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # gRPC reports an address it cannot resolve
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port} ({what}): {exc.strerror} (another raee-serve?); stop "
+                               "it or choose another port") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,14 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         config = load_config(argv)
+        for host, port, what in ((config.host, config.port, "gRPC"), (config.admin_host, config.admin_port, "admin"),
+                                 (config.host, config.metrics_port, "metrics")):
+            if port > 0:
+                check_port_free(host, port, what)  # before anything else starts: one line and exit 2
+        server = RaeeServer(config).start()
     except RaeeError as exc:
         print(f"raee-serve: error: {exc}", file=sys.stderr)
         return 2
-    server = RaeeServer(config).start()
     stopping = threading.Event()
 
     def on_signal(signum, _frame) -> None:
-        log.info("signal %d: draining (grace %.0f s)", signum, config.grace_s)
+        log.info("signal %d: draining (notice %.0f s, grace %.0f s)", signum, config.drain_s, config.grace_s)
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -1,226 +1,90 @@
-"""The raee.v1.Raee servicer: request -> domain call -> response. Errors map to status codes in `status_for`."""
+"""The raee.v1.Raee methods: request -> domain call -> core -> response. Errors are raised, never handled here:
+service.handlers turns them into status codes (service.errors.status_for) and counts every call."""
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
-import queue
-import threading
 import time
 
 import grpc
 
-from raee import __version__
-from raee.errors import InputError, RaeeError, StoreError
-from service.batcher import BatchKey, DeadlineExpired, Draining, MicroBatcher, QueueFull
-from service.config import ServerConfig
+from service import convert
+from service.admission import Admission
 from service.api import pb
-from service.api import pb_grpc as raee_pb2_grpc
+from service.config import ServerConfig
+from service.errors import status_for
+from service.handlers import slow_down
 from service.metrics import ServerMetrics
-from service.policy_wire import from_wire
-from service.registry import StoreRegistry
-
-log = logging.getLogger(__name__)
-
-
-class NotReady(RaeeError):
-    """The backbone and stores are still loading."""
+from service.reload import ReloadGuard, Reloader
+from service.streams import StreamSlots, answer_in_order
+from service.throttle import RefusalThrottle
 
 
-class AdminDisabled(RaeeError):
-    """ReloadStore is turned off on this server."""
+class RaeeServicer:
+    """One listener's view of the server: the shared admission, streams and reloader, and this listener's guard."""
 
+    def __init__(self, config: ServerConfig, metrics: ServerMetrics, admission: Admission, streams: StreamSlots,
+                 guard: ReloadGuard, throttle: RefusalThrottle) -> None:
+        self.config, self.metrics, self.admission, self.streams, self.guard = config, metrics, admission, streams, guard
+        self.throttle = throttle  # shared by every listener: slows clients that keep getting refused
+        self.reloader: Reloader | None = None  # set once the stores are loaded
 
-def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The one place where errors become status codes."""
-    if isinstance(exc, (InputError, ValueError)) and not isinstance(exc, StoreError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, (NotReady, Draining)):
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(exc, DeadlineExpired):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    if isinstance(exc, StoreError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, AdminDisabled):
-        return grpc.StatusCode.PERMISSION_DENIED
-    return grpc.StatusCode.INTERNAL
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        received = time.perf_counter()
+        call = convert.classify_call(request)
+        outcome = await self.admission.classify(call, context.peer(), deadline_of(context))
+        self._observe(call, outcome, received)
+        return convert.classify_response(call, outcome, (time.perf_counter() - received) * 1e3)
 
+    async def ClassifyStream(self, requests, context: grpc.aio.ServicerContext):
+        self.admission.check_open()
+        async with self.streams.slot():
+            async for response in answer_in_order(requests, lambda r: self._stream_answer(r, context),
+                                                  window=self.config.max_batch, idle_s=self.config.stream_idle_s):
+                yield response
 
-def rpc(method):
-    """Count every call by status code; turn raised errors into an abort with a message a person can act on."""
-    @functools.wraps(method)
-    def wrapper(self, request, context):
+    async def _stream_answer(self, request, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        """One stream request's response: its results, or its own error; the stream goes on either way."""
+        request_id = getattr(request, "request_id", "")
         try:
-            response = method(self, request, context)
-            self.metrics.requests.labels(method.__name__, "OK").inc()
+            if not isinstance(request, pb.ClassifyRequest):
+                raise request.error  # bytes that did not parse (service.handlers.Malformed)
+            response = await self.Classify(request, context)
+            self.metrics.stream_messages.labels("OK").inc()
             return response
-        except Exception as exc:  # noqa: BLE001 - every error leaves as a status, never as a crash
-            code = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
-            self.metrics.requests.labels(method.__name__, code.name).inc()
-            message = str(exc) if code != grpc.StatusCode.INTERNAL else "internal error; see the server log"
-            context.abort(code, message)
-    return wrapper
+        except Exception as exc:  # noqa: BLE001 - answered in the stream, see convert.error_response
+            response = convert.error_response(exc, request_id)
+            self.metrics.stream_messages.labels(response.error.code_name).inc()
+            await slow_down(self.throttle, self.metrics, status_for(exc), context.peer())
+            return response
 
+    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:
+        self.admission.check_open()
+        return convert.info_response(self.admission.registry, self.config)
 
-class RaeeServicer(raee_pb2_grpc.RaeeServicer):
-    def __init__(self, config: ServerConfig, metrics: ServerMetrics) -> None:
-        self.config, self.metrics = config, metrics
-        self.registry: StoreRegistry | None = None
-        self.batcher: MicroBatcher | None = None
+    async def ReloadStore(self, request: pb.ReloadStoreRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ReloadStoreResponse:
+        self.guard.check(context.invocation_metadata())
+        self.admission.check_open()
+        previous, current = await self.reloader.reload(request.task, request.store_path, deadline_of(context))
+        return pb.ReloadStoreResponse(task=request.task, previous_version=previous, store_version=current)
 
-    def ready(self, registry: StoreRegistry, batcher: MicroBatcher) -> None:
-        self.registry, self.batcher = registry, batcher
-
-    # -- requests -> domain ----------------------------------------------------------------------------------
-    def _key(self, request: pb.ClassifyRequest) -> BatchKey:
-        if self.registry is None:
-            raise NotReady("the server is still loading its backbone and stores; retry shortly")
-        engine = self.registry.get(request.task)
-        self.batcher.check_room(len(request.texts))  # refuse overload before the costlier checks below
-        if not request.texts:
-            raise InputError("no texts given")
-        if len(request.texts) > self.config.max_texts:
-            raise InputError(f"{len(request.texts)} texts in one request; the limit is {self.config.max_texts}")
-        for i, text in enumerate(request.texts):
-            if len(text.encode("utf-8")) > self.config.max_text_bytes:
-                raise InputError(f"text {i} is {len(text.encode('utf-8'))} bytes; the limit is "
-                                 f"{self.config.max_text_bytes}")
-        engine.check_texts(list(request.texts))
-        policy = from_wire(request.policy, request.static_layer, request.k)
-        engine.resolve(policy)  # a static layer past the last one is refused here, not in a batch
-        return BatchKey(request.task, policy, request.return_neighbours)
-
-    def _submit(self, request: pb.ClassifyRequest, context):
-        key = self._key(request)  # raises NotReady before the batcher exists
-        remaining = time_left(context)
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        return self.batcher.submit(key, list(request.texts), deadline), time.perf_counter()
-
-    def _response(self, request: pb.ClassifyRequest, future, received: float, timeout: float | None):
-        try:
-            outcome = future.result(timeout=timeout)
-        except TimeoutError:
-            future.cancel()
-            raise DeadlineExpired("the deadline passed before the batch finished") from None
-        total_ms = (time.perf_counter() - received) * 1e3
+    def _observe(self, call: convert.ClassifyCall, outcome, received: float) -> None:
         times = outcome.results[0].times
         for stage, ms in (("queue", outcome.queue_ms), ("key", times.key_ms), ("search", times.search_ms),
-                          ("backbone", times.backbone_ms), ("total", total_ms)):
+                          ("backbone", times.backbone_ms), ("total", (time.perf_counter() - received) * 1e3)):
             self.metrics.stage_seconds.labels(stage).observe(ms / 1e3)
         for r in outcome.results:
-            self.metrics.exit_layer.labels(request.task).observe(r.exit_layer)
-        if request.policy in (pb.POLICY_KIND_UNSPECIFIED, pb.POLICY_KIND_RAEE):
-            self.metrics.raee_texts.labels(request.task).inc(len(outcome.results))
-            self.metrics.full_depth_fallbacks.labels(request.task).inc(
+            self.metrics.exit_layer.labels(call.task).observe(r.exit_layer)
+        if call.policy.uses_neighbours:  # calibrated or RAEE
+            self.metrics.raee_texts.labels(call.task).inc(len(outcome.results))
+            self.metrics.full_depth_fallbacks.labels(call.task).inc(
                 sum(r.full_depth_fallback for r in outcome.results))
             for r in outcome.results:
                 if r.off_domain:
-                    self.metrics.off_domain.labels(request.task, r.off_domain).inc()
-        return pb.ClassifyResponse(
-            results=[pb.Classification(
-                label=r.label, label_index=r.label_index, scores=r.scores, exit_layer=r.exit_layer,
-                num_layers=r.num_layers, layers_run=r.layers_run, off_domain=r.off_domain,
-                neighbours=[pb.Neighbour(id=n.id, similarity=n.similarity) for n in r.neighbours])
-                for r in outcome.results],
-            timings=pb.StageTimings(queue_ms=outcome.queue_ms, key_ms=times.key_ms, search_ms=times.search_ms,
-                                    backbone_ms=times.backbone_ms, total_ms=total_ms),
-            store_version=outcome.store_version, request_id=request.request_id)
-
-    # -- RPCs -----------------------------------------------------------------------------------------------
-    @rpc
-    def Classify(self, request, context):
-        future, received = self._submit(request, context)
-        return self._response(request, future, received, time_left(context))
-
-    def ClassifyStream(self, request_iterator, context):
-        """Requests are read ahead and queued as they arrive; responses leave in request order."""
-        pending: queue.Queue = queue.Queue(maxsize=max(4, self.config.max_batch))
-        done, finished = object(), threading.Event()
-
-        def put(item) -> bool:
-            while not finished.is_set():  # the stream may end (abort, client gone) while we wait for room
-                try:
-                    pending.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def read() -> None:
-            try:
-                for request in request_iterator:
-                    if finished.is_set():
-                        return
-                    try:
-                        submitted = (request, *self._submit(request, context), None)
-                    except Exception as exc:  # noqa: BLE001 - reported in order, below
-                        put((request, None, None, exc))
-                        return
-                    if not put(submitted):
-                        return
-            except Exception:  # the client went away
-                pass
-            finally:
-                put(done)
-
-        threading.Thread(target=read, name="raee-stream-reader", daemon=True).start()
-        try:
-            yield from self._stream_responses(pending, done, context)
-        finally:
-            finished.set()
-
-    def _stream_responses(self, pending: queue.Queue, done, context):
-        while (item := pending.get()) is not done:
-            request, future, received, error = item
-            try:
-                if error is not None:
-                    raise error
-                response = self._response(request, future, received, time_left(context))
-            except Exception as exc:  # noqa: BLE001
-                code = status_for(exc)
-                self.metrics.requests.labels("ClassifyStream", code.name).inc()
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("ClassifyStream failed")
-                context.abort(code, str(exc) if code != grpc.StatusCode.INTERNAL else "internal error")
-            yield response
-        self.metrics.requests.labels("ClassifyStream", "OK").inc()
-
-    @rpc
-    def GetInfo(self, request, context):
-        if self.registry is None:
-            raise NotReady("the server is still loading its backbone and stores; retry shortly")
-        b = self.registry.backbone.identity()
-        c = self.config
-        return pb.GetInfoResponse(
-            backbone=pb.BackboneInfo(source=b["source"], kind=b["kind"], num_layers=b["num_layers"],
-                                     fingerprint=b["fingerprint"], dtype=b["dtype"], runtime=b["runtime"],
-                                     precision=b["precision"]),
-            tasks=[pb.TaskInfo(name=e.task.name, labels=list(e.task.labels), store_version=e.store.version,
-                               store_path=str(e.store.path), manifest_json=json.dumps(e.store.manifest))
-                   for e in self.registry.engines()],
-            limits=pb.ServerLimits(max_texts=c.max_texts, max_text_bytes=c.max_text_bytes, max_batch=c.max_batch,
-                                   max_wait_ms=c.max_wait_ms, max_queue=c.max_queue),
-            version=__version__)
-
-    @rpc
-    def ReloadStore(self, request, context):
-        if not self.config.admin:
-            raise AdminDisabled("ReloadStore is disabled on this server (admin: false)")
-        if self.registry is None:
-            raise NotReady("the server is still loading; retry shortly")
-        if not request.store_path:
-            raise InputError("store_path is empty")
-        previous, current = self.registry.reload(request.task, request.store_path)
-        return pb.ReloadStoreResponse(task=request.task, previous_version=previous, store_version=current)
+                    self.metrics.off_domain.labels(call.task, r.off_domain).inc()
 
 
-def time_left(context) -> float | None:
-    """Seconds until the call's deadline; None without one (gRPC reports no deadline as an enormous number)."""
-    remaining = context.time_remaining() if context is not None else None
-    return remaining if remaining is not None and remaining < 86400 else None
-
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a time.monotonic() value; None without one."""
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None and remaining < 86400 else None

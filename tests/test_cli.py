@@ -67,3 +67,27 @@ def test_errors_exit_2_with_a_message(checkpoint, tmp_path, capsys):
     assert raee_index(["build", "--task", "sst2", "--train", str(bad), "--out", str(tmp_path / "s"),
                        "--backbone", checkpoint, "--epsilon", "2"]) == 2
     assert "epsilon must lie in [0, 1)" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_fails_in_one_line_before_any_model_runs(tmp_path, sst2_like, monkeypatch, capsys):
+    import indexer.commands
+    monkeypatch.setattr(indexer.commands, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded"))
+    (tmp_path / "file").write_text("not a directory")
+    assert raee_index(["build", "--task", "sst2", "--train", str(sst2_like), "--out", str(tmp_path / "file" / "s"),
+                       "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the store: Not a directory" in err
+
+
+def test_an_os_error_while_writing_is_one_line_and_exit_2(checkpoint, sst2_like, tmp_path, monkeypatch, capsys):
+    import raee.store
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(raee.store, "write_synced", disk_full)
+    assert raee_index(["build", "--task", "sst2", "--train", str(sst2_like), "--out", str(tmp_path / "s"),
+                       "--backbone", checkpoint, "--limit", "20", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("raee-index")]  # beside transformers' own bars
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err

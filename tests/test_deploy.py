@@ -94,3 +94,18 @@ def test_rebuild_jobs_run_commands_the_clis_accept(k8s):
     assert len(merge_args.parts) == count and merge_args.out == "/stores/sst2"
     reload_args = admin_parser().parse_args(reload.split()[1:])
     assert reload_args.every_address and reload_args.address == f"raee-serve-pods:{DEFAULT_PORT}"
+
+
+def test_reload_is_guarded_by_the_admin_token_secret_everywhere(k8s, tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(k8s["ConfigMap/raee-serve"]["data"]["serve.yaml"])
+    config = load_config(["--config", str(path)], environ={})
+    assert config.admin and config.admin_token_file and config.admin_port == -1
+    token_dir = str(Path(config.admin_token_file).parent)
+    for name in ("Deployment/raee-serve", "Job/raee-merge-sst2"):
+        spec = pod_spec(k8s[name])
+        mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+        secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+        assert mounts["admin-token"]["mountPath"] == token_dir and secrets["admin-token"] == "raee-admin-token"
+    reload = pod_spec(k8s["Job/raee-merge-sst2"])["containers"][0]["args"][0].split(" && ")[1]
+    assert admin_parser().parse_args(reload.split()[1:]).token_file == config.admin_token_file

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -118,7 +120,9 @@ def test_off_domain_texts_go_to_full_depth_and_say_why(examples, tmp_path):
                 settings=CalibrationSettings(objective="best"))
     store = load_store(tmp_path / "s")
     assert store.calibrated_policy.gate is not None
-    store.manifest["calibrated_policy"]["gate"]["min_similarity"] = 2.0  # nothing is close enough now
+    calibrated = store.calibrated_policy
+    far = dataclasses.replace(calibrated, gate=dataclasses.replace(calibrated.gate, min_similarity=2.0))
+    store.manifest = dataclasses.replace(store.manifest, calibrated_policy=far)  # nothing is close enough now
     results = Engine(store, backbone).classify(QUERIES[:4])
     assert [(r.exit_layer, r.layers_run, r.off_domain) for r in results] == [(3, 3, "far")] * 4
     assert all(r.off_domain == "" for r in Engine(store, backbone).classify(QUERIES[:4], policy="raee"))
@@ -185,7 +189,7 @@ def test_embedder_keys_with_a_local_sentence_transformer(examples, tmp_path):
     build_store(tmp_path / "s", TASK, backbone, examples[:60], key=KeySpec("embedder"), embedder=embedder,
                 progress=False)
     store = load_store(tmp_path / "s")
-    assert store.manifest["embedder"]["fingerprint"] == embedder.fingerprint()
+    assert store.manifest.embedder.fingerprint == embedder.fingerprint()
     results = Engine(store, backbone, embedder).classify(QUERIES[:3])
     assert all(0 <= r.exit_layer <= 3 and r.layers_run == r.exit_layer for r in results)
     with pytest.raises(StoreMismatchError, match="embedder"):

@@ -89,7 +89,7 @@ def test_a_store_is_refused_at_another_precision(sst2_like, tmp_path, caplog):
     build_store(tmp_path / "s", TASK, on_onnxruntime("bert-mlm", "int8"), examples, key=KeySpec("prefix", 1),
                 progress=False)
     store = load_store(tmp_path / "s")
-    assert (store.manifest["backbone"]["runtime"], store.manifest["backbone"]["precision"]) == ("onnxruntime", "int8")
+    assert (store.manifest.backbone.runtime, store.manifest.backbone.precision) == ("onnxruntime", "int8")
     with pytest.raises(StoreMismatchError, match="precision: store has 'int8', running 'fp32'.*--precision"):
         Engine(store, on_onnxruntime("bert-mlm", "fp32"))
     with pytest.raises(StoreMismatchError, match="precision"):

@@ -34,7 +34,7 @@ def engine(tmp_path_factory):
 
 def test_embedded_default_is_a_six_layer_sentence_encoder(engine):
     assert engine.backbone.kind == "sentence-encoder" and engine.num_layers == 6
-    assert engine.store.manifest["backbone"]["source"] == "builtin:all-MiniLM-L6-v2"
+    assert engine.store.manifest.backbone.source == "builtin:all-MiniLM-L6-v2"
 
 
 def test_real_model_stops_at_each_rows_exit(engine):
@@ -70,7 +70,7 @@ def test_real_model_truncation_matches_full_hidden_states(engine):
 def test_the_embedded_default_runs_on_onnxruntime_and_answers_as_torch(engine):
     """The default runtime on the CPU is onnxruntime; at fp32 its exits and labels are torch's."""
     assert (engine.backbone.runtime, engine.backbone.precision) == ("onnxruntime", "fp32")
-    assert engine.store.manifest["backbone"]["runtime"] == "onnxruntime"
+    assert engine.store.manifest.backbone.runtime == "onnxruntime"
     texts = [e.text for e in read_examples(DATA / "test.jsonl", TASK, limit=64)]
     on_torch = Engine(engine.store, load_backbone(runtime="torch")).classify(texts)
     on_ort = engine.classify(texts)

@@ -1,0 +1,130 @@
+"""Admitting one classify call: checks in order of cost, so that refusals are cheap, then the batcher.
+
+    1 ready and not draining; the task is served                      (dict lookups)
+    2 text count, bytes and characters within limits; valid options     (no tokenizing)
+    3 the deadline can be met given the work ahead                      (arithmetic)
+    4 room in the queue, reserved: it counts from here until answered   (one lock, microseconds; a full queue
+      makes room for a lighter client by pushing out the heaviest one's newest requests)
+    5 every text tokenizes within the backbone's limits                 (off the event loop; stops at a bad text)
+    6 the batcher, awaited; a caller that goes away takes its texts out of the queue
+A refused request never reaches step 5 unless it is well-formed and has room, so floods of excess texts cost the
+server little beyond gRPC's own cost per call (about half a millisecond of CPU here), and an over-long text costs
+the tokenizing of its prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from concurrent.futures import Executor
+
+from raee.engine import Engine
+from raee.errors import InputError
+from service.batcher import BatchKey, BatchOutcome, MicroBatcher
+from service.config import ServerConfig
+from service.convert import ClassifyCall
+from service.errors import DeadlineExpired, Draining, NotReady
+from service.registry import StoreRegistry
+
+# Texts tokenized together while validating: the first text alone, so that a request of over-long texts is refused
+# after tokenizing one, then growing groups.
+VALIDATION_GROUPS = (1, 3, 12)
+PREFIX_CHARS_PER_TOKEN = 6  # a text longer than this many characters per allowed token has its prefix checked first
+
+
+class Admission:
+    def __init__(self, config: ServerConfig, executor: Executor) -> None:
+        self.config = config
+        self.executor = executor  # tokenizes requests off the event loop, apart from the batcher
+        self.registry: StoreRegistry | None = None
+        self.batcher: MicroBatcher | None = None
+        self.draining = False
+
+    def ready(self, registry: StoreRegistry, batcher: MicroBatcher) -> None:
+        self.registry, self.batcher = registry, batcher
+
+    def check_open(self) -> None:
+        if self.draining:
+            raise Draining("the server is shutting down; retry on another replica")
+        if self.registry is None or self.batcher is None:
+            raise NotReady("the server is still loading its backbone and stores; retry shortly")
+
+    async def classify(self, call: ClassifyCall, client: str, deadline: float | None) -> BatchOutcome:
+        """Admit, validate and batch one call; deadline is a time.monotonic() value or None."""
+        self.check_open()
+        engine = self.registry.get(call.task)
+        self._check_bounds(call, engine)
+        key = self._batch_key(call, engine)
+        self._check_deadline(call, deadline)
+        reservation = self.batcher.reserve(len(call.texts), client)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, validate_prompts, engine, call.texts)
+            pending = self.batcher.submit(reservation, key, engine, call.texts, deadline)
+        except BaseException:
+            self.batcher.release(reservation)
+            raise
+        try:
+            return await asyncio.wrap_future(pending.future)
+        except asyncio.CancelledError:
+            self.batcher.cancel(pending)
+            raise
+
+    def _check_bounds(self, call: ClassifyCall, engine: Engine) -> None:
+        limit = self.config.max_text_bytes
+        if len(call.texts) > self.config.max_texts:
+            raise InputError(f"{len(call.texts)} texts in one request; the limit is {self.config.max_texts}")
+        for i, text in enumerate(call.texts):
+            if len(text) > limit or len(text.encode("utf-8")) > limit:  # a character is at least one byte
+                raise InputError(f"text {i} is {len(text.encode('utf-8'))} bytes; the limit is {limit}")
+        engine.backbone.check_texts(call.texts)  # empty texts; characters past what the backbone reads
+
+    def _batch_key(self, call: ClassifyCall, engine: Engine) -> BatchKey:
+        engine.resolve(call.policy)  # the engine's own rules: static:L within the layers, k within range
+        return BatchKey(call.task, call.policy, call.neighbours)
+
+    def _check_deadline(self, call: ClassifyCall, deadline: float | None) -> None:
+        if deadline is None:
+            return
+        left = deadline - time.monotonic()
+        needed = self.batcher.estimated_seconds(len(call.texts))
+        if left <= 0 or (needed is not None and needed > left):
+            raise DeadlineExpired(f"the deadline ({max(left, 0) * 1e3:.0f} ms left) cannot be met: about "
+                                  f"{(needed or 0) * 1e3:.0f} ms of work is ahead of this request; allow more time "
+                                  "or retry later")
+
+
+def validate_prompts(engine: Engine, texts: list[str]) -> None:
+    """Tokenize the texts with their prompts and refuse any the backbone cannot read whole (InputError naming the
+    text by its index in the request). Stops at the first group holding a bad text."""
+    for i, text in enumerate(texts):
+        check_prefix(engine, i, text)
+    start = 0
+    for size in (*VALIDATION_GROUPS, len(texts)):
+        group = texts[start:start + size]
+        if not group:
+            return
+        try:
+            engine.check_texts(group)
+        except InputError as exc:
+            raise InputError(_renumbered(str(exc), start)) from None
+        start += len(group)
+
+
+def check_prefix(engine: Engine, index: int, text: str) -> None:
+    """Refuse a long text as soon as a prefix of it is too many tokens, without tokenizing the rest (an 8 KB text
+    costs milliseconds to tokenize whole). The prefix ends at a whitespace, so its words are words of the text and
+    its tokens a part of the text's: a prefix over the limit means the text is over it."""
+    backbone = engine.backbone
+    cut = text.rfind(" ", 0, backbone.max_tokens * PREFIX_CHARS_PER_TOKEN)
+    if len(text) <= backbone.max_tokens * PREFIX_CHARS_PER_TOKEN or cut <= 0:
+        return
+    tokens = backbone.token_counts(engine.prompting.prompts([text[:cut]]))[0]
+    if tokens > backbone.max_tokens:
+        raise InputError(f"text {index} is over {tokens} tokens with its prompt (its first {cut} characters already "
+                         f"are); the limit is {backbone.max_tokens}")
+
+
+def _renumbered(message: str, offset: int) -> str:
+    """The backbone names a text by its index in the group it was given ("text 0 ..."); name it in the request."""
+    return re.sub(r"^text (\d+)", lambda m: f"text {int(m.group(1)) + offset}", message)
