@@ -167,8 +167,8 @@ def grpc_rows(store: str, task: str, texts: list[str], clients: int, seconds: fl
     try:
         if not server.wait_serving():
             raise SystemExit(f"raee-serve did not come up:\n{server.output()[-2000:]}")
-        run_policy(server.address, task, "raee", texts, clients, 2.0, 1)  # warm-up
-        runs: dict[str, list[dict]] = {"raee": [], "full": []}
+        run_policy(server.address, task, "calibrated", texts, clients, 2.0, 1)  # warm-up
+        runs: dict[str, list[dict]] = {"calibrated": [], "full": []}
         for _ in range(rounds):
             for policy in runs:
                 runs[policy].append(run_policy(server.address, task, policy, texts, clients, seconds, 1))
@@ -217,7 +217,7 @@ def main() -> int:
             "raee per-layer graphs, full depth, onnxruntime fp32": raee_row(reference, "full"),
         }
         for name, engine in engines.items():
-            rows[f"raee served policy, {name}"] = raee_row(engine, "raee")
+            rows[f"raee served policy, {name}"] = raee_row(engine, "calibrated")
         rows = {name: with_torch_threads(fn, threads if name.startswith("torch") or "torch fp32" in name else 1)
                 for name, fn in rows.items()}
         accuracy = {}
@@ -241,10 +241,10 @@ def main() -> int:
 def report(args, task, reference: Engine, threads: int, accuracy, layers, timing, profile, grpc, n: int) -> None:
     whole = {precision: timing[f"onnxruntime whole model, full depth, {precision}"] for precision in ("fp32", "int8")}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads"
-    policy = reference.store.manifest.policy.to_dict()
+    policy = reference.calibrated().name
     print(f"\n## {task.name}: {n} test texts ({task.metric}), timing on {min(args.sample, n)} of them, "
           f"{args.repeats} interleaved repeats; {machine}; backbone {reference.backbone.source}, "
-          f"{reference.num_layers} layers; served policy {json.dumps(policy)}\n")
+          f"{reference.num_layers} layers; served policy (the store's calibrated one) {policy}\n")
     print("| how | score | layers run | batch-1 p50 ms | batch-1 p99 ms | batch-32 texts/s | "
           "vs whole-model onnxruntime (same precision): p50 / throughput |")
     print("|---|---|---|---|---|---|---|")
@@ -283,7 +283,7 @@ def report(args, task, reference: Engine, threads: int, accuracy, layers, timing
         print("|---|---|---|---|---|")
         for policy, r in grpc.items():
             print(f"| {policy} | {r['texts_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['codes']} |")
-        ratio = grpc["raee"]["texts_per_s"] / grpc["full"]["texts_per_s"]
+        ratio = grpc["calibrated"]["texts_per_s"] / grpc["full"]["texts_per_s"]
         print(f"\nserved policy / full depth on the same server: {ratio:.2f}x; whole-model onnxruntime in process "
               f"(no gRPC), batch {args.batch}: {base['texts_per_s']:.0f} texts/s, batch 1: "
               f"{1e3 / base['p50_ms']:.0f} texts/s")

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from service.api import pb, pb_grpc  # noqa: E402
 from service.launch import ServerProcess  # noqa: E402
+from service.policy_wire import to_wire  # noqa: E402
 
-POLICY = {"calibrated": pb.POLICY_KIND_UNSPECIFIED, "raee": pb.POLICY_KIND_RAEE, "full": pb.POLICY_KIND_FULL}
 
 
 def texts_from(path: str, n: int) -> list[str]:
@@ -79,7 +79,9 @@ def run_policy(address: str, task: str, policy: str, texts: list[str], concurren
     def make_request(worker: int, n: int) -> pb.ClassifyRequest:
         first = (worker + n * concurrency) * batch
         return pb.ClassifyRequest(task=task, texts=[texts[(first + j) % len(texts)] for j in range(batch)],
-                                  policy=POLICY[policy])
+                                  **wire)
+
+    wire = to_wire(policy)
 
     started = time.perf_counter()
     calls = closed_loop(address, make_request, concurrency, seconds)
@@ -101,7 +103,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seconds", type=float, default=20.0, help="per policy")
     p.add_argument("--batch", type=int, default=1, help="texts per request (1)")
-    p.add_argument("--policies", default="raee,full")
+    p.add_argument("--policies", default="calibrated,raee,full",
+                   help="policies, comma-separated: calibrated (the store's default), raee, full, static:L")
     p.add_argument("--server-args", default="", help="extra raee-serve flags when --store starts one")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -120,7 +123,7 @@ def main() -> int:
         if task is None:
             task = pb_grpc.RaeeStub(grpc.insecure_channel(address)).GetInfo(pb.GetInfoRequest(), timeout=10).tasks[0].name
         texts = texts_from(args.texts, 2000)
-        run_policy(address, task, "raee", texts, args.concurrency, 2.0, args.batch)  # warm-up
+        run_policy(address, task, "calibrated", texts, args.concurrency, 2.0, args.batch)  # warm-up
         results = [run_policy(address, task, policy, texts, args.concurrency, args.seconds, args.batch)
                    for policy in args.policies.split(",")]
     finally:
@@ -134,9 +137,9 @@ def main() -> int:
         print(f"| {r['policy']} | {r['requests']} | {r['texts_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
               f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {r['codes']} |")
     by = {r["policy"]: r for r in results}
-    if "raee" in by and "full" in by:
-        ratio = by["raee"]["texts_per_s"] / by["full"]["texts_per_s"]
-        print(f"\nraee / full throughput: {ratio:.2f}x")
+    for policy in ("calibrated", "raee"):
+        if policy in by and "full" in by:
+            print(f"\n{policy} / full throughput: {by[policy]['texts_per_s'] / by['full']['texts_per_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"task": task, "concurrency": args.concurrency, "batch": args.batch,
                                                "seconds": args.seconds, "cores": os.cpu_count(), "results": results},

@@ -205,21 +205,23 @@ class Engine:
         return results
 
     def _prefix_pass(self, texts: list[str], key_layer: int):
-        """Run layers 1..K for the whole batch, keeping the head's logits at layers 0..K for rows that exit there."""
+        """Run layers 1..K for the whole batch, keeping the batch's state at layers 0..K (references, no copies) so
+        that rows exiting there are read without running anything again. The head reads them once the exits are
+        known, and only for those rows."""
         fwd = self.backbone.start(self.prompting.prompts(texts))
-        everyone = torch.ones(len(texts), dtype=torch.bool, device=self.backbone.device)
-        early = [self.backbone.label_logits(fwd, everyone, self.head)]
+        early = [fwd.snapshot()]
         while fwd.layer < key_layer:
             fwd.advance()
-            early.append(self.backbone.label_logits(fwd, everyone, self.head))
+            early.append(fwd.snapshot())
         return fwd, early
 
-    def _run_to_exits(self, fwd, early: list[torch.Tensor], exits: np.ndarray) -> np.ndarray:
+    def _run_to_exits(self, fwd, early: list, exits: np.ndarray) -> np.ndarray:
         """(B, C) label logits at each row's exit layer."""
         logits = np.zeros((len(exits), self.task.num_labels), dtype=np.float32)
         done = exits <= fwd.layer if early else np.zeros(len(exits), dtype=bool)
-        for row in np.flatnonzero(done):
-            logits[row] = early[exits[row]][row].float().cpu().numpy()
+        for layer in np.unique(exits[done]):
+            here = torch.from_numpy(exits == layer).to(fwd.hidden.device)
+            logits[exits == layer] = self.backbone.label_logits(early[layer], here, self.head).float().cpu().numpy()
         if not done.all():
             keep = torch.from_numpy(~done).to(fwd.hidden.device)
             fwd.keep_rows(keep)

@@ -9,6 +9,7 @@ so no row ever runs a layer past its exit.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 from collections.abc import Callable
@@ -128,6 +129,13 @@ class LayerwiseForward:
             raise RuntimeError("already at the last layer")
         self.hidden = self.family.run_layer(self, self.layer)
         self.layer += 1
+
+    def snapshot(self) -> "LayerwiseForward":
+        """This state as it is now, for reading the head here later: a shallow copy whose dicts are its own. Layers
+        replace `hidden` rather than write into it, so no tensor is copied."""
+        state = copy.copy(self)
+        state.inputs, state.carry = dict(self.inputs), dict(self.carry)
+        return state
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Drop the rows where `keep` (bool, current batch size) is False."""
