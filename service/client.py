@@ -186,7 +186,7 @@ class Client:
                   for t in r.tasks),
             {"max_texts": lim.max_texts, "max_text_bytes": lim.max_text_bytes, "max_batch": lim.max_batch,
              "max_wait_ms": lim.max_wait_ms, "max_queue": lim.max_queue, "max_streams": lim.max_streams,
-             "stream_idle_s": lim.stream_idle_s}, r.version)
+             "stream_idle_s": lim.stream_idle_s, "max_tokens": lim.max_tokens}, r.version)
 
     def reload(self, task: str, store_path: str) -> ReloadResult:
         metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None

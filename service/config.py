@@ -48,6 +48,10 @@ class ServerConfig:
     admin_token_file: str | None = None  # file holding a token: ReloadStore then needs "authorization: Bearer T"
     store_roots: tuple[str, ...] = field(default_factory=tuple)  # directories reloads may load stores from;
     # default: the directories of `stores`
+    max_connection_age_s: float = 0.0  # close each client connection after about this long (GOAWAY; clients
+    # reconnect, without failing calls), 0 = never. gRPC keeps one connection open, so behind a Kubernetes
+    # ClusterIP Service a client stays pinned to one replica: with an age, scaling out rebalances clients.
+    max_connection_age_grace_s: float = 30.0  # calls still running when the age is reached get this long to finish
 
     def __post_init__(self) -> None:
         if not self.stores:
@@ -58,9 +62,10 @@ class ServerConfig:
         if self.max_texts > self.max_queue:
             raise InputError(f"max_texts {self.max_texts} is larger than max_queue {self.max_queue}: a request of "
                              "max_texts texts could never be admitted")
-        if min(self.max_wait_ms, self.max_batch_ms, self.grace_s, self.drain_s) < 0 or self.stream_idle_s <= 0:
-            raise InputError("max_wait_ms, max_batch_ms, grace_s and drain_s must not be negative, stream_idle_s "
-                             "must be positive")
+        if min(self.max_wait_ms, self.max_batch_ms, self.grace_s, self.drain_s, self.max_connection_age_s,
+               self.max_connection_age_grace_s) < 0 or self.stream_idle_s <= 0:
+            raise InputError("max_wait_ms, max_batch_ms, grace_s, drain_s and max_connection_age_s (and its grace) "
+                             "must not be negative, stream_idle_s must be positive")
         for name in ("port", "metrics_port", "admin_port"):
             if not -1 <= getattr(self, name) <= 65535 or (name == "port" and self.port < 0):
                 raise InputError(f"{name} must lie in 0..65535 (-1 = off for metrics_port and admin_port), got "

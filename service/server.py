@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from raee import cache
 from raee.backbones import Backbone
@@ -30,6 +29,7 @@ from raee.errors import RaeeError
 from raee.runtime import configure_threads
 from raee.store import load_store
 from service.admission import Admission
+from service import reflection
 from service.batcher import MicroBatcher
 from service.config import ServerConfig, load_config
 from service.errors import StartupError
@@ -74,6 +74,7 @@ class RaeeServer:
         self._listeners: list[grpc.aio.Server] = []
         self._http = None
         self.health = None
+        self._health_names: tuple[str, ...] = ("", SERVICE_NAME)
         self.port = self.admin_port = self.metrics_port = None
         self.registry: StoreRegistry | None = None
         self.batcher: MicroBatcher | None = None
@@ -118,13 +119,17 @@ class RaeeServer:
     def _listener(self, servicer: RaeeServicer, host: str, port: int) -> int:
         c = self.config
         largest_request = c.max_texts * (c.max_text_bytes + 16) + (64 << 10)
+        options = [("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
+                   ("grpc.max_receive_message_length", max(4 << 20, 2 * largest_request))]
+        if c.max_connection_age_s > 0:  # clients reconnect, through the Service, to any replica
+            options += [("grpc.max_connection_age_ms", int(c.max_connection_age_s * 1e3)),
+                        ("grpc.max_connection_age_grace_ms", int(c.max_connection_age_grace_s * 1e3))]
         server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
-                     ("grpc.max_receive_message_length", max(4 << 20, 2 * largest_request))],
+            options=options,
             maximum_concurrent_rpcs=c.max_queue + c.max_streams + RPC_HEADROOM)
         server.add_generic_rpc_handlers((raee_handler(servicer, self.metrics),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable((SERVICE_NAME, health.SERVICE_NAME), server)
         self._listeners.append(server)
         address = f"{host}:{port}"
         check_port_free(host, port, "gRPC" if servicer is self.servicer else "admin")
@@ -160,6 +165,7 @@ class RaeeServer:
                     servicer.reloader = reloader
             self.registry = registry
             self.admission.ready(registry, self.batcher)
+            self._health_names += tuple(e.task.name for e in registry.engines())
             self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
             log.info("SERVING tasks %s on %s backbone %s", [e.task.name for e in registry.engines()],
                      backbone.kind, backbone.source)
@@ -176,7 +182,8 @@ class RaeeServer:
                                  allow_precision_mismatch=c.allow_precision_mismatch)
 
     async def _set_health(self, status) -> None:
-        for name in ("", SERVICE_NAME):
+        """The server's health under "" and raee.v1.Raee, and each task's under its name (once loaded)."""
+        for name in self._health_names:
             await self.health.set(name, status)
 
     # -- stop -----------------------------------------------------------------------------------------------------
