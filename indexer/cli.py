@@ -8,7 +8,7 @@ import os
 import sys
 
 from raee.calibration import CalibrationSettings
-from raee.errors import RaeeError
+from raee.errors import InputError, RaeeError
 from raee.exit_policy import OBJECTIVES
 from raee.index import INDEX_TYPES
 from raee.kinds import KIND_HELP, KINDS
@@ -50,6 +50,26 @@ def runtime_args(g: argparse._ActionsContainer, store_precision: bool) -> None:
     g.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where onnxruntime exports and self-check verdicts are kept (default: RAEE_CACHE_DIR, else "
                         "~/.cache/raee)")
+
+
+def quiet_progress(args: argparse.Namespace) -> None:
+    """Progress bars only on a terminal: --no-progress is implied when stderr is not one (a log file, a pipe, a
+    Job's log), and third-party bars (transformers' weight loading) are off whenever ours are."""
+    if not sys.stderr.isatty():
+        args.no_progress = True
+    if getattr(args, "no_progress", True):
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()
+
+
+def require_plotting(*paths: str | None) -> None:
+    """InputError now if a plot is asked for and matplotlib is missing: not after the store is written."""
+    if any(paths):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("--plot needs matplotlib: pip install 'raee[plot]' (or matplotlib), or drop --plot") \
+                from None
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -160,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     from indexer import commands
     from raee import cache
     from raee.runtime import configure_threads
+    quiet_progress(args)
     try:
+        require_plotting(getattr(args, "plot", None), getattr(args, "calibration_plot", None))
         cache.use(getattr(args, "cache_dir", None))
         configure_threads(getattr(args, "threads", None))
         return getattr(commands, args.command)(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 from pathlib import Path
 
 from indexer.summary import calibration_summary, layer_table, plot_calibration, plot_layers
@@ -32,6 +33,18 @@ def _load(args: argparse.Namespace):
 def _backbone(args: argparse.Namespace):
     return load_backbone(args.backbone, kind=args.kind, device=args.device, dtype=args.dtype, scale=args.scale,
                          runtime=args.runtime, precision=args.precision)
+
+
+def backbone_flags(args: argparse.Namespace) -> str:
+    """The backbone options a command was given, as flags for the build command it recommends (without them the
+    build would silently run on the default model)."""
+    given = {"--backbone": args.backbone, "--kind": args.kind, "--dtype": args.dtype, "--runtime": args.runtime,
+             "--precision": args.precision, "--embedder": args.embedder, "--text-column": args.text_column,
+             "--label-column": args.label_column}
+    defaults = {"--kind": "auto", "--dtype": "float32", "--runtime": "auto", "--text-column": "text",
+                "--label-column": "label"}
+    return "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in given.items()
+                   if value is not None and value != defaults.get(flag))
 
 
 def build(args: argparse.Namespace) -> int:
@@ -132,7 +145,7 @@ def tune(args: argparse.Namespace) -> int:
     if any(s.source == "embedder" for s in specs):
         print("note: 'layers run' counts backbone layers only; embedder keys also cost the embedder's own pass")
     print(f"build with: raee-index build --task {args.task} --train {args.train} --out DIR --key {best.key}"
-          f"{scale_flag}  (the build then calibrates the served exit rule itself: --objective)")
+          f"{scale_flag}{backbone_flags(args)}  (the build then calibrates the served exit rule itself: --objective)")
     if args.json:
         Path(args.json).write_text(json.dumps({"chosen": best.to_dict(), "trials": [r.to_dict() for r in results]},
                                               indent=2))

@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from raee.errors import RaeeError
 from service.client import Client, RaeeClientError
+from service.policy_wire import to_wire
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"raee-admin: error: --token-file {args.token_file}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    if args.command == "classify":
+        try:
+            to_wire(args.policy)  # a policy the server cannot be sent is the caller's mistake: before connecting
+        except RaeeError as exc:
+            print(f"raee-admin classify: error: --policy: {exc}", file=sys.stderr)
+            return 2
     if args.command == "reload" and args.every_address:
         return reload_everywhere(args, token)
     with Client(args.address, timeout=args.timeout, token=token) as client:

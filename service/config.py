@@ -89,14 +89,21 @@ class ServerConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+                 "0": False}
 
 
 def _coerce(name: str, value):
     kind = FIELDS[name].type
     if name in ("stores", "store_roots"):
         return tuple(value.split(",") if isinstance(value, str) else value)
-    if kind == "bool" and isinstance(value, str):
-        return value.lower() in ("1", "true", "yes", "on")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word not in BOOLEAN_WORDS:
+            raise InputError(f"{name} must be true or false, got {value!r}")
+        return BOOLEAN_WORDS[word]
     if kind == "int":
         return int(value)
     if kind == "float":
@@ -120,22 +127,45 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_config_file(path: str) -> dict:
+    """The settings of a YAML file; InputError (one line) for a file that is missing, unreadable or not a mapping."""
+    import yaml
+    try:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"--config {path}: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise InputError(f"--config {path}: not valid YAML{at}: {problem}") from None
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise InputError(f"--config {path}: expected a mapping of settings (like 'port: 50051'), got a "
+                         f"{type(spec).__name__}")
+    return spec
+
+
 def load_config(argv: list[str] | None = None, environ: dict | None = None) -> ServerConfig:
     args = parser().parse_args(argv)
     environ = os.environ if environ is None else environ
     values: dict = {}
     if args.config:
-        import yaml
-        spec = yaml.safe_load(Path(args.config).read_text()) or {}
+        spec = read_config_file(args.config)
         unknown = set(spec) - set(FIELDS)
         if unknown:
             raise InputError(f"{args.config}: unknown settings {sorted(unknown)}; valid: {sorted(FIELDS)}")
         values.update(spec)
     values.update({name: environ[f"RAEE_{name.upper()}"] for name in FIELDS if f"RAEE_{name.upper()}" in environ})
     values.update({name: value for name, value in vars(args).items() if name in FIELDS and value is not None})
-    try:
-        return ServerConfig(**{name: _coerce(name, value) for name, value in values.items()})
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, InputError):
+    settings = {}
+    for name, value in values.items():
+        try:
+            settings[name] = _coerce(name, value)
+        except InputError:
             raise
-        raise InputError(f"bad setting: {exc}") from None
+        except (TypeError, ValueError):
+            raise InputError(f"{name} must be a{'n' if FIELDS[name].type == 'int' else ''} {FIELDS[name].type}, "
+                             f"got {value!r}") from None
+    return ServerConfig(**settings)

@@ -239,11 +239,23 @@ def check_port_free(host: str, port: int, what: str = "gRPC") -> None:
                                "it or choose another port") from None
 
 
+def check_paths(config: ServerConfig) -> None:
+    """StoreError or BackboneError now (one line, exit 2) for a store or backbone path that is no store or
+    checkpoint at all, rather than a failed load after the listener is up. Full verification comes with loading."""
+    from raee.backbones.loading import resolve_source
+    from raee.versions import resolve_version
+    for store in config.stores:
+        resolve_version(store)
+    if config.backbone:
+        resolve_source(config.backbone)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         config = load_config(argv)
+        check_paths(config)
         for host, port, what in ((config.host, config.port, "gRPC"), (config.admin_host, config.admin_port, "admin"),
                                  (config.host, config.metrics_port, "metrics")):
             if port > 0:
