@@ -10,6 +10,7 @@ from pathlib import Path
 
 from raee.errors import InputError
 from raee.runtime import PRECISIONS, RUNTIMES
+from service.logs import LOG_FORMATS, LOG_LEVELS
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464
@@ -52,6 +53,8 @@ class ServerConfig:
     # reconnect, without failing calls), 0 = never. gRPC keeps one connection open, so behind a Kubernetes
     # ClusterIP Service a client stays pinned to one replica: with an age, scaling out rebalances clients.
     max_connection_age_grace_s: float = 30.0  # calls still running when the age is reached get this long to finish
+    log_format: str = "text"  # text, or json (one object per line, for a log pipeline)
+    log_level: str = "info"  # debug, info (one line per request), warning (refusals and problems only), error
 
     def __post_init__(self) -> None:
         if not self.stores:
@@ -72,6 +75,10 @@ class ServerConfig:
                                  f"{getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InputError("TLS needs both tls_cert and tls_key")
+        if self.log_format not in LOG_FORMATS:
+            raise InputError(f"log_format {self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise InputError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.runtime not in RUNTIMES:
             raise InputError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         if self.precision is not None and self.precision not in PRECISIONS:

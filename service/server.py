@@ -10,6 +10,8 @@ tokenized on a small pool, batches run on the batcher's thread, reloads on a thr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 import socket
@@ -29,7 +31,7 @@ from raee.errors import RaeeError
 from raee.runtime import configure_threads
 from raee.store import load_store
 from service.admission import Admission
-from service import reflection
+from service import logs, reflection
 from service.batcher import MicroBatcher
 from service.config import ServerConfig, load_config
 from service.errors import StartupError
@@ -251,8 +253,6 @@ def check_paths(config: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         config = load_config(argv)
         check_paths(config)
@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                                  (config.host, config.metrics_port, "metrics")):
             if port > 0:
                 check_port_free(host, port, what)  # before anything else starts: one line and exit 2
+        logs.configure(config.log_format, config.log_level)
+        log.info("configuration: %s", json.dumps(dataclasses.asdict(config)),
+                 extra={"fields": {"configuration": dataclasses.asdict(config)}})
         server = RaeeServer(config).start()
     except RaeeError as exc:
         print(f"raee-serve: error: {exc}", file=sys.stderr)
