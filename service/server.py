@@ -166,6 +166,9 @@ class RaeeServer:
                 if servicer is not None:
                     servicer.reloader = reloader
             self.registry = registry
+            self.metrics.depth(backbone.num_layers)
+            for engine in registry.engines():
+                self.metrics.serving(engine.task.name, engine.store.version)
             self.admission.ready(registry, self.batcher)
             self._health_names += tuple(e.task.name for e in registry.engines())
             self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))

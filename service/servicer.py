@@ -15,7 +15,7 @@ from service.api import pb
 from service.config import ServerConfig
 from service.errors import message_for, status_for
 from service.handlers import slow_down
-from service.metrics import ServerMetrics
+from service.metrics import STAGES, ServerMetrics
 from service.reload import ReloadGuard, Reloader
 from service.streams import StreamSlots, answer_in_order
 from service.throttle import RefusalThrottle
@@ -88,6 +88,7 @@ class RaeeServicer:
             self.guard.check(context.invocation_metadata())
             self.admission.check_open()
             previous, current = await self.reloader.reload(request.task, request.store_path, deadline_of(context))
+            self.metrics.serving(request.task, current)
         except Exception as exc:
             log.warning("reload of task %.100s from %.300s refused (%s): %s", request.task, request.store_path,
                         status_for(exc).name, message_for(exc, status_for(exc)))
@@ -96,13 +97,14 @@ class RaeeServicer:
 
     def _observe(self, call: convert.ClassifyCall, outcome, received: float) -> None:
         times = outcome.results[0].times
-        for stage, ms in (("queue", outcome.queue_ms), ("key", times.key_ms), ("search", times.search_ms),
-                          ("backbone", times.backbone_ms), ("total", (time.perf_counter() - received) * 1e3)):
+        for stage, ms in zip(STAGES, (outcome.queue_ms, times.key_ms, times.search_ms, times.backbone_ms)):
             self.metrics.stage_seconds.labels(stage).observe(ms / 1e3)
-        for r in outcome.results:
-            self.metrics.exit_layer.labels(call.task).observe(r.exit_layer)
-        if call.policy.uses_neighbours:  # calibrated or RAEE
-            self.metrics.raee_texts.labels(call.task).inc(len(outcome.results))
+        self.metrics.request_seconds.labels(call.task).observe(time.perf_counter() - received)
+        if call.policy.uses_neighbours:  # calibrated or RAEE: the exits retrieval chose
+            self.metrics.depth(outcome.results[0].num_layers)
+            for r in outcome.results:
+                self.metrics.exit_layer.labels(call.task).observe(r.exit_layer)
+            self.metrics.retrieval_texts.labels(call.task).inc(len(outcome.results))
             self.metrics.full_depth_fallbacks.labels(call.task).inc(
                 sum(r.full_depth_fallback for r in outcome.results))
             for r in outcome.results:

@@ -222,7 +222,7 @@ def test_concurrent_requests_share_batches_and_metrics_say_so(server):
         t.join()
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
     for name in ("raee_requests_total", "raee_stage_seconds_bucket", "raee_exit_layer_bucket", "raee_batch_size",
-                 "raee_queue_depth", "raee_full_depth_fallbacks_total", "raee_raee_texts_total"):
+                 "raee_queue_depth", "raee_full_depth_fallbacks_total", "raee_retrieval_texts_total"):
         assert name in text
     assert 'raee_requests_total{code="INVALID_ARGUMENT",method="Classify"}' in text
     batches = float(re.search(r"^raee_batch_size_count (\S+)", text, re.M).group(1))
