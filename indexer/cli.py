@@ -73,7 +73,7 @@ def require_plotting(*paths: str | None) -> None:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="built-in task name (sst2, sst5, mr, cr, mpqa, subj, trec, cola) "
+    p.add_argument("--task", default=None, help="built-in task name (sst2, sst5, mr, cr, mpqa, subj, trec, cola) "
                                                  "or a YAML/JSON task file")
     p.add_argument("--train", required=True, metavar="FILE", help="labelled calibration data: JSONL, CSV or TSV")
     p.add_argument("--text-column", default="text")
@@ -103,6 +103,12 @@ def parser() -> argparse.ArgumentParser:
                    help="retrieval key: a sentence embedding, or the backbone's mean-pooled layer-K state, which "
                         "the serving pass reuses (default prefix:2; README: 'Why the default key')")
     b.add_argument("--index", default="flat", choices=INDEX_TYPES, help="FAISS index (default flat)")
+    b.add_argument("--like", default=None, metavar="STORE",
+                   help="build as STORE (the one serving) was: its task, backbone, key, index, exit-rule and "
+                        "calibration settings, runtime and precision, so that replicas accept the new version "
+                        "(--backbone only where the checkpoint moved; its weights are checked)")
+    b.add_argument("--no-promote", action="store_true",
+                   help="write the version without switching CURRENT (roll it out with raee-admin rollout)")
     c = b.add_argument_group(
         "calibration", "The store serves, by default, a policy calibrated here on the calibration items alone "
         "(leave-one-out); its evidence, the calibration curve, is saved with it (raee-index inspect --plot).")
@@ -144,6 +150,8 @@ def parser() -> argparse.ArgumentParser:
                                    "exactly as an unsharded build.")
     m.add_argument("out", metavar="OUT")
     m.add_argument("parts", nargs="+", metavar="PART")
+    m.add_argument("--no-promote", action="store_true",
+                   help="write the version without switching CURRENT (roll it out with raee-admin rollout)")
 
     e = sub.add_parser("export", help="export a backbone for the onnxruntime runtime into the cache (for images)",
                        description="Export a backbone's graphs for --runtime onnxruntime into the cache directory "

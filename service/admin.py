@@ -1,4 +1,5 @@
-"""raee-admin: talk to a running raee-serve from the shell (info, classify, reload, wait)."""
+"""raee-admin: talk to running raee-serve replicas from the shell (info, classify, reload, wait, rollout,
+rollback)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,22 @@ def parser() -> argparse.ArgumentParser:
                    help="reload every address the host name resolves to (a headless Service: every replica)")
     w = sub.add_parser("wait", help="block until the server's health is SERVING")
     w.add_argument("--for", dest="wait_for", type=float, default=120.0, metavar="SECONDS")
+    for name, text in (("rollout", "reload every replica to a store version, check each serves it, then switch "
+                                   "CURRENT; on any refusal put the replicas back and leave CURRENT alone"),
+                       ("rollback", "the same, to the version that was CURRENT before the current one")):
+        o = sub.add_parser(name, help=text, description=text + ". Exit 0 when done, 1 when a replica refused "
+                           "(every replica back on its version), 2 when nothing could start (no replica answers).")
+        o.add_argument("--task", required=True)
+        if name == "rollout":
+            o.add_argument("--version", required=True,
+                           help="version directory name, e.g. v20261122T060746087729Z, or latest (the newest one)")
+        o.add_argument("--address", dest="replicas", action="append", metavar="HOST:PORT",
+                       help="a replica's admin address (repeat; default: --address before the command)")
+        o.add_argument("--every-address", action="store_true",
+                       help="every address the host name resolves to (a headless Service: every replica)")
+        o.add_argument("--store", default=None, metavar="DIR",
+                       help="the store directory, as this process and the replicas see it (default: the one the "
+                            "first replica serves the task from)")
     return p
 
 
@@ -63,6 +80,20 @@ def reload_everywhere(args: argparse.Namespace, token: str | None) -> int:
     return 1 if failed else 0
 
 
+def roll(args: argparse.Namespace, token: str | None) -> int:
+    from service.rollout import rollout
+    addresses = args.replicas or [args.address]
+    try:
+        if args.every_address:
+            addresses = [a for address in addresses for a in every_address(address)]
+        return rollout(args.task, getattr(args, "version", None), addresses, args.store,
+                       lambda address: Client(address, timeout=args.timeout, token=token),
+                       rollback=args.command == "rollback")
+    except (RaeeError, OSError) as exc:  # OSError: a host name that does not resolve
+        print(f"raee-admin {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -78,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command == "reload" and args.every_address:
         return reload_everywhere(args, token)
+    if args.command in ("rollout", "rollback"):
+        return roll(args, token)
     with Client(args.address, timeout=args.timeout, token=token) as client:
         try:
             if args.command == "info":

@@ -188,9 +188,11 @@ class Client:
              "max_wait_ms": lim.max_wait_ms, "max_queue": lim.max_queue, "max_streams": lim.max_streams,
              "stream_idle_s": lim.stream_idle_s, "max_tokens": lim.max_tokens}, r.version)
 
-    def reload(self, task: str, store_path: str) -> ReloadResult:
+    def reload(self, task: str, store_path: str, version: str = "") -> ReloadResult:
+        """Load the store's CURRENT version, or `version` of it, in place of the one serving."""
         metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None
-        r = self._call(self._stub.ReloadStore, pb.ReloadStoreRequest(task=task, store_path=store_path), metadata)
+        r = self._call(self._stub.ReloadStore, pb.ReloadStoreRequest(task=task, store_path=store_path,
+                                                                      version=version), metadata)
         return ReloadResult(r.task, r.previous_version, r.store_version)
 
     def wait_until_serving(self, timeout: float = 120.0) -> None:

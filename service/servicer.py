@@ -87,7 +87,8 @@ class RaeeServicer:
         try:
             self.guard.check(context.invocation_metadata())
             self.admission.check_open()
-            previous, current = await self.reloader.reload(request.task, request.store_path, deadline_of(context))
+            previous, current = await self.reloader.reload(request.task, request.store_path, deadline_of(context),
+                                                           request.version)
             self.metrics.serving(request.task, current)
         except Exception as exc:
             log.warning("reload of task %.100s from %.300s refused (%s): %s", request.task, request.store_path,
