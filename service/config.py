@@ -43,6 +43,8 @@ class ServerConfig:
     cache_dir: str | None = None  # where onnxruntime exports live (default RAEE_CACHE_DIR or ~/.cache/raee)
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS
     tls_key: str | None = None  # PEM private key
+    tls_client_ca: str | None = None  # PEM CA certificates: with TLS, clients must present a certificate it signed
+    # (mutual TLS); kubelet gRPC probes cannot, see the README
     admin: bool = False  # serve ReloadStore; needs admin_port or admin_token_file, so that no client can reload
     admin_host: str = "127.0.0.1"  # address of the admin listener
     admin_port: int = -1  # port of a listener that serves ReloadStore (-1 = none, 0 = any free port)
@@ -75,6 +77,8 @@ class ServerConfig:
                                  f"{getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InputError("TLS needs both tls_cert and tls_key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise InputError("tls_client_ca (mutual TLS) needs TLS: set tls_cert and tls_key too")
         if self.log_format not in LOG_FORMATS:
             raise InputError(f"log_format {self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
         if self.log_level.lower() not in LOG_LEVELS:

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -138,7 +139,10 @@ class RaeeServer:
         try:
             if c.tls_cert:
                 with open(c.tls_key, "rb") as key, open(c.tls_cert, "rb") as cert:
-                    credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+                    pair = (key.read(), cert.read())
+                client_ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None
+                credentials = grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                                          require_client_auth=client_ca is not None)
                 bound = server.add_secure_port(address, credentials)
             else:
                 bound = server.add_insecure_port(address)

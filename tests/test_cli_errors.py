@@ -71,6 +71,9 @@ ERRORS = [
     ("raee-admin", "classify --task sst2 --policy bogus good", "policy 'bogus' is not one of"),
     ("raee-admin", "classify --task sst2 --policy calibrated:best good", "cannot be sent to a server"),
     ("raee-admin", "--token-file {base}/missing reload --task sst2 --store x", "No such file or directory"),
+    ("raee-admin", "--tls-ca {base}/missing.pem info", "No such file or directory ({base}/missing.pem)"),
+    ("raee-admin", "--address no-such-host.invalid:50051 rollout --every-address --task sst2 --version latest",
+     "no replica answers: no-such-host.invalid does not resolve"),
 ]
 MAINS = {"raee-index": raee_index, "raee-eval": raee_eval, "raee-serve": raee_serve, "raee-admin": raee_admin}
 

@@ -3,6 +3,8 @@ reflection v1 and v1alpha, STATIC only with its layer, the token limit in GetInf
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 
 import grpc
@@ -105,5 +107,39 @@ def test_max_connection_age_closes_connections_without_failing_calls(stores):
                 time.sleep(0.1)
         # the server sent GOAWAY after 0.3 s: the channel went back to IDLE/CONNECTING and reconnected
         assert states.count(grpc.ChannelConnectivity.READY) >= 2, states
+    finally:
+        server.stop(1)
+
+
+def make_certificate(directory, name: str) -> tuple[str, str]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return str(key), str(cert)
+
+
+def test_raee_admin_speaks_tls_and_mutual_tls(stores, tmp_path, capsys):
+    from service.admin import main as raee_admin
+    from service.config import ServerConfig
+    from service.server import RaeeServer
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    server_key, server_cert = make_certificate(tmp_path, "server")
+    client_key, client_cert = make_certificate(tmp_path, "client")
+    config = ServerConfig(stores=(stores["current"],), host="127.0.0.1", port=0, metrics_port=-1, drain_s=0.0,
+                          tls_cert=server_cert, tls_key=server_key, tls_client_ca=client_cert)
+    server = RaeeServer(config, backbone=stores["backbone"]).start()
+    try:
+        server.loaded.wait(60)
+        address = ["--address", f"localhost:{server.port}", "--timeout", "3"]
+        mutual = ["--tls-ca", server_cert, "--tls-cert", client_cert, "--tls-key", client_key]
+        assert raee_admin([*address, *mutual, "info"]) == 0
+        assert '"name": "sst2"' in capsys.readouterr().out
+        assert raee_admin([*address, *mutual, "wait", "--for", "10"]) == 0  # an exec probe for a TLS server
+        assert raee_admin([*address, "--tls-ca", server_cert, "info"]) == 1  # no client certificate: refused
+        assert raee_admin([*address, "info"]) == 1  # plaintext against TLS
+        assert raee_admin([*address, "--tls-ca", server_cert, "--tls-cert", client_cert, "info"]) == 2
+        assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
     finally:
         server.stop(1)
