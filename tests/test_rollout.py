@@ -126,3 +126,19 @@ def test_build_like_copies_the_serving_settings(stores, sst2_like, tmp_path):
     for field in ("source", "kind", "fingerprint", "dtype", "runtime", "precision", "settings"):
         assert getattr(built.backbone, field) == getattr(like.backbone, field), field
     assert Path(out, "CURRENT").is_file()  # a first version is current even with --no-promote
+
+
+def test_switching_current_names_only_complete_versions(stores, tmp_path):
+    from raee.errors import StoreError
+    from raee.versions import latest_version, previous_version, switch_current
+    store = tmp_path / "sst2"
+    shutil.copytree(stores["current"], store)
+    only = current_version(store)
+    assert latest_version(store) == only
+    with pytest.raises(StoreError, match="no earlier version"):
+        previous_version(store)
+    with pytest.raises(StoreError, match="has no complete version v20990101T000000000000Z"):
+        switch_current(store, "v20990101T000000000000Z")
+    with pytest.raises(StoreError, match="is not a version name"):
+        switch_current(store, "../other")
+    assert current_version(store) == only
