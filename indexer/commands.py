@@ -13,11 +13,11 @@ from raee.backbones import load_backbone
 from raee.build import build_store, merge_stores, run_calibration_pass
 from raee.calibration import CalibrationSettings
 from raee.data import read_examples
+from raee.engine import load_backbone_for
+from raee.errors import BackboneError, InputError
 from raee.index import IndexSpec
 from raee.keys import Embedder, KeySpec
 from raee.raee_rule import RaeeConfig
-from raee.engine import load_backbone_for
-from raee.errors import BackboneError, InputError
 from raee.store import check_store_root, load_store, read_manifest
 from raee.tasks import load_task
 from raee.tuning import choose, grid_search

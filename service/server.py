@@ -19,8 +19,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,8 +31,8 @@ from raee.engine import load_backbone_for
 from raee.errors import RaeeError
 from raee.runtime import configure_threads
 from raee.store import load_store
-from service.admission import Admission
 from service import logs, reflection
+from service.admission import Admission
 from service.batcher import MicroBatcher
 from service.config import ServerConfig, load_config
 from service.errors import StartupError

@@ -60,8 +60,9 @@ def test_reflection_answers_under_v1_and_v1alpha(server, version):
     from grpc_reflection.v1alpha import reflection_pb2
     method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = channel.stream_stream(method, request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-                                     response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        call = channel.stream_stream(
+            method, request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
         requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
                     reflection_pb2.ServerReflectionRequest(file_containing_symbol="raee.v1.Raee"),
                     reflection_pb2.ServerReflectionRequest(file_containing_symbol=f"grpc.reflection.{version}."

@@ -77,7 +77,7 @@ def restricted_violations(spec: dict) -> list[str]:
         if sc.get("capabilities", {}).get("drop") != ["ALL"] or set(sc.get("capabilities", {}).get("add", [])) - {
                 "NET_BIND_SERVICE"}:
             found.append(f"{c['name']}: capabilities")
-        if not (sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is True):
+        if sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True:
             found.append(f"{c['name']}: runAsNonRoot")
         if sc.get("runAsUser", pod.get("runAsUser")) == 0:
             found.append(f"{c['name']}: runAsUser 0")
