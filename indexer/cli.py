@@ -8,7 +8,7 @@ import os
 import sys
 
 from raee.calibration import CalibrationSettings
-from raee.errors import RaeeError
+from raee.errors import InputError, RaeeError
 from raee.exit_policy import OBJECTIVES
 from raee.index import INDEX_TYPES
 from raee.kinds import KIND_HELP, KINDS
@@ -52,8 +52,28 @@ def runtime_args(g: argparse._ActionsContainer, store_precision: bool) -> None:
                         "~/.cache/raee)")
 
 
+def quiet_progress(args: argparse.Namespace) -> None:
+    """Progress bars only on a terminal: --no-progress is implied when stderr is not one (a log file, a pipe, a
+    Job's log), and third-party bars (transformers' weight loading) are off whenever ours are."""
+    if not sys.stderr.isatty():
+        args.no_progress = True
+    if getattr(args, "no_progress", True):
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()
+
+
+def require_plotting(*paths: str | None) -> None:
+    """InputError now if a plot is asked for and matplotlib is missing: not after the store is written."""
+    if any(paths):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("--plot needs matplotlib: pip install 'raee[plot]' (or matplotlib), or drop --plot") \
+                from None
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="built-in task name (sst2, sst5, mr, cr, mpqa, subj, trec, cola) "
+    p.add_argument("--task", default=None, help="built-in task name (sst2, sst5, mr, cr, mpqa, subj, trec, cola) "
                                                  "or a YAML/JSON task file")
     p.add_argument("--train", required=True, metavar="FILE", help="labelled calibration data: JSONL, CSV or TSV")
     p.add_argument("--text-column", default="text")
@@ -83,6 +103,12 @@ def parser() -> argparse.ArgumentParser:
                    help="retrieval key: a sentence embedding, or the backbone's mean-pooled layer-K state, which "
                         "the serving pass reuses (default prefix:2; README: 'Why the default key')")
     b.add_argument("--index", default="flat", choices=INDEX_TYPES, help="FAISS index (default flat)")
+    b.add_argument("--like", default=None, metavar="STORE",
+                   help="build as STORE (the one serving) was: its task, backbone, key, index, exit-rule and "
+                        "calibration settings, runtime and precision, so that replicas accept the new version "
+                        "(--backbone only where the checkpoint moved; its weights are checked)")
+    b.add_argument("--no-promote", action="store_true",
+                   help="write the version without switching CURRENT (roll it out with raee-admin rollout)")
     c = b.add_argument_group(
         "calibration", "The store serves, by default, a policy calibrated here on the calibration items alone "
         "(leave-one-out); its evidence, the calibration curve, is saved with it (raee-index inspect --plot).")
@@ -124,6 +150,8 @@ def parser() -> argparse.ArgumentParser:
                                    "exactly as an unsharded build.")
     m.add_argument("out", metavar="OUT")
     m.add_argument("parts", nargs="+", metavar="PART")
+    m.add_argument("--no-promote", action="store_true",
+                   help="write the version without switching CURRENT (roll it out with raee-admin rollout)")
 
     e = sub.add_parser("export", help="export a backbone for the onnxruntime runtime into the cache (for images)",
                        description="Export a backbone's graphs for --runtime onnxruntime into the cache directory "
@@ -160,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     from indexer import commands
     from raee import cache
     from raee.runtime import configure_threads
+    quiet_progress(args)
     try:
+        require_plotting(getattr(args, "plot", None), getattr(args, "calibration_plot", None))
         cache.use(getattr(args, "cache_dir", None))
         configure_threads(getattr(args, "threads", None))
         return getattr(commands, args.command)(args)

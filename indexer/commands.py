@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 from pathlib import Path
 
 from indexer.summary import calibration_summary, layer_table, plot_calibration, plot_layers
@@ -12,12 +13,15 @@ from raee.backbones import load_backbone
 from raee.build import build_store, merge_stores, run_calibration_pass
 from raee.calibration import CalibrationSettings
 from raee.data import read_examples
+from raee.engine import load_backbone_for
+from raee.errors import BackboneError, InputError
 from raee.index import IndexSpec
 from raee.keys import Embedder, KeySpec
 from raee.raee_rule import RaeeConfig
-from raee.store import check_store_root, load_store
+from raee.store import check_store_root, load_store, read_manifest
 from raee.tasks import load_task
 from raee.tuning import choose, grid_search
+from raee.versions import current_version, resolve_version
 
 log = logging.getLogger("raee-index")
 
@@ -34,7 +38,28 @@ def _backbone(args: argparse.Namespace):
                          runtime=args.runtime, precision=args.precision)
 
 
+def backbone_flags(args: argparse.Namespace) -> str:
+    """The backbone options a command was given, as flags for the build command it recommends (without them the
+    build would silently run on the default model)."""
+    given = {"--backbone": args.backbone, "--kind": args.kind, "--dtype": args.dtype, "--runtime": args.runtime,
+             "--precision": args.precision, "--embedder": args.embedder, "--text-column": args.text_column,
+             "--label-column": args.label_column}
+    defaults = {"--kind": "auto", "--dtype": "float32", "--runtime": "auto", "--text-column": "text",
+                "--label-column": "label"}
+    return "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in given.items()
+                   if value is not None and value != defaults.get(flag))
+
+
+# What build --like takes from the serving store, as the flags that would set it otherwise.
+LIKE_FLAGS = ("key", "index", "objective", "epsilon", "delta", "depth_budget", "gate_alpha", "stream_p", "k", "tau",
+              "kind", "dtype", "scale", "runtime", "precision", "embedder")
+
+
 def build(args: argparse.Namespace) -> int:
+    if args.like:
+        return build_like(args)
+    if args.task is None:
+        raise InputError("build needs --task (or --like STORE, which takes it from a store)")
     settings = CalibrationSettings(args.objective, args.epsilon, args.delta, args.depth_budget, args.gate_alpha,
                                    args.stream_p)  # bad settings are refused before anything is loaded
     policy = RaeeConfig(k=args.k, tau=args.tau)
@@ -42,12 +67,49 @@ def build(args: argparse.Namespace) -> int:
     key = KeySpec.parse(args.key)
     task, examples, backbone = _load(args)
     embedder = Embedder(args.embedder, device=args.device) if key.source == "embedder" else None
+    return _build_and_report(args, task, examples, backbone, key, embedder, IndexSpec(args.index), policy, settings)
+
+
+def build_like(args: argparse.Namespace) -> int:
+    """A new version built as the serving store was: its task, backbone (weights checked), key, index, exit-rule
+    and calibration settings, runtime and precision, so that every replica serving it accepts the new version."""
+    from indexer.cli import parser
+    defaults = parser().parse_args(["build", "--train", "x", "--out", "x"])
+    given = [f"--{name.replace('_', '-')}" for name in LIKE_FLAGS if getattr(args, name) != getattr(defaults, name)]
+    if given:
+        raise InputError(f"--like takes {', '.join(given)} from {args.like}; drop {'them' if len(given) > 1 else 'it'}"
+                         " (or build without --like)")
+    like = read_manifest(resolve_version(args.like))
+    if like.shard is not None:
+        raise InputError(f"{args.like} is a shard; --like needs a store that serves (a merged or unsharded one)")
+    task = like.task
+    if args.task is not None and load_task(args.task) != task:
+        raise InputError(f"--task {args.task} is not the task of {args.like} ({task.name}); drop --task")
+    check_store_root(args.out)
+    examples = read_examples(args.train, task, text_column=args.text_column, label_column=args.label_column,
+                             limit=args.limit)
+    backbone = load_backbone_for(like, source=args.backbone, device=args.device,
+                                 runtime=like.backbone.runtime or "auto")
+    if backbone.identity()["fingerprint"] != like.backbone.fingerprint:
+        raise BackboneError(f"{backbone.source} has other weights than {args.like} was built with (fingerprint "
+                            f"{backbone.identity()['fingerprint']}, store {like.backbone.fingerprint}); replicas "
+                            "serving it would refuse the new version")
+    embedder = Embedder(like.embedder.source, device=args.device) if like.embedder is not None else None
+    print(f"building like {like.task.name} {like.version}: key {like.key}, index {like.index.type}, "
+          f"{like.backbone.kind} {backbone.source} on {backbone.runtime} {backbone.precision}")
+    return _build_and_report(args, task, examples, backbone, like.key, embedder, like.index, like.policy,
+                             like.calibration_settings or CalibrationSettings())
+
+
+def _build_and_report(args, task, examples, backbone, key, embedder, index_spec, policy, settings) -> int:
     version, calibration = build_store(
-        args.out, task, backbone, examples, key=key, embedder=embedder, index_spec=IndexSpec(args.index),
+        args.out, task, backbone, examples, key=key, embedder=embedder, index_spec=index_spec,
         policy=policy, settings=settings, batch_size=args.batch_size, shard=args.shard,
-        source_file=str(args.train), progress=not args.no_progress)
+        source_file=str(args.train), progress=not args.no_progress, promote=not args.no_promote)
     print(f"\nexit store {version}  (task {task.name}, {backbone.kind} {backbone.source} on {backbone.runtime} "
-          f"{backbone.precision}, key {key}, index {args.index})")
+          f"{backbone.precision}, key {key}, index {index_spec.type})")
+    if args.no_promote:
+        print(f"CURRENT still names {current_version(args.out)}: roll {version.name} out with raee-admin rollout")
     print(layer_table(calibration.records))
     store = load_store(version)
     build = store.manifest.build
@@ -94,13 +156,17 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def merge(args: argparse.Namespace) -> int:
-    version = merge_stores(args.out, args.parts)
+    version = merge_stores(args.out, args.parts, promote=not args.no_promote)
     store = load_store(version)
     print(f"merged {len(args.parts)} shards into {version}: {store.records.num_items} items")
+    if args.no_promote:
+        print(f"CURRENT still names {current_version(args.out)}: roll {version.name} out with raee-admin rollout")
     return 0
 
 
 def tune(args: argparse.Namespace) -> int:
+    if args.task is None:
+        raise InputError("tune needs --task")
     task, examples, backbone = _load(args)
     key_names = [k.strip() for k in args.keys.split(",") if k.strip()]
     specs = [KeySpec.parse(k) for k in key_names]
@@ -132,7 +198,7 @@ def tune(args: argparse.Namespace) -> int:
     if any(s.source == "embedder" for s in specs):
         print("note: 'layers run' counts backbone layers only; embedder keys also cost the embedder's own pass")
     print(f"build with: raee-index build --task {args.task} --train {args.train} --out DIR --key {best.key}"
-          f"{scale_flag}  (the build then calibrates the served exit rule itself: --objective)")
+          f"{scale_flag}{backbone_flags(args)}  (the build then calibrates the served exit rule itself: --objective)")
     if args.json:
         Path(args.json).write_text(json.dumps({"chosen": best.to_dict(), "trials": [r.to_dict() for r in results]},
                                               indent=2))

@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from indexer.cli import runtime_args
+from indexer.cli import quiet_progress, require_plotting, runtime_args
 from raee import cache
 from raee.data import read_examples
 from raee.engine import Engine
@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
                    help="test texts timed per policy (200; 0 = no timing)")
     p.add_argument("--timed", default=",".join(TIMED), metavar="LIST",
                    help=f"policies to time, as --policies ({','.join(TIMED)}); the others get '-'")
+    p.add_argument("--text-column", default="text", help="the test files' text field or column (text)")
+    p.add_argument("--label-column", default="label", help="the test files' label field or column (label)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N test items")
     p.add_argument("--json", default=None, metavar="OUT", help="write the figures as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png",
@@ -83,7 +85,8 @@ def policy_names(args: argparse.Namespace, num_layers: int) -> list[str]:
 
 def evaluate_task(engine: Engine, test_file: str, names: list[str], args: argparse.Namespace,
                   timed: set[str]) -> dict:
-    examples = read_examples(test_file, engine.task, limit=args.limit)
+    examples = read_examples(test_file, engine.task, text_column=args.text_column, label_column=args.label_column,
+                             limit=args.limit)
     evaluator = Evaluator(engine, examples, names, args.batch_size, not args.no_progress)
     results = []
     for name in names:
@@ -146,7 +149,8 @@ def cross_domain(engines: list[Engine], test_files: list[str], tasks: list[dict]
                 cells[f"{engine.task.name}->{owner.task.name}"] = {name: tasks[i]["policies"][name]
                                                                   for name in CROSS_POLICIES}
                 continue
-            examples = read_examples(test_files[j], engine.task, limit=args.limit)
+            examples = read_examples(test_files[j], engine.task, text_column=args.text_column,
+                                     label_column=args.label_column, limit=args.limit)
             evaluator = Evaluator(engine, examples, list(CROSS_POLICIES), args.batch_size, not args.no_progress)
             cells[f"{engine.task.name}->{owner.task.name}"] = {
                 name: evaluator.evaluate(name, 0).to_dict() for name in CROSS_POLICIES}
@@ -223,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         print("raee-eval: error: give one --test per --store, in the same order", file=sys.stderr)
         return 2
     tasks, cells = [], None
+    quiet_progress(args)
     try:
+        require_plotting(args.plot)  # before the long passes, not after them
         cache.use(args.cache_dir)
         configure_threads(args.threads)
         timed = {str(p) for p in parse_policy_list(args.timed)}

@@ -136,7 +136,7 @@ def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examp
                 key: KeySpec, embedder: Embedder | None = None, index_spec: IndexSpec = IndexSpec(),
                 policy: RaeeConfig = RaeeConfig(), settings: CalibrationSettings = CalibrationSettings(),
                 batch_size: int = 64, shard: tuple[int, int] | None = None, source_file: str | None = None,
-                progress: bool = True) -> tuple[Path, CalibrationPass]:
+                progress: bool = True, promote: bool = True) -> tuple[Path, CalibrationPass]:
     """Run the backbone over the items, index them, calibrate the served policy (not for a shard: merging does)
     and write a store version; returns (version directory, the calibration pass). The output directory is checked
     first, so a wrong --out fails in a second, not after an hour."""
@@ -157,7 +157,8 @@ def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examp
     manifest = dataclasses.replace(manifest, build={
         **manifest.build, "seconds_total": round(seconds, 3),
         "items_per_second_total": round(calibration.records.num_items / seconds, 1)})
-    version = write_store(out, manifest, calibration.records, index, calibration.texts, calibration.lines)
+    version = write_store(out, manifest, calibration.records, index, calibration.texts, calibration.lines,
+                          promote=promote)
     return version, calibration
 
 
@@ -189,8 +190,9 @@ SHARED_FIELDS = ("task", "backbone", "embedder", "key", "key_dim", "num_layers",
                  "calibration_settings", "source_file", "extra")
 
 
-def merge_stores(out: str | Path, parts: list[str | Path]) -> Path:
-    """Join shard stores (any order) into one store that answers exactly as an unsharded build."""
+def merge_stores(out: str | Path, parts: list[str | Path], promote: bool = True) -> Path:
+    """Join shard stores (any order) into one store that answers exactly as an unsharded build. promote=False:
+    CURRENT stays (raee.store.write_store)."""
     check_store_root(out)
     stores: list[ExitStore] = [load_store(p) for p in parts]
     if any(s.manifest.shard is None for s in stores):
@@ -217,4 +219,4 @@ def merge_stores(out: str | Path, parts: list[str | Path]) -> Path:
         build={"seconds": round(sum(s.manifest.build.get("seconds", 0.0) for s in stores), 3)},
         version="", created_at="", files={})
     lines = np.concatenate([s.lines for s in stores])
-    return write_store(out, manifest, records, index, texts, lines)
+    return write_store(out, manifest, records, index, texts, lines, promote=promote)

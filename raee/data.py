@@ -47,7 +47,7 @@ def read_examples(path: str | Path, task: TaskDefinition, *, text_column: str = 
 
 
 def _jsonl_rows(path: Path):
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel, Notepad) is read and dropped
         for line, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -62,7 +62,7 @@ def _jsonl_rows(path: Path):
 
 def _table_rows(path: Path):
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # else a BOM becomes part of the first column's name
         for line, row in enumerate(csv.DictReader(f, delimiter=delimiter), start=2):
             yield line, row
 

@@ -243,8 +243,11 @@ def _check_parts(version: Path, m: StoreManifest, records: ExitRecords, lines: n
 
 # -- writing ---------------------------------------------------------------------------------------------------
 def write_store(root: str | Path, manifest: StoreManifest, records: ExitRecords, index: faiss.Index, texts: list[str],
-                lines: np.ndarray, keep: int = KEEP_VERSIONS) -> Path:
+                lines: np.ndarray, keep: int = KEEP_VERSIONS, promote: bool = True) -> Path:
     """Write a new store version under `root` and make it current, atomically. Returns the version directory.
+
+    promote=False writes the version without switching CURRENT (a rollout switches it once every replica serves
+    it: raee-admin rollout); the first version of a store is made current all the same, as nothing serves yet.
 
     Directories and files follow the umask. OSError (disk full, read-only, no permission) becomes StoreError; the
     previous version keeps serving."""
@@ -272,14 +275,16 @@ def write_store(root: str | Path, manifest: StoreManifest, records: ExitRecords,
             os.rename(staging, root / name)
             staging = None
             fsync(root)
-            point_current(root, name)
-            prune(root, keep)
+            if promote or not (root / "CURRENT").is_file():
+                point_current(root, name)
+                prune(root, keep)
     except OSError as exc:
         raise store_error(root, exc, "cannot write the store") from None
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote store version %s/%s (%d items)", root, name, records.num_items)
+    log.info("wrote store version %s/%s (%d items)%s", root, name, records.num_items,
+             "" if (root / "CURRENT").read_text().strip() == name else "; CURRENT unchanged")
     return root / name
 
 

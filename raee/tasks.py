@@ -150,7 +150,9 @@ class TaskDefinition:
     def from_dict(cls, spec: Mapping[str, Any]) -> "TaskDefinition":
         """Build from the user-file format (see README). `template` may be one string or a mapping kind ->
         template; one string holding {mask} is the masked-lm template, one without it serves the generating kinds
-        (causal-lm, encoder-decoder). `label_words` may be one list for every LM kind or a mapping kind -> list;
+        (causal-lm, encoder-decoder). One string holding {mask} after {x} serves the generating kinds too, cut
+        before the mask ("{x} This is{mask}." -> "{x} This is": the next word is the label word), so that one task
+        file works with every kind. `label_words` may be one list for every LM kind or a mapping kind -> list;
         `verbalizers` may be one sentence or a list of sentences per label."""
         unknown = set(spec) - {"name", "labels", "template", "label_words", "verbalizers", "metric"}
         if unknown:
@@ -163,6 +165,9 @@ class TaskDefinition:
         if isinstance(template, str):
             templates = ({"masked-lm": template} if "{mask}" in template
                          else {kind: template for kind in GENERATING_KINDS})
+            before_mask = template.partition("{mask}")[0]
+            if "{mask}" in template and "{x}" in before_mask:
+                templates.update({kind: before_mask for kind in GENERATING_KINDS})
         elif isinstance(template, Mapping):
             templates = {str(k): v for k, v in template.items()}
         else:

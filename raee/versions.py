@@ -119,6 +119,59 @@ def point_current(root: Path, name: str) -> None:
     _replace_synced(root, "HISTORY", "".join(v + "\n" for v in history))
 
 
+def current_version(root: str | Path) -> str:
+    """The version name CURRENT holds."""
+    return resolve_version(root).name
+
+
+def switch_current(root: str | Path, name: str, keep: int = KEEP_VERSIONS) -> str:
+    """Make an existing, complete version current (a rollout's last step, or a rollback); returns the version that
+    was current. StoreError if `name` is not a complete version of this store."""
+    root = Path(root)
+    if not VERSION_NAME.fullmatch(name):
+        raise StoreError(f"{name!r:.80} is not a version name (like v20260101T000000000000Z)")
+    try:
+        with writer_lock(root):
+            if not (root / name / "manifest.json").is_file():
+                raise StoreError(f"{root} has no complete version {name}")
+            previous = current_version(root)
+            if previous != name:
+                point_current(root, name)
+                prune(root, keep)
+    except OSError as exc:
+        raise store_error(root, exc, "cannot switch CURRENT") from None
+    log.info("%s: CURRENT %s -> %s", root, previous, name)
+    return previous
+
+
+def previous_version(root: str | Path) -> str:
+    """The version that was current before the current one and still exists (what a rollback goes back to)."""
+    root = Path(root)
+    current = current_version(root)
+    for name in reversed(_history(root)):
+        if name != current and (root / name / "manifest.json").is_file():
+            return name
+    raise StoreError(f"{root}: no earlier version to go back to (HISTORY holds none that still exists)")
+
+
+def latest_version(root: str | Path) -> str:
+    """The newest complete version of a store (names sort by time), current or not."""
+    names = [p.name for p in Path(root).iterdir() if VERSION_NAME.fullmatch(p.name) and (p / "manifest.json").is_file()]
+    if not names:
+        raise StoreError(f"{root}: no complete version")
+    return max(names)
+
+
+def version_path(root: str | Path, name: str) -> Path:
+    """The directory of version `name` of a store; StoreError unless it is a complete version."""
+    if not VERSION_NAME.fullmatch(name):
+        raise StoreError(f"{name!r:.80} is not a version name (like v20260101T000000000000Z)")
+    path = Path(root) / name
+    if not (path / "manifest.json").is_file():
+        raise StoreError(f"{root} has no complete version {name}")
+    return path
+
+
 def _history(root: Path) -> list[str]:
     """Versions that were CURRENT, oldest first. Stores written before HISTORY existed promoted every version they
     wrote, so there the versions up to CURRENT count as promoted, in name order."""

@@ -1,4 +1,5 @@
-"""raee-admin: talk to a running raee-serve from the shell (info, classify, reload, wait)."""
+"""raee-admin: talk to running raee-serve replicas from the shell (info, classify, reload, wait, rollout,
+rollback)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import os
 import sys
 from pathlib import Path
 
+from raee.errors import InputError, RaeeError
 from service.client import Client, RaeeClientError
+from service.policy_wire import to_wire
 
 
 def parser() -> argparse.ArgumentParser:
@@ -17,6 +20,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (30)")
     p.add_argument("--token-file", default=None, metavar="FILE",
                    help="file holding the server's admin token, sent with reload (default: $RAEE_ADMIN_TOKEN)")
+    t = p.add_argument_group("TLS", "for a server with tls_cert: without --tls-ca raee-admin speaks plaintext, "
+                                    "which a TLS server cannot answer")
+    t.add_argument("--tls-ca", default=None, metavar="PEM", help="CA certificates that signed the server's "
+                   "certificate; turns TLS on")
+    t.add_argument("--tls-cert", default=None, metavar="PEM", help="this client's certificate, for a server that "
+                   "asks for one (tls_client_ca: mutual TLS)")
+    t.add_argument("--tls-key", default=None, metavar="PEM", help="this client's private key, with --tls-cert")
+    t.add_argument("--tls-server-name", default=None, metavar="NAME",
+                   help="the name the server's certificate carries, where --address uses another (an IP)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backbone, tasks with store versions, limits (JSON)")
     c = sub.add_parser("classify", help="classify texts and print label, exit layer and latency")
@@ -31,13 +43,49 @@ def parser() -> argparse.ArgumentParser:
                    help="reload every address the host name resolves to (a headless Service: every replica)")
     w = sub.add_parser("wait", help="block until the server's health is SERVING")
     w.add_argument("--for", dest="wait_for", type=float, default=120.0, metavar="SECONDS")
+    for name, text in (("rollout", "reload every replica to a store version, check each serves it, then switch "
+                                   "CURRENT; on any refusal put the replicas back and leave CURRENT alone"),
+                       ("rollback", "the same, to the version that was CURRENT before the current one")):
+        o = sub.add_parser(name, help=text, description=text + ". Exit 0 when done, 1 when a replica refused "
+                           "(every replica back on its version), 2 when nothing could start (no replica answers).")
+        o.add_argument("--task", required=True)
+        if name == "rollout":
+            o.add_argument("--version", required=True,
+                           help="version directory name, e.g. v20261122T060746087729Z, or latest (the newest one)")
+        o.add_argument("--address", dest="replicas", action="append", metavar="HOST:PORT",
+                       help="a replica's admin address (repeat; default: --address before the command)")
+        o.add_argument("--every-address", action="store_true",
+                       help="every address the host name resolves to (a headless Service: every replica)")
+        o.add_argument("--store", default=None, metavar="DIR",
+                       help="the store directory, as this process and the replicas see it (default: the one the "
+                            "first replica serves the task from)")
     return p
+
+
+def connector(args: argparse.Namespace, token: str | None):
+    """A function address -> Client with the command line's timeout, token and TLS settings. Certificate files are
+    read here: OSError for one that cannot be read."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InputError("--tls-cert and --tls-key go together (a client certificate and its key)")
+    if args.tls_cert and not args.tls_ca:
+        raise InputError("--tls-cert needs --tls-ca (the CA of the server's certificate)")
+    tls = {}
+    if args.tls_ca:
+        tls = {"root_certificates": Path(args.tls_ca).read_bytes(), "server_name": args.tls_server_name}
+        if args.tls_cert:
+            tls |= {"certificate_chain": Path(args.tls_cert).read_bytes(),
+                    "private_key": Path(args.tls_key).read_bytes()}
+    return lambda address: Client(address, timeout=args.timeout, token=token, **tls)
 
 
 def every_address(address: str) -> list[str]:
     import socket
     host, _, port = address.rpartition(":")
-    found = sorted({info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)})
+    try:
+        found = sorted({info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)})
+    except socket.gaierror as exc:
+        raise InputError(f"no replica answers: {host} does not resolve ({exc.strerror}); a headless Service has "
+                         "no address while no pod is ready") from None
     return [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in found]
 
 
@@ -48,10 +96,10 @@ def admin_token(args: argparse.Namespace) -> str | None:
     return os.environ.get("RAEE_ADMIN_TOKEN") or None
 
 
-def reload_everywhere(args: argparse.Namespace, token: str | None) -> int:
+def reload_everywhere(args: argparse.Namespace, connect) -> int:
     failed = 0
     for address in every_address(args.address):
-        with Client(address, timeout=args.timeout, token=token) as client:
+        with connect(address) as client:
             try:
                 r = client.reload(args.task, args.store)
                 print(f"{address} {r.task}: {r.previous_version} -> {r.store_version}")
@@ -61,6 +109,15 @@ def reload_everywhere(args: argparse.Namespace, token: str | None) -> int:
     return 1 if failed else 0
 
 
+def roll(args: argparse.Namespace, connect) -> int:
+    from service.rollout import rollout
+    addresses = args.replicas or [args.address]
+    if args.every_address:
+        addresses = [a for address in addresses for a in every_address(address)]
+    return rollout(args.task, getattr(args, "version", None), addresses, args.store, connect,
+                   rollback=args.command == "rollback")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -68,9 +125,23 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"raee-admin: error: --token-file {args.token_file}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    if args.command == "reload" and args.every_address:
-        return reload_everywhere(args, token)
-    with Client(args.address, timeout=args.timeout, token=token) as client:
+    try:
+        connect = connector(args, token)
+        if args.command == "classify":
+            try:
+                to_wire(args.policy)  # a policy the server cannot be sent is the caller's mistake: before connecting
+            except RaeeError as exc:
+                raise InputError(f"--policy: {exc}") from None
+        if args.command == "reload" and args.every_address:
+            return reload_everywhere(args, connect)
+        if args.command in ("rollout", "rollback"):
+            return roll(args, connect)
+    except (RaeeError, OSError) as exc:  # OSError: a certificate file, a host name that does not resolve
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"raee-admin {args.command}: error: {text}{where}", file=sys.stderr)
+        return 2
+    with connect(args.address) as client:
         try:
             if args.command == "info":
                 info = client.info()

@@ -137,13 +137,19 @@ class Client:
     retries: int = 3  # extra attempts after UNAVAILABLE
     backoff: float = 0.2  # first wait between attempts, doubled each time
     root_certificates: bytes | None = None  # PEM; TLS when given
+    private_key: bytes | None = None  # PEM; with certificate_chain, this client's certificate (mutual TLS)
+    certificate_chain: bytes | None = None  # PEM
+    server_name: str | None = None  # the name the server's certificate must carry, if not the address's host
     stream_timeout: float | None = None  # seconds for a whole stream; None = no deadline
     token: str | None = None  # admin token, sent with ReloadStore as "authorization: Bearer TOKEN"
     _channel: grpc.Channel = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.root_certificates is not None:
-            self._channel = grpc.secure_channel(self.address, grpc.ssl_channel_credentials(self.root_certificates))
+            credentials = grpc.ssl_channel_credentials(self.root_certificates, self.private_key,
+                                                       self.certificate_chain)
+            options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+            self._channel = grpc.secure_channel(self.address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(self.address)
         self._stub = pb_grpc.RaeeStub(self._channel)
@@ -186,11 +192,13 @@ class Client:
                   for t in r.tasks),
             {"max_texts": lim.max_texts, "max_text_bytes": lim.max_text_bytes, "max_batch": lim.max_batch,
              "max_wait_ms": lim.max_wait_ms, "max_queue": lim.max_queue, "max_streams": lim.max_streams,
-             "stream_idle_s": lim.stream_idle_s}, r.version)
+             "stream_idle_s": lim.stream_idle_s, "max_tokens": lim.max_tokens}, r.version)
 
-    def reload(self, task: str, store_path: str) -> ReloadResult:
+    def reload(self, task: str, store_path: str, version: str = "") -> ReloadResult:
+        """Load the store's CURRENT version, or `version` of it, in place of the one serving."""
         metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None
-        r = self._call(self._stub.ReloadStore, pb.ReloadStoreRequest(task=task, store_path=store_path), metadata)
+        r = self._call(self._stub.ReloadStore, pb.ReloadStoreRequest(task=task, store_path=store_path,
+                                                                      version=version), metadata)
         return ReloadResult(r.task, r.previous_version, r.store_version)
 
     def wait_until_serving(self, timeout: float = 120.0) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from raee.errors import InputError
 from raee.runtime import PRECISIONS, RUNTIMES
+from service.logs import LOG_FORMATS, LOG_LEVELS
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464
@@ -42,12 +43,20 @@ class ServerConfig:
     cache_dir: str | None = None  # where onnxruntime exports live (default RAEE_CACHE_DIR or ~/.cache/raee)
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS
     tls_key: str | None = None  # PEM private key
+    tls_client_ca: str | None = None  # PEM CA certificates: with TLS, clients must present a certificate it signed
+    # (mutual TLS); kubelet gRPC probes cannot, see the README
     admin: bool = False  # serve ReloadStore; needs admin_port or admin_token_file, so that no client can reload
     admin_host: str = "127.0.0.1"  # address of the admin listener
     admin_port: int = -1  # port of a listener that serves ReloadStore (-1 = none, 0 = any free port)
     admin_token_file: str | None = None  # file holding a token: ReloadStore then needs "authorization: Bearer T"
     store_roots: tuple[str, ...] = field(default_factory=tuple)  # directories reloads may load stores from;
     # default: the directories of `stores`
+    max_connection_age_s: float = 0.0  # close each client connection after about this long (GOAWAY; clients
+    # reconnect, without failing calls), 0 = never. gRPC keeps one connection open, so behind a Kubernetes
+    # ClusterIP Service a client stays pinned to one replica: with an age, scaling out rebalances clients.
+    max_connection_age_grace_s: float = 30.0  # calls still running when the age is reached get this long to finish
+    log_format: str = "text"  # text, or json (one object per line, for a log pipeline)
+    log_level: str = "info"  # debug, info (one line per request), warning (refusals and problems only), error
 
     def __post_init__(self) -> None:
         if not self.stores:
@@ -58,15 +67,22 @@ class ServerConfig:
         if self.max_texts > self.max_queue:
             raise InputError(f"max_texts {self.max_texts} is larger than max_queue {self.max_queue}: a request of "
                              "max_texts texts could never be admitted")
-        if min(self.max_wait_ms, self.max_batch_ms, self.grace_s, self.drain_s) < 0 or self.stream_idle_s <= 0:
-            raise InputError("max_wait_ms, max_batch_ms, grace_s and drain_s must not be negative, stream_idle_s "
-                             "must be positive")
+        if min(self.max_wait_ms, self.max_batch_ms, self.grace_s, self.drain_s, self.max_connection_age_s,
+               self.max_connection_age_grace_s) < 0 or self.stream_idle_s <= 0:
+            raise InputError("max_wait_ms, max_batch_ms, grace_s, drain_s and max_connection_age_s (and its grace) "
+                             "must not be negative, stream_idle_s must be positive")
         for name in ("port", "metrics_port", "admin_port"):
             if not -1 <= getattr(self, name) <= 65535 or (name == "port" and self.port < 0):
                 raise InputError(f"{name} must lie in 0..65535 (-1 = off for metrics_port and admin_port), got "
                                  f"{getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InputError("TLS needs both tls_cert and tls_key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise InputError("tls_client_ca (mutual TLS) needs TLS: set tls_cert and tls_key too")
+        if self.log_format not in LOG_FORMATS:
+            raise InputError(f"log_format {self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise InputError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.runtime not in RUNTIMES:
             raise InputError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -84,14 +100,21 @@ class ServerConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+                 "0": False}
 
 
 def _coerce(name: str, value):
     kind = FIELDS[name].type
     if name in ("stores", "store_roots"):
         return tuple(value.split(",") if isinstance(value, str) else value)
-    if kind == "bool" and isinstance(value, str):
-        return value.lower() in ("1", "true", "yes", "on")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word not in BOOLEAN_WORDS:
+            raise InputError(f"{name} must be true or false, got {value!r}")
+        return BOOLEAN_WORDS[word]
     if kind == "int":
         return int(value)
     if kind == "float":
@@ -115,22 +138,45 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_config_file(path: str) -> dict:
+    """The settings of a YAML file; InputError (one line) for a file that is missing, unreadable or not a mapping."""
+    import yaml
+    try:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"--config {path}: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise InputError(f"--config {path}: not valid YAML{at}: {problem}") from None
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise InputError(f"--config {path}: expected a mapping of settings (like 'port: 50051'), got a "
+                         f"{type(spec).__name__}")
+    return spec
+
+
 def load_config(argv: list[str] | None = None, environ: dict | None = None) -> ServerConfig:
     args = parser().parse_args(argv)
     environ = os.environ if environ is None else environ
     values: dict = {}
     if args.config:
-        import yaml
-        spec = yaml.safe_load(Path(args.config).read_text()) or {}
+        spec = read_config_file(args.config)
         unknown = set(spec) - set(FIELDS)
         if unknown:
             raise InputError(f"{args.config}: unknown settings {sorted(unknown)}; valid: {sorted(FIELDS)}")
         values.update(spec)
     values.update({name: environ[f"RAEE_{name.upper()}"] for name in FIELDS if f"RAEE_{name.upper()}" in environ})
     values.update({name: value for name, value in vars(args).items() if name in FIELDS and value is not None})
-    try:
-        return ServerConfig(**{name: _coerce(name, value) for name, value in values.items()})
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, InputError):
+    settings = {}
+    for name, value in values.items():
+        try:
+            settings[name] = _coerce(name, value)
+        except InputError:
             raise
-        raise InputError(f"bad setting: {exc}") from None
+        except (TypeError, ValueError):
+            raise InputError(f"{name} must be a{'n' if FIELDS[name].type == 'int' else ''} {FIELDS[name].type}, "
+                             f"got {value!r}") from None
+    return ServerConfig(**settings)

@@ -27,7 +27,8 @@ class ClassifyCall:
 
 
 def classify_call(request: pb.ClassifyRequest) -> ClassifyCall:
-    policy = from_wire(request.policy, request.static_layer, request.k)
+    layer = request.static_layer if request.HasField("static_layer") else None
+    policy = from_wire(request.policy, layer, request.k)
     return ClassifyCall(request.task, list(request.texts), policy, request.return_neighbours, request.request_id)
 
 
@@ -63,6 +64,6 @@ def info_response(registry: StoreRegistry, config: ServerConfig) -> pb.GetInfoRe
                for e in registry.engines()],
         limits=pb.ServerLimits(max_texts=c.max_texts, max_text_bytes=c.max_text_bytes, max_batch=c.max_batch,
                                max_wait_ms=c.max_wait_ms, max_queue=c.max_queue, max_streams=c.max_streams,
-                               stream_idle_s=c.stream_idle_s),
+                               stream_idle_s=c.stream_idle_s, max_tokens=registry.backbone.max_tokens),
         version=__version__)
 

@@ -59,6 +59,10 @@ class ReloadCancelled(RaeeError):
     """A reload was abandoned because its caller went away or its deadline passed."""
 
 
+class UnknownTask(InputError):
+    """No store is loaded for the task asked for."""
+
+
 class StartupError(RaeeError):
     """The server cannot start: a port is taken, a file is unreadable."""
 
@@ -66,6 +70,7 @@ class StartupError(RaeeError):
 # Most specific first: the first matching type decides.
 STATUS = (
     (MalformedRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownTask, grpc.StatusCode.NOT_FOUND),  # as Triton and KServe answer for an unknown model
     ((StoreError, BackboneError), grpc.StatusCode.FAILED_PRECONDITION),
     ((InputError, TaskError, DataError), grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -56,7 +56,8 @@ def counted(name: str, metrics: ServerMetrics, throttle: RefusalThrottle):
             try:
                 if isinstance(request, Malformed):
                     raise request.error
-                response = await method(request, context)
+                with metrics.in_flight.labels(name).track_inprogress():
+                    response = await method(request, context)
             except asyncio.CancelledError:
                 metrics.requests.labels(name, ended_by_caller(context)).inc()
                 raise
@@ -77,8 +78,9 @@ def counted_stream(name: str, metrics: ServerMetrics):
         @functools.wraps(method)
         async def handler(requests, context: grpc.aio.ServicerContext):
             try:
-                async for response in method(requests, context):
-                    yield response
+                with metrics.in_flight.labels(name).track_inprogress():
+                    async for response in method(requests, context):
+                        yield response
             except asyncio.CancelledError:
                 metrics.requests.labels(name, ended_by_caller(context)).inc()
                 raise

@@ -19,14 +19,23 @@ def to_wire(policy: ExitPolicy | str) -> dict:
     extra = [name for name, _ in policy.options if name != "k"]
     if policy.kind not in TO_WIRE or policy.objective is not None or extra:
         raise InputError(f"policy {policy} cannot be sent to a server; it serves {WIRE_FORMS}")
-    return {"policy": TO_WIRE[policy.kind], "static_layer": policy.layer or 0, "k": policy.k or 0}
+    fields = {"policy": TO_WIRE[policy.kind], "k": policy.k or 0}
+    if policy.kind == "static":
+        fields["static_layer"] = policy.layer
+    return fields
 
 
-def from_wire(kind: int, static_layer: int, k: int) -> ExitPolicy:
-    """The policy a request asks for; InputError for an unknown kind or a bad layer or k."""
+def from_wire(kind: int, static_layer: int | None, k: int) -> ExitPolicy:
+    """The policy a request asks for; InputError for an unknown kind, a bad layer or k, a STATIC without its
+    layer, or a layer with another policy. static_layer: None when the request leaves it unset."""
     if kind not in FROM_WIRE:
         raise InputError(f"unknown policy {kind}; use UNSPECIFIED (the store's calibrated policy), RAEE, FULL or "
                          "STATIC")
     name = FROM_WIRE[kind]
+    if name == "static" and static_layer is None:
+        raise InputError("policy STATIC needs static_layer (the exit layer, 0 = embeddings); it was not set")
+    if name != "static" and static_layer is not None:
+        raise InputError(f"static_layer {static_layer} is set but the policy is {name}, not STATIC; leave it unset "
+                         "or ask for STATIC")
     policy = ExitPolicy("static", layer=static_layer) if name == "static" else ExitPolicy(name)
     return policy.with_k(k or None) if k and policy.uses_neighbours else policy

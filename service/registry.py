@@ -10,12 +10,9 @@ from raee.engine import Engine
 from raee.errors import InputError, StoreError, StoreMismatchError
 from raee.keys import Embedder
 from raee.store import Check, load_store
+from service.errors import UnknownTask
 
 log = logging.getLogger(__name__)
-
-
-class UnknownTask(InputError):
-    """No store is loaded for the task asked for."""
 
 
 class StoreRegistry:

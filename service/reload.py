@@ -17,6 +17,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from raee.errors import InputError
+from raee.versions import version_path
 from service.errors import AdminDisabled, OutsideStoreRoots, ReloadBusy, ReloadCancelled, Unauthenticated
 from service.registry import StoreRegistry
 
@@ -70,10 +71,13 @@ class Reloader:
                                     f"from ({', '.join(map(str, self.roots))}); set store_roots to allow others")
         return str(real)
 
-    async def reload(self, task: str, store_path: str, deadline: float | None) -> tuple[str, str]:
-        """(previous version, new version). ABORTED while another reload runs; abandoned (with the old store
-        serving) if the caller's deadline passes or it cancels."""
+    async def reload(self, task: str, store_path: str, deadline: float | None, version: str = "") -> tuple[str, str]:
+        """(previous version, new version). version: a version of the store directory to load instead of its
+        CURRENT. ABORTED while another reload runs; abandoned (with the old store serving) if the caller's deadline
+        passes or it cancels."""
         path = self.inside_roots(store_path)
+        if version:
+            path = self.inside_roots(str(version_path(path, version)))
         if not self._running.acquire(blocking=False):
             raise ReloadBusy("another reload is running; reloads run one at a time, retry when it has finished")
         cancelled = threading.Event()

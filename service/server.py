@@ -10,6 +10,8 @@ tokenized on a small pool, batches run on the batcher's thread, reloads on a thr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 import socket
@@ -18,10 +20,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from raee import cache
 from raee.backbones import Backbone
@@ -29,6 +31,7 @@ from raee.engine import load_backbone_for
 from raee.errors import RaeeError
 from raee.runtime import configure_threads
 from raee.store import load_store
+from service import logs, reflection
 from service.admission import Admission
 from service.batcher import MicroBatcher
 from service.config import ServerConfig, load_config
@@ -74,6 +77,7 @@ class RaeeServer:
         self._listeners: list[grpc.aio.Server] = []
         self._http = None
         self.health = None
+        self._health_names: tuple[str, ...] = ("", SERVICE_NAME)
         self.port = self.admin_port = self.metrics_port = None
         self.registry: StoreRegistry | None = None
         self.batcher: MicroBatcher | None = None
@@ -118,20 +122,27 @@ class RaeeServer:
     def _listener(self, servicer: RaeeServicer, host: str, port: int) -> int:
         c = self.config
         largest_request = c.max_texts * (c.max_text_bytes + 16) + (64 << 10)
+        options = [("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
+                   ("grpc.max_receive_message_length", max(4 << 20, 2 * largest_request))]
+        if c.max_connection_age_s > 0:  # clients reconnect, through the Service, to any replica
+            options += [("grpc.max_connection_age_ms", int(c.max_connection_age_s * 1e3)),
+                        ("grpc.max_connection_age_grace_ms", int(c.max_connection_age_grace_s * 1e3))]
         server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
-                     ("grpc.max_receive_message_length", max(4 << 20, 2 * largest_request))],
+            options=options,
             maximum_concurrent_rpcs=c.max_queue + c.max_streams + RPC_HEADROOM)
         server.add_generic_rpc_handlers((raee_handler(servicer, self.metrics),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable((SERVICE_NAME, health.SERVICE_NAME), server)
         self._listeners.append(server)
         address = f"{host}:{port}"
         check_port_free(host, port, "gRPC" if servicer is self.servicer else "admin")
         try:
             if c.tls_cert:
                 with open(c.tls_key, "rb") as key, open(c.tls_cert, "rb") as cert:
-                    credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+                    pair = (key.read(), cert.read())
+                client_ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None
+                credentials = grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                                          require_client_auth=client_ca is not None)
                 bound = server.add_secure_port(address, credentials)
             else:
                 bound = server.add_insecure_port(address)
@@ -159,7 +170,11 @@ class RaeeServer:
                 if servicer is not None:
                     servicer.reloader = reloader
             self.registry = registry
+            self.metrics.depth(backbone.num_layers)
+            for engine in registry.engines():
+                self.metrics.serving(engine.task.name, engine.store.version)
             self.admission.ready(registry, self.batcher)
+            self._health_names += tuple(e.task.name for e in registry.engines())
             self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
             log.info("SERVING tasks %s on %s backbone %s", [e.task.name for e in registry.engines()],
                      backbone.kind, backbone.source)
@@ -176,7 +191,8 @@ class RaeeServer:
                                  allow_precision_mismatch=c.allow_precision_mismatch)
 
     async def _set_health(self, status) -> None:
-        for name in ("", SERVICE_NAME):
+        """The server's health under "" and raee.v1.Raee, and each task's under its name (once loaded)."""
+        for name in self._health_names:
             await self.health.set(name, status)
 
     # -- stop -----------------------------------------------------------------------------------------------------
@@ -232,15 +248,28 @@ def check_port_free(host: str, port: int, what: str = "gRPC") -> None:
                                "it or choose another port") from None
 
 
+def check_paths(config: ServerConfig) -> None:
+    """StoreError or BackboneError now (one line, exit 2) for a store or backbone path that is no store or
+    checkpoint at all, rather than a failed load after the listener is up. Full verification comes with loading."""
+    from raee.backbones.loading import resolve_source
+    from raee.versions import resolve_version
+    for store in config.stores:
+        resolve_version(store)
+    if config.backbone:
+        resolve_source(config.backbone)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         config = load_config(argv)
+        check_paths(config)
         for host, port, what in ((config.host, config.port, "gRPC"), (config.admin_host, config.admin_port, "admin"),
                                  (config.host, config.metrics_port, "metrics")):
             if port > 0:
                 check_port_free(host, port, what)  # before anything else starts: one line and exit 2
+        logs.configure(config.log_format, config.log_level)
+        log.info("configuration: %s", json.dumps(dataclasses.asdict(config)),
+                 extra={"fields": {"configuration": dataclasses.asdict(config)}})
         server = RaeeServer(config).start()
     except RaeeError as exc:
         print(f"raee-serve: error: {exc}", file=sys.stderr)

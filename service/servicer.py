@@ -3,20 +3,24 @@ service.handlers turns them into status codes (service.errors.status_for) and co
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 import grpc
 
-from service import convert
+from service import convert, logs
 from service.admission import Admission
 from service.api import pb
 from service.config import ServerConfig
-from service.errors import status_for
+from service.errors import message_for, status_for
 from service.handlers import slow_down
-from service.metrics import ServerMetrics
+from service.metrics import STAGES, ServerMetrics
 from service.reload import ReloadGuard, Reloader
 from service.streams import StreamSlots, answer_in_order
 from service.throttle import RefusalThrottle
+
+log = logging.getLogger("raee-serve")
 
 
 class RaeeServicer:
@@ -29,11 +33,28 @@ class RaeeServicer:
         self.reloader: Reloader | None = None  # set once the stores are loaded
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        rid = logs.request_id(context.invocation_metadata(), request.request_id)
+        context.set_trailing_metadata(((logs.REQUEST_ID, rid),))  # errors carry it too
+        return await self._classify(request, context, rid)
+
+    async def _classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext,
+                        rid: str) -> pb.ClassifyResponse:
+        """One request, answered and logged (one line, errors included)."""
         received = time.perf_counter()
-        call = convert.classify_call(request)
-        outcome = await self.admission.classify(call, context.peer(), deadline_of(context))
+        call = None
+        try:
+            call = convert.classify_call(request)
+            outcome = await self.admission.classify(call, context.peer(), deadline_of(context))
+        except BaseException as exc:
+            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else status_for(exc).name
+            logs.log_request(rid, request.task, len(request.texts), str(call.policy) if call else "-", [], 0,
+                             (time.perf_counter() - received) * 1e3, code)
+            raise
         self._observe(call, outcome, received)
-        return convert.classify_response(call, outcome, (time.perf_counter() - received) * 1e3)
+        total_ms = (time.perf_counter() - received) * 1e3
+        logs.log_request(rid, call.task, len(call.texts), str(call.policy), [r.exit_layer for r in outcome.results],
+                         outcome.results[0].num_layers, total_ms, "OK")
+        return convert.classify_response(call, outcome, total_ms)
 
     async def ClassifyStream(self, requests, context: grpc.aio.ServicerContext):
         self.admission.check_open()
@@ -48,7 +69,7 @@ class RaeeServicer:
         try:
             if not isinstance(request, pb.ClassifyRequest):
                 raise request.error  # bytes that did not parse (service.handlers.Malformed)
-            response = await self.Classify(request, context)
+            response = await self._classify(request, context, logs.request_id(None, request.request_id))
             self.metrics.stream_messages.labels("OK").inc()
             return response
         except Exception as exc:  # noqa: BLE001 - answered in the stream, see convert.error_response
@@ -63,20 +84,28 @@ class RaeeServicer:
 
     async def ReloadStore(self, request: pb.ReloadStoreRequest,
                           context: grpc.aio.ServicerContext) -> pb.ReloadStoreResponse:
-        self.guard.check(context.invocation_metadata())
-        self.admission.check_open()
-        previous, current = await self.reloader.reload(request.task, request.store_path, deadline_of(context))
+        try:
+            self.guard.check(context.invocation_metadata())
+            self.admission.check_open()
+            previous, current = await self.reloader.reload(request.task, request.store_path, deadline_of(context),
+                                                           request.version)
+            self.metrics.serving(request.task, current)
+        except Exception as exc:
+            log.warning("reload of task %.100s from %.300s refused (%s): %s", request.task, request.store_path,
+                        status_for(exc).name, message_for(exc, status_for(exc)))
+            raise
         return pb.ReloadStoreResponse(task=request.task, previous_version=previous, store_version=current)
 
     def _observe(self, call: convert.ClassifyCall, outcome, received: float) -> None:
         times = outcome.results[0].times
-        for stage, ms in (("queue", outcome.queue_ms), ("key", times.key_ms), ("search", times.search_ms),
-                          ("backbone", times.backbone_ms), ("total", (time.perf_counter() - received) * 1e3)):
+        for stage, ms in zip(STAGES, (outcome.queue_ms, times.key_ms, times.search_ms, times.backbone_ms)):
             self.metrics.stage_seconds.labels(stage).observe(ms / 1e3)
-        for r in outcome.results:
-            self.metrics.exit_layer.labels(call.task).observe(r.exit_layer)
-        if call.policy.uses_neighbours:  # calibrated or RAEE
-            self.metrics.raee_texts.labels(call.task).inc(len(outcome.results))
+        self.metrics.request_seconds.labels(call.task).observe(time.perf_counter() - received)
+        if call.policy.uses_neighbours:  # calibrated or RAEE: the exits retrieval chose
+            self.metrics.depth(outcome.results[0].num_layers)
+            for r in outcome.results:
+                self.metrics.exit_layer.labels(call.task).observe(r.exit_layer)
+            self.metrics.retrieval_texts.labels(call.task).inc(len(outcome.results))
             self.metrics.full_depth_fallbacks.labels(call.task).inc(
                 sum(r.full_depth_fallback for r in outcome.results))
             for r in outcome.results:

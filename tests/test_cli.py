@@ -53,6 +53,7 @@ def test_tune_reports_a_choice(checkpoint, sst2_like, tmp_path, capsys):
                        "--json", str(tmp_path / "t.json")]) == 0
     out = capsys.readouterr().out
     assert "chosen" in out and "raee-index build" in out
+    assert f"--backbone {checkpoint}" in out.split("build with: ")[1]  # else the build would use the default model
     assert len(json.loads((tmp_path / "t.json").read_text())["trials"]) == 2 * 2 * 1 * 6
 
 

@@ -100,16 +100,22 @@ def test_wire_carries_served_policies_only():
     for text in ("calibrated", "calibrated:k=8", "raee", "raee:k=4", "full", "static:2"):
         policy = ExitPolicy.parse(text)
         fields = to_wire(policy)
-        assert from_wire(fields["policy"], fields["static_layer"], fields["k"]) == policy
+        assert from_wire(fields["policy"], fields.get("static_layer"), fields["k"]) == policy
+        assert ("static_layer" in fields) == (policy.kind == "static")
     assert to_wire("calibrated")["policy"] == pb.POLICY_KIND_UNSPECIFIED
     for text in ("calibrated:best", "raee:tau=0.5", "oracle", "accuracy"):
         with pytest.raises(InputError, match="cannot be sent to a server"):
             to_wire(text)
     with pytest.raises(InputError, match="unknown policy 7"):
-        from_wire(7, 0, 0)
+        from_wire(7, None, 0)
+    assert from_wire(pb.POLICY_KIND_STATIC, 0, 0) == ExitPolicy("static", layer=0)
+    with pytest.raises(InputError, match="STATIC needs static_layer"):
+        from_wire(pb.POLICY_KIND_STATIC, None, 0)
+    with pytest.raises(InputError, match="static_layer 2 is set but the policy is full"):
+        from_wire(pb.POLICY_KIND_FULL, 2, 0)
     with pytest.raises(InputError, match="out of range"):
-        from_wire(pb.POLICY_KIND_RAEE, 0, 5000)
-    assert from_wire(pb.POLICY_KIND_FULL, 0, 9) == ExitPolicy("full")  # k means nothing at full depth
+        from_wire(pb.POLICY_KIND_RAEE, None, 5000)
+    assert from_wire(pb.POLICY_KIND_FULL, None, 9) == ExitPolicy("full")  # k means nothing at full depth
 
 
 def test_the_policy_module_loads_without_torch_or_faiss():

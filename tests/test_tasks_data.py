@@ -60,7 +60,11 @@ def test_user_task_from_yaml(tmp_path):
                     "['This is spam.', 'This is an advert.']]\nmetric: mcc\n")
     task = load_task(path)
     assert task.labels == ("ham", "spam") and task.metric == "mcc"
-    assert set(task.templates) == {"masked-lm"}  # one template holding {mask}: the masked-lm one
+    # one template holding {mask}: the masked-lm one, and cut before the mask, the generating kinds'
+    assert task.templates == {"masked-lm": "{x} This is{mask}.", "causal-lm": "{x} This is",
+                              "encoder-decoder": "{x} This is"}
+    trec_like = TaskDefinition.from_dict({"name": "t", "labels": ["a", "b"], "template": "{mask}: {x}"})
+    assert set(trec_like.templates) == {"masked-lm"}  # no text before the mask: nothing to cut
     assert task.head_spec("masked-lm") == LabelWords(("fine", "spam")) == task.head_spec("causal-lm")
     assert task.verbalizers[1] == ("This is spam.", "This is an advert.")
 

@@ -27,6 +27,10 @@ BACKBONE_CLASSES: dict[str, type[Backbone]] = {
     "masked-lm": MaskedLMBackbone, "causal-lm": CausalLMBackbone, "encoder-decoder": EncoderDecoderBackbone,
     "sentence-encoder": SentenceEncoderBackbone}
 assert set(BACKBONE_CLASSES) == set(KINDS), "every kind needs a backbone class"
+# Files a transformers tokenizer loads from; a checkpoint with none of them would get a placeholder tokenizer of
+# a few special tokens, and every word would read as unknown.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "spm.model")
 # The transformers Auto class that loads each kind.
 _AUTO_CLASSES = {"masked-lm": "AutoModelForMaskedLM", "causal-lm": "AutoModelForCausalLM",
                  "encoder-decoder": "AutoModelForSeq2SeqLM", "sentence-encoder": "AutoModel"}
@@ -51,6 +55,9 @@ def resolve_source(source: str | None) -> tuple[str, Path]:
         raise BackboneError(f"no checkpoint directory at {path}; models load from local paths only")
     if not (path / "config.json").is_file():
         raise BackboneError(f"{path} holds no config.json, so it is not a transformers checkpoint")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise BackboneError(f"{path} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
+                            "model's tokenizer beside its weights (tokenizer.save_pretrained(DIR))")
     return str(path), path
 
 
