@@ -11,7 +11,11 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: install proto demo test test-fast store-sst2 tune-sst2 eval-sst2 clean
 
-install: $(VENV)/.installed
+# The generated gRPC code (service/generated/, not committed) has one route: this step, from proto/, whenever the
+# proto is newer. Importing never generates; service.api says to run `make install` when the code is missing.
+GENERATED := service/generated/raee/v1/raee_pb2_grpc.py
+
+install: $(VENV)/.installed $(GENERATED)
 
 # torch is pinned here: 2.13.0 has a CPU build on disk; an open range would pull CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -19,8 +23,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test,plot]'
-	$(BIN)/python -m service.protos
 	touch $@
+
+$(GENERATED): proto/raee/v1/raee.proto | $(VENV)/.installed
+	$(BIN)/python -m service.protos
 
 proto: install
 	$(BIN)/python -m service.protos

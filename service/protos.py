@@ -1,5 +1,8 @@
 """Generate the gRPC code for proto/raee/v1/raee.proto into service/generated/ (with .pyi stubs; not committed).
 
+The one route to generated code: the install step (`make install`, `make proto`, the Dockerfile) runs
+`python -m service.protos`; nothing generates on import.
+
 The proto package stays raee.v1; the virtual include path puts the generated modules under
 service.generated.raee.v1, so they do not collide with the raee library package.
 """
@@ -22,13 +25,6 @@ def generate() -> None:
             f"--pyi_out={ROOT}", f"--grpc_python_out={ROOT}", str(Path("service/generated/raee/v1/raee.proto"))]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO}")
-
-
-def ensure_generated() -> None:
-    """Generate when missing or older than the proto (a fresh checkout, or after editing the proto)."""
-    target = GENERATED / "raee_pb2_grpc.py"
-    if not target.exists() or target.stat().st_mtime < PROTO.stat().st_mtime:
-        generate()
 
 
 if __name__ == "__main__":

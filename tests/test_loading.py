@@ -11,7 +11,7 @@ import pytest
 from indexer.cli import main as raee_index
 from indexer.evaluate import main as raee_eval
 from raee.backbones import load_backbone
-from raee.client import Client
+from service.client import Client
 from raee.errors import BackboneError
 from raee.tasks import BUILTIN_TASKS
 from service.config import ServerConfig

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raee.build import build_store
-from raee.client import Client, RaeeClientError, Request
+from service.client import Client, RaeeClientError, Request
 from raee.data import read_examples
 from raee.errors import InputError
 from raee.keys import KeySpec
