@@ -118,7 +118,8 @@ def main() -> int:
     try:
         task = args.task
         if task is None:
-            task = pb_grpc.RaeeStub(grpc.insecure_channel(address)).GetInfo(pb.GetInfoRequest(), timeout=10).tasks[0].name
+            stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
+            task = stub.GetInfo(pb.GetInfoRequest(), timeout=10).tasks[0].name
         texts = texts_from(args.texts, 2000)
         run_policy(address, task, "raee", texts, args.concurrency, 2.0, args.batch)  # warm-up
         results = [run_policy(address, task, policy, texts, args.concurrency, args.seconds, args.batch)

@@ -18,8 +18,8 @@ GENERATED = ROOT / "service" / "generated" / "raee" / "v1"
 
 
 def generate() -> None:
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     args = ["protoc", f"-I{well_known}", f"-Iservice/generated={ROOT / 'proto'}", f"--python_out={ROOT}",
             f"--pyi_out={ROOT}", f"--grpc_python_out={ROOT}", str(Path("service/generated/raee/v1/raee.proto"))]

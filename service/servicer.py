@@ -14,7 +14,7 @@ from service.config import ServerConfig
 from service.errors import status_for
 from service.handlers import slow_down
 from service.metrics import ServerMetrics
-from service.reload import ReloadGuard, Reloader
+from service.reload import Reloader, ReloadGuard
 from service.streams import StreamSlots, answer_in_order
 from service.throttle import RefusalThrottle
 

@@ -8,7 +8,7 @@ import pytest
 
 from indexer.cli import main as raee_index
 from indexer.evaluate import main as raee_eval
-from tests.conftest import save_checkpoint
+from tests.tiny import save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from raee.data import read_examples
 from raee.engine import Engine
 from raee.errors import InputError, StoreError, StoreMismatchError
 from raee.exits import decide
-from raee.index import search
+from raee.index import IndexSpec, index_type_of, search
 from raee.keys import Embedder, KeySpec
 from raee.offdomain import conformal_pvalues, cusum_alarms
 from raee.raee_rule import RaeeConfig, raee_exit_layers
@@ -190,8 +190,11 @@ def test_embedder_keys_with_a_local_sentence_transformer(examples, tmp_path):
                 progress=False)
     store = load_store(tmp_path / "s")
     assert store.manifest.embedder.fingerprint == embedder.fingerprint()
-    results = Engine(store, backbone, embedder).classify(QUERIES[:3])
-    assert all(0 <= r.exit_layer <= 3 and r.layers_run == r.exit_layer for r in results)
+    results = Engine(store, backbone, embedder).classify(QUERIES, policy="raee")
+    sims, ids = search(store.index, embedder.encode(QUERIES), 12)
+    expected = raee_exit_layers(sims, ids, store.records.record_probability(), RaeeConfig())
+    assert [r.exit_layer for r in results] == expected.tolist()
+    assert [r.layers_run for r in results] == expected.tolist()  # an embedder key runs no backbone layer first
     with pytest.raises(StoreMismatchError, match="embedder"):
         Engine(store, backbone, None)
 
@@ -210,3 +213,24 @@ def test_label_ids_follow_the_task_definition_not_just_its_name():
     swapped = dataclasses.replace(TASK, label_words={"masked-lm": ("great", "terrible")})
     ids = [backbone.head(task.head_spec("masked-lm")).ids.tolist() for task in (TASK, swapped)]
     assert ids[0] == ids[1][::-1]
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+def test_the_engine_over_hnsw_and_ivf_stores(examples, tmp_path, index_type):
+    """Stores on approximate indexes serve through the same engine: the index loads as built, the engine's exits
+    are RAEE's on that index's own neighbours, and on a store this small (IVF probes every list, HNSW's beam spans
+    the graph) they are the exact search's."""
+    backbone = tiny_backbone("bert-encoder")
+    build_store(tmp_path / "s", TASK, backbone, examples, key=KeySpec("prefix", 1), index_spec=IndexSpec(index_type),
+                progress=False)
+    build_store(tmp_path / "flat", TASK, backbone, examples, key=KeySpec("prefix", 1), progress=False)
+    engine = Engine(load_store(tmp_path / "s"), backbone)
+    assert index_type_of(engine.store.index) == index_type and engine.store.index.ntotal == len(examples)
+    every = all_layers(backbone, TASK, QUERIES, pooled_layers=(1,))
+    sims, ids = search(engine.store.index, every.pooled[1], 12)
+    expected = raee_exit_layers(sims, ids, engine.store.records.record_probability(), RaeeConfig())
+    results = engine.classify(QUERIES, policy="raee", with_neighbours=True)
+    assert [r.exit_layer for r in results] == expected.tolist()
+    assert [[n.id for n in r.neighbours] for r in results] == ids.tolist()
+    exact = Engine(load_store(tmp_path / "flat"), backbone).classify(QUERIES, policy="raee", with_neighbours=True)
+    assert [[n.id for n in r.neighbours] for r in results] == [[n.id for n in r.neighbours] for r in exact]

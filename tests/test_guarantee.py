@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from raee.errors import InputError
-from raee.guarantee import (PairedRiskTest, binomial_cdf, clopper_pearson_lower, clopper_pearson_upper,
-                            fixed_sequence, harms_and_helps, risk_pvalue)
+from raee.guarantee import (
+    PairedRiskTest,
+    binomial_cdf,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    fixed_sequence,
+    harms_and_helps,
+    risk_pvalue,
+)
 
 
 def brute_cdf(x, n, p):

@@ -11,9 +11,9 @@ import pytest
 from indexer.cli import main as raee_index
 from indexer.evaluate import main as raee_eval
 from raee.backbones import load_backbone
-from service.client import Client
 from raee.errors import BackboneError
 from raee.tasks import BUILTIN_TASKS
+from service.client import Client
 from service.config import ServerConfig
 from service.server import RaeeServer
 from tests.tiny import FAMILIES, KIND_OF, all_layers, save_checkpoint, synthetic_texts, tiny_backbone

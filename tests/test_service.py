@@ -20,12 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raee.build import build_store
-from service.client import Client, RaeeClientError, Request
 from raee.data import read_examples
+from raee.engine import Engine
 from raee.errors import InputError
 from raee.keys import KeySpec
+from raee.store import load_store
 from raee.tasks import BUILTIN_TASKS
 from service.api import pb, pb_grpc
+from service.client import Client, RaeeClientError, Request
 from service.config import ServerConfig, load_config
 from service.server import RaeeServer
 
@@ -73,12 +75,34 @@ def test_classify_returns_labels_exits_timings_and_version(client, server):
     result = client.classify(["good film", "awful dull plot"], task="sst2", neighbours=True, k=4)
     assert len(result.results) == 2 and result.store_version.startswith("v")
     for r in result.results:
-        assert r.label in TASK.labels and 0 <= r.exit_layer <= r.num_layers == 3
+        assert r.label in TASK.labels and r.num_layers == 3  # the values: test_served_results_equal_the_engines
         assert len(r.neighbours) == 4 and sum(r.scores) == pytest.approx(1, abs=1e-5)
     assert result.timings.total_ms > 0 and result.timings.backbone_ms > 0
     full = client.classify(["good film"], task="sst2", policy="full").results[0]
     static = client.classify(["good film"], task="sst2", policy="static:1").results[0]
     assert (full.exit_layer, static.exit_layer, static.layers_run) == (3, 1, 1)
+
+
+SERVED_TEXTS = ["good film", "awful dull plot", "a gorgeous, witty film", "the plot is boilerplate", "fine",
+                "an ugly, pointless movie"]
+
+
+@pytest.mark.parametrize("policy", ["calibrated", "calibrated:k=8", "raee:k=4", "full", "static:2"])
+def test_served_results_equal_the_engines(serve, stores, policy):
+    """A fresh server and a fresh Engine on the same store and backbone answer the same texts alike, field by
+    field (the off-domain gate's stream test starts from the same state in both)."""
+    engine = Engine(load_store(stores["current"]), stores["backbone"])
+    expected = engine.classify(SERVED_TEXTS, policy=policy, with_neighbours=True)
+    server = serve()
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as c:
+        served = c.classify(SERVED_TEXTS, task="sst2", policy=policy, neighbours=True).results
+    fields = [(r.label, r.label_index, r.exit_layer, r.layers_run, r.num_layers, r.off_domain) for r in served]
+    assert fields == [(e.label, e.label_index, e.exit_layer, e.layers_run, e.num_layers, e.off_domain)
+                      for e in expected]
+    for r, e in zip(served, expected):
+        assert r.scores == pytest.approx(e.scores, abs=1e-6)  # float32 on the wire
+        assert [n.id for n in r.neighbours] == [n.id for n in e.neighbours]
+        assert [n.similarity for n in r.neighbours] == pytest.approx([n.similarity for n in e.neighbours], abs=1e-6)
 
 
 @pytest.mark.parametrize("call, message", [
@@ -233,6 +257,7 @@ def test_concurrent_requests_share_batches_and_metrics_say_so(server):
 
 def test_off_domain_fallbacks_are_in_the_response_and_the_metrics(stores, tmp_path):
     import dataclasses
+
     from raee.store import load_store, write_store
     store = load_store(stores["current"])
     gate = dataclasses.replace(store.calibrated_policy.gate, min_similarity=2.0)  # every query is farther than that
