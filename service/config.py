@@ -84,6 +84,7 @@ class ServerConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # booleans from flags and RAEE_*
 
 
 def _coerce(name: str, value):
@@ -91,7 +92,9 @@ def _coerce(name: str, value):
     if name in ("stores", "store_roots"):
         return tuple(value.split(",") if isinstance(value, str) else value)
     if kind == "bool" and isinstance(value, str):
-        return value.lower() in ("1", "true", "yes", "on")
+        if value.strip().lower() not in TRUE_WORDS + FALSE_WORDS:
+            raise InputError(f"{name}: {value!r} is not a boolean; use one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+        return value.strip().lower() in TRUE_WORDS
     if kind == "int":
         return int(value)
     if kind == "float":
