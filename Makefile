@@ -47,11 +47,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+PYTEST_ARGS ?=  # e.g. make test PYTEST_ARGS="--durations=20 -x"
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow and not real_model"
+	$(BIN)/python -m pytest -q -m "not slow and not real_model" $(PYTEST_ARGS)
 
 tune-sst2: install
 	$(BIN)/raee-index tune --task sst2 --train data/sst2/train.jsonl --keys prefix:0,prefix:1,prefix:2,prefix:3,embedder

@@ -59,6 +59,9 @@ from service.api import pb, pb_grpc
 from service.client import Client, RaeeClientError, Request
 from service.errors import StartupError
 
+# Many servers, floods and subprocesses: CI runs these (make test); make test-fast leaves them out.
+pytestmark = pytest.mark.slow
+
 
 def code_of(call) -> grpc.StatusCode:
     with pytest.raises(RaeeClientError) as info:

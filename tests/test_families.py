@@ -27,6 +27,7 @@ def test_every_family_is_driven_by_its_own_adapter(name):
     assert set(EXPECTED_ADAPTER.values()) <= set(FAMILIES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TINY)
 def test_the_self_check_refuses_a_deliberately_broken_adapter(name):
     """An adapter that runs layers 2 and 3 in each other's place: refused, naming the family and the layer."""

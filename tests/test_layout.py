@@ -53,6 +53,7 @@ def snapshot(root: Path) -> dict[str, float]:
     return seen
 
 
+@pytest.mark.slow
 def test_importing_every_module_writes_no_file_and_loads_no_grpc_for_the_library(tmp_path):
     """One fresh interpreter imports every raee module (and checks that neither grpc nor service came with them),
     then every indexer and service module; the tree and a fresh cache directory stay as they were."""

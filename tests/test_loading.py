@@ -67,6 +67,7 @@ def test_a_directory_without_config_is_refused_in_one_line(tmp_path):
         load_backbone(str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, layers", [("deberta-v2-mlm", 3), ("t5", 5)])
 def test_build_eval_and_serve_a_saved_checkpoint(name, layers, tmp_path, sst2_like, capsys):
     """`--backbone DIR` through raee-index build, raee-eval and raee-serve: the product end to end on the two

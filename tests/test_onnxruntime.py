@@ -35,6 +35,7 @@ def on_onnxruntime(name: str, precision: str = "fp32"):
     return backbone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPORTABLE)
 def test_fp32_onnxruntime_answers_as_torch_at_every_layer(name):
     torch_backbone, ort_backbone = tiny_backbone(name), on_onnxruntime(name)
@@ -47,6 +48,7 @@ def test_fp32_onnxruntime_answers_as_torch_at_every_layer(name):
     np.testing.assert_allclose(ours.pooled[1], theirs.pooled[1], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert-mlm", "bert-encoder"])
 def test_int8_stays_close_to_fp32(name):
     ours = all_layers(on_onnxruntime(name, "int8"), TASK, TEXTS).label_logits

@@ -197,6 +197,7 @@ def test_reload_refuses_mismatched_or_corrupt_stores_and_keeps_serving(stores, c
     assert client.classify(["good film"], task="sst2").store_version == before
 
 
+@pytest.mark.slow
 def test_reload_under_concurrent_traffic_fails_no_request(stores, server):
     failures, versions, stop = [], set(), threading.Event()
 
@@ -255,6 +256,7 @@ def test_concurrent_requests_share_batches_and_metrics_say_so(server):
     assert rows > batches  # some batch carried more than one row
 
 
+@pytest.mark.slow
 def test_off_domain_fallbacks_are_in_the_response_and_the_metrics(stores, tmp_path):
     import dataclasses
 
@@ -278,6 +280,7 @@ def test_off_domain_fallbacks_are_in_the_response_and_the_metrics(stores, tmp_pa
         server.stop(1)
 
 
+@pytest.mark.slow
 def test_health_goes_serving_only_after_loading_and_back_on_stop(stores):
     gate = threading.Event()
 
@@ -309,6 +312,7 @@ def test_reflection_lists_the_services(server):
     assert {"raee.v1.Raee", "grpc.health.v1.Health"} <= names
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(texts=st.lists(st.text(max_size=300), max_size=12), task=st.sampled_from(["sst2", "", "x" * 300, "sst2\x00"]),
        policy=st.integers(min_value=0, max_value=2 ** 31 - 1), layer=st.integers(min_value=0, max_value=2 ** 32 - 1),
@@ -341,6 +345,7 @@ def test_config_sources_layer_yaml_env_flags(tmp_path):
         load_config(["--config", str(path)], environ={})
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_work_then_exits(stores, tmp_path):
     import socket
     with socket.socket() as s:
@@ -394,6 +399,7 @@ def test_admin_cli_info_classify_and_reload_every_address(server, stores, capsys
     assert "PERMISSION_DENIED" in capsys.readouterr().err  # the public listener serves no reloads
 
 
+@pytest.mark.slow
 def test_tls(stores, tmp_path):
     import shutil
     if shutil.which("openssl") is None:
@@ -412,6 +418,7 @@ def test_tls(stores, tmp_path):
         server.stop(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["other", "truncated"])
 def test_bad_store_is_refused_at_start_and_health_stays_not_serving(stores, tmp_path, bad):
     path = stores["other"]
@@ -433,6 +440,7 @@ def test_bad_store_is_refused_at_start_and_health_stays_not_serving(stores, tmp_
         server.stop(0)
 
 
+@pytest.mark.slow
 def test_a_request_timing_out_does_not_fail_its_batch_mates(stores):
     server = start(stores, max_wait_ms=300)  # both requests wait in one forming batch
     try:
@@ -460,6 +468,7 @@ def test_a_mask_token_inside_a_text_is_refused_up_front(client):
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "mask tokens" in info.value.message
 
 
+@pytest.mark.slow
 def test_several_tasks_share_one_backbone(stores, sst2_like, tmp_path):
     import dataclasses
     movie = dataclasses.replace(TASK, name="movie-reviews")  # a second task on the same checkpoint
