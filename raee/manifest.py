@@ -321,8 +321,8 @@ def _build(cls: Any, spec: Mapping[str, Any], where: str) -> Any:
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in spec and not _json_type_fits(spec[f.name], hints[f.name]):
-            raise StoreError(f"{where}: {f.name} must be {f.type}, got {type(spec[f.name]).__name__} "
-                             f"{spec[f.name]!r:.60}")
+            raise StoreError(f"{where}: {f.name} must be {_type_name(hints[f.name])}, got "
+                             f"{type(spec[f.name]).__name__} {spec[f.name]!r:.60}")
     try:
         return cls(**spec)
     except StoreError as exc:
@@ -345,6 +345,15 @@ def _section(cls: Any, spec: Mapping[str, Any] | None, where: str) -> Any:
 
 def _as_dict(section: Any) -> dict[str, Any] | None:
     return None if section is None else section.to_dict()
+
+
+def _type_name(hint: Any) -> str:
+    """A field's type as a reader would say it: a Literal's choices by name, an optional as "X or null"."""
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, get_args(hint)))
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def _json_type_fits(value: Any, hint: Any) -> bool:
