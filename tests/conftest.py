@@ -12,10 +12,10 @@ import pytest
 
 os.environ["RAEE_CACHE_DIR"] = tempfile.mkdtemp(prefix="raee-test-cache-")
 
-from tests.tiny import FAMILIES, save_checkpoint, synthetic_texts, tiny_backbone  # noqa: E402
+from tests.tiny import FAMILIES, family_params, save_checkpoint, synthetic_texts, tiny_backbone  # noqa: E402
 
 
-@pytest.fixture(scope="session", params=FAMILIES)
+@pytest.fixture(scope="session", params=family_params(FAMILIES))
 def backbone(request):
     return tiny_backbone(request.param)
 

@@ -94,6 +94,7 @@ def brute_force_match_full(records, sims, ids, settings):
     return path[chosen] if chosen >= 0 else None, chosen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epsilon", [0.02, 0.05])
 def test_match_full_chooses_what_the_procedure_replayed_by_hand_chooses(store, epsilon):
     records, _, _, sims, ids = store
@@ -174,6 +175,7 @@ def test_calibrated_policy_round_trips(store):
     assert CalibratedPolicy.from_dict(full.to_dict()).name == "full"
 
 
+@pytest.mark.slow
 def test_small_calibration_sets_cannot_certify_a_tiny_epsilon(store):
     records, _, _, sims, ids = store
     policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),

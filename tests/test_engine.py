@@ -30,7 +30,8 @@ def examples(sst2_like):
     return read_examples(sst2_like, TASK)
 
 
-@pytest.fixture(scope="module", params=["bert-mlm", "llama", "bert-encoder"])
+@pytest.fixture(scope="module", params=["bert-mlm", pytest.param("llama", marks=pytest.mark.slow),
+                                        pytest.param("bert-encoder", marks=pytest.mark.slow)])
 def engine(request, examples, tmp_path_factory):
     backbone = tiny_backbone(request.param)
     out = tmp_path_factory.mktemp(request.param) / "store"
@@ -156,6 +157,7 @@ def test_store_for_another_backbone_is_refused(engine):
         Engine(engine.store, tiny_backbone("gpt2"))
 
 
+@pytest.mark.slow
 def test_sharded_build_merges_into_the_unsharded_store(examples, tmp_path):
     backbone = tiny_backbone("bert-encoder")
     key = KeySpec("prefix", 2)
@@ -179,6 +181,7 @@ def test_sharded_build_merges_into_the_unsharded_store(examples, tmp_path):
         merge_stores(tmp_path / "bad", parts[:2])
 
 
+@pytest.mark.slow
 def test_embedder_keys_with_a_local_sentence_transformer(examples, tmp_path):
     from sentence_transformers import SentenceTransformer, models
     checkpoint = save_checkpoint("bert-encoder", tmp_path / "ckpt")
@@ -215,6 +218,7 @@ def test_label_ids_follow_the_task_definition_not_just_its_name():
     assert ids[0] == ids[1][::-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
 def test_the_engine_over_hnsw_and_ivf_stores(examples, tmp_path, index_type):
     """Stores on approximate indexes serve through the same engine: the index loads as built, the engine's exits

@@ -116,6 +116,7 @@ def test_evaluation_skips_test_items_the_backbone_cannot_read(store_dir, sst2_li
     assert len(evaluator.examples) == 10 and "998, 999" in caplog.text
 
 
+@pytest.mark.slow
 def test_raee_eval_suite_and_cross_domain_cli(sst2_like, tmp_path, capsys):
     from indexer.evaluate import main
     from raee.backbones import load_backbone

@@ -75,6 +75,7 @@ def test_layers_past_the_exit_never_run_on_onnxruntime():
         torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_engine_exits_and_labels_equal_on_both_runtimes(sst2_like, tmp_path):
     examples = read_examples(sst2_like, TASK)
     build_store(tmp_path / "s", TASK, tiny_backbone("bert-encoder"), examples, key=KeySpec("prefix", 1),
@@ -86,6 +87,7 @@ def test_engine_exits_and_labels_equal_on_both_runtimes(sst2_like, tmp_path):
     np.testing.assert_allclose([r.scores for r in on_ort], [r.scores for r in on_torch], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_store_is_refused_at_another_precision(sst2_like, tmp_path, caplog):
     examples = read_examples(sst2_like, TASK)[:80]
     build_store(tmp_path / "s", TASK, on_onnxruntime("bert-mlm", "int8"), examples, key=KeySpec("prefix", 1),
@@ -121,6 +123,7 @@ def test_the_export_is_made_once_and_a_stale_one_is_rebuilt():
                                all_layers(first, TASK, TEXTS).label_logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_unwritable_cache_exports_to_a_temporary_directory(tmp_path, caplog):
     (tmp_path / "a-file").write_text("not a directory")
     cache.use(tmp_path / "a-file" / "cache")  # cannot be created, whoever runs the test (root included)

@@ -147,6 +147,7 @@ def test_calibrated_by_default_and_faithful_raee_on_request(client, server, stor
     assert [r.exit_layer for r in default] == [r.exit_layer for r in engine.classify(texts)]
 
 
+@pytest.mark.slow
 def test_queue_full_is_resource_exhausted_at_once(stores):
     server = start(stores, max_queue=3, max_texts=2, max_wait_ms=1500)  # the first request waits for company
     try:
@@ -163,6 +164,7 @@ def test_queue_full_is_resource_exhausted_at_once(stores):
         server.stop(1)
 
 
+@pytest.mark.slow
 def test_expired_work_is_dropped_before_compute(stores):
     server = start(stores, max_wait_ms=400)  # the first request waits 400 ms for company
     rows = []
