@@ -24,8 +24,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from load import closed_loop, own_channel
+
 from raee.store import resolve_version
 from service.api import pb, pb_grpc
 from service.launch import ServerProcess

@@ -30,7 +30,6 @@ from service.launch import ServerProcess  # noqa: E402
 from service.policy_wire import to_wire  # noqa: E402
 
 
-
 def texts_from(path: str, n: int) -> list[str]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line)["text"] for line, _ in zip(f, range(n))]
@@ -121,7 +120,8 @@ def main() -> int:
     try:
         task = args.task
         if task is None:
-            task = pb_grpc.RaeeStub(grpc.insecure_channel(address)).GetInfo(pb.GetInfoRequest(), timeout=10).tasks[0].name
+            stub = pb_grpc.RaeeStub(grpc.insecure_channel(address))
+            task = stub.GetInfo(pb.GetInfoRequest(), timeout=10).tasks[0].name
         texts = texts_from(args.texts, 2000)
         run_policy(address, task, "calibrated", texts, args.concurrency, 2.0, args.batch)  # warm-up
         results = [run_policy(address, task, policy, texts, args.concurrency, args.seconds, args.batch)

@@ -46,8 +46,6 @@ from load import closed_loop  # noqa: E402
 TEXTS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés.",
          "it's a charming and often affecting journey.", "an ugly, pointless, stupid movie."]
 
-Server = ServerProcess
-
 
 def load(address: str, seconds: float, concurrency: int, task: str = "sst2") -> tuple[Counter, list[float]]:
     """Closed-loop traffic of single sentences; returns (status codes, latencies in seconds)."""
@@ -78,6 +76,7 @@ def other_backbone_store(directory: Path) -> str:
     """An sst2 store built on a tiny random BERT MLM: same task, other weights."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
     from raee.backbones import load_backbone
     from raee.backbones.loading import embedded_model_path
     from raee.build import build_store
@@ -96,7 +95,7 @@ def other_backbone_store(directory: Path) -> str:
 
 
 def check_reload_under_load(store: str, seconds: float) -> dict:
-    server = Server([store], admin=True)
+    server = ServerProcess([store], admin=True)
     server.wait_serving()
     try:
         result: dict = {}
@@ -120,11 +119,11 @@ def check_reload_under_load(store: str, seconds: float) -> dict:
 def check_bad_stores(store: str, broken: dict[str, str]) -> dict:
     details = {}
     for name, path in broken.items():  # at start, beside the good store: never SERVING, exits non-zero, says why
-        server = Server([store, path])
+        server = ServerProcess([store, path])
         code = server.process.wait(timeout=300)
         details[f"start with {name}"] = {"exit_code": code, "said": next((line for line in server.output().splitlines()
                                                                           if "cannot serve" in line), "")[-160:]}
-    server = Server([store], admin=True, roots=(store, str(Path(next(iter(broken.values()))).parent)))
+    server = ServerProcess([store], admin=True, roots=(store, str(Path(next(iter(broken.values()))).parent)))
     server.wait_serving()
     try:
         with Client(server.address) as c, Client(server.admin_address) as admin:
@@ -146,7 +145,7 @@ def check_bad_stores(store: str, broken: dict[str, str]) -> dict:
 
 
 def check_sigterm(store: str, grace: float = 10.0) -> dict:
-    server = Server([store], "--max-wait-ms", "200", grace=grace, drain=1.0)
+    server = ServerProcess([store], "--max-wait-ms", "200", grace=grace, drain=1.0)
     server.wait_serving()
     results, lock = Counter(), threading.Lock()
 
@@ -185,7 +184,7 @@ def check_sigterm(store: str, grace: float = 10.0) -> dict:
 def check_overload(store: str, seconds: float) -> dict:
     """32 clients sending 4 texts each back to back at a queue of 16 texts (in a process of their own); a probe
     sending the same requests times the refusals."""
-    server = Server([store], "--max-queue", "16", "--max-batch", "8", "--max-texts", "4")
+    server = ServerProcess([store], "--max-queue", "16", "--max-batch", "8", "--max-texts", "4")
     server.wait_serving()
     try:
         result = attacks.under_attack(server, "flood", (server.address, pb.ClassifyRequest(task="sst2", texts=TEXTS),
@@ -201,7 +200,7 @@ def check_overload(store: str, seconds: float) -> dict:
 
 
 def check_fuzz(store: str, requests: int) -> dict:
-    server = Server([store])
+    server = ServerProcess([store])
     server.wait_serving()
     rng = random.Random(0)
     codes = Counter()
@@ -233,7 +232,7 @@ def check_fuzz(store: str, requests: int) -> dict:
 
 
 def check_soak(store: str, seconds: float) -> dict:
-    server = Server([store])
+    server = ServerProcess([store])
     server.wait_serving()
     try:
         load(server.address, min(30.0, seconds / 5), 4)  # warm-up: allocator pools, caches

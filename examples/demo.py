@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from raee.client import Client
+from service.client import Client
 from service.launch import ServerProcess
 
 SENTENCES = [

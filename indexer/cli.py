@@ -11,9 +11,10 @@ from raee.calibration import CalibrationSettings
 from raee.errors import InputError, RaeeError
 from raee.exit_policy import OBJECTIVES
 from raee.index import INDEX_TYPES
-from raee.kinds import KIND_HELP, KINDS
+from raee.kinds import DEFAULT_SCALE, KIND_HELP, KINDS
 from raee.raee_rule import RaeeConfig
 from raee.runtime import DTYPE_NAMES, ONNXRUNTIME_PRECISIONS, RUNTIMES
+from raee.tasks import BUILTIN_TASKS
 
 log = logging.getLogger("raee-index")
 SETTINGS, RAEE = CalibrationSettings(), RaeeConfig()
@@ -28,8 +29,9 @@ def _backbone_args(p: argparse.ArgumentParser) -> None:
                         "; ".join(f"{kind}: {text}" for kind, text in KIND_HELP.items()))
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     g.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
-    g.add_argument("--scale", type=float, default=20.0,
-                   help="sentence-encoder kind: cosine scale, i.e. inverse softmax temperature (default: 20)")
+    g.add_argument("--scale", type=float, default=DEFAULT_SCALE,
+                   help="sentence-encoder kind: cosine scale, i.e. inverse softmax temperature "
+                        f"(default: {DEFAULT_SCALE:g})")
     g.add_argument("--embedder", default=None, metavar="PATH",
                    help="sentence-transformers model for embedder keys (default: the embedded all-MiniLM-L6-v2)")
     runtime_args(g, store_precision=False)
@@ -73,7 +75,7 @@ def require_plotting(*paths: str | None) -> None:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default=None, help="built-in task name (sst2, sst5, mr, cr, mpqa, subj, trec, cola) "
+    p.add_argument("--task", default=None, help=f"built-in task name ({', '.join(BUILTIN_TASKS)}) "
                                                  "or a YAML/JSON task file")
     p.add_argument("--train", required=True, metavar="FILE", help="labelled calibration data: JSONL, CSV or TSV")
     p.add_argument("--text-column", default="text")

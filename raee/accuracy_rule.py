@@ -19,12 +19,13 @@ cautious to aggressive: margin from 1 down to 0, then cost from 0 up. The RAEE r
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from raee.errors import InputError
 from raee.raee_rule import MAX_K
+from raee.records import layers_run
 
 RecordValues = Literal["correct", "confidence"]
 RECORD_VALUES: tuple[RecordValues, ...] = ("correct", "confidence")
@@ -53,11 +54,11 @@ class AccuracyRuleConfig:
         if not self.cost >= 0:
             raise InputError(f"cost must be >= 0, got {self.cost!r}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "AccuracyRuleConfig":
+    def from_dict(cls, values: dict[str, Any]) -> "AccuracyRuleConfig":
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise InputError(f"unknown accuracy-rule setting(s) {sorted(unknown)}; valid: "
@@ -92,7 +93,7 @@ def estimated_accuracy(similarities: np.ndarray, neighbour_ids: np.ndarray, reco
 
 def layer_cost(num_layers: int, key_layer: int) -> np.ndarray:
     """(L+1,) share of the layers run when exiting at each layer: max(l, K) / L."""
-    return np.maximum(np.arange(num_layers + 1), key_layer) / num_layers
+    return layers_run(np.arange(num_layers + 1), key_layer) / num_layers
 
 
 def exit_layers_from_estimate(estimate: np.ndarray, config: AccuracyRuleConfig, key_layer: int) -> np.ndarray:

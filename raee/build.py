@@ -8,21 +8,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from raee.backbones.base import MAX_CHARS_PER_TOKEN, Backbone
+from raee.backbones.base import Backbone
 from raee.calibration import SEARCH_WIDTH, CalibratedPolicy, CalibrationEvidence, CalibrationSettings, calibrate
 from raee.data import Example, text_groups
 from raee.errors import InputError, StoreError
 from raee.exit_policy import Objective
 from raee.index import IndexSpec, build_index, keys_of, leave_one_out_search
-from raee.keys import Embedder, KeySpec
+from raee.keys import Embedder, KeySpec, require_embedder
 from raee.manifest import BackboneIdentity, EmbedderIdentity, Shard, StoreManifest
 from raee.raee_rule import RaeeConfig
 from raee.records import ExitRecords
-from raee.store import ExitStore, check_store_root, load_store, write_store
+from raee.store import ExitStore, load_store, write_store
 from raee.tasks import TaskDefinition
+from raee.versions import check_store_root
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +60,10 @@ def readable_examples(backbone: Backbone, task: TaskDefinition, examples: list[E
     """The examples the backbone can read whole, with their prompt lengths in tokens; the others are skipped and
     their lines logged. A text past the character guard counts as too long, as the engine refuses it unread."""
     prompting = task.prompting(backbone.kind, backbone.mask_token)
-    counts = backbone.token_counts(prompting.prompts([e.text for e in examples]))
-    counts = [c if len(e.text) <= backbone.max_tokens * MAX_CHARS_PER_TOKEN else backbone.max_tokens + 1
-              for e, c in zip(examples, counts)]
+    guarded = [e for e in examples if len(e.text) <= backbone.max_chars]  # the rest is refused unread
+    guarded_counts = iter(backbone.token_counts(prompting.prompts([e.text for e in guarded])) if guarded else [])
+    counts = [next(guarded_counts) if len(e.text) <= backbone.max_chars else backbone.max_tokens + 1
+              for e in examples]
     too_long = [e.line for e, c in zip(examples, counts) if c > backbone.max_tokens]
     if too_long:
         log.warning("skipping %d %s longer than %d tokens (lines %s%s)", len(too_long), what, backbone.max_tokens,
@@ -78,7 +81,7 @@ def run_calibration_pass(backbone: Backbone, task: TaskDefinition, examples: lis
     """
     if key.source == "embedder" and embedder is None:
         raise InputError("embedder keys need an embedder")
-    if key.source == "prefix" and key.layer > backbone.max_prefix_layer:
+    if key.prefix_layers > backbone.max_prefix_layer:
         raise InputError(f"prefix key layer {key.layer} is past layer {backbone.max_prefix_layer}, the deepest "
                          f"this {backbone.kind} backbone's keys can pool")
     prompting = task.prompting(backbone.kind, backbone.mask_token)
@@ -101,7 +104,8 @@ def run_calibration_pass(backbone: Backbone, task: TaskDefinition, examples: lis
                                              with_vocab_top2=True)
             for layer in pooled_layers:
                 pooled[layer][rows] = layer_pass.pooled[layer]
-            batch_keys = layer_pass.pooled[key.layer] if key.source == "prefix" else embedder.encode(texts)
+            batch_keys = (layer_pass.pooled[key.layer] if key.layer is not None else
+                          require_embedder(embedder).encode(texts))
             if keys is None:
                 keys = np.zeros((len(examples), batch_keys.shape[1]), dtype=np.float32)
             logits[rows], keys[rows] = layer_pass.label_logits, batch_keys
@@ -113,6 +117,7 @@ def run_calibration_pass(backbone: Backbone, task: TaskDefinition, examples: lis
             bar.update(len(rows))
     seconds = time.perf_counter() - started
     gold = np.array([e.label for e in examples], dtype=np.int64)
+    assert keys is not None  # at least one batch ran (no items was refused above)
     return CalibrationPass(ExitRecords(gold, logits, vocab), keys, [e.text for e in examples],
                            np.array([e.line for e in examples], dtype=np.int64), seconds,
                            {layer: pooled[layer] for layer in extra_pooled_layers})
@@ -125,7 +130,8 @@ def store_manifest(task: TaskDefinition, backbone: Backbone, embedder: Embedder 
     """The draft manifest of a store built from `calibration` (write_store adds the version and file entries)."""
     return StoreManifest(
         task=task, backbone=BackboneIdentity.from_dict(backbone.identity()),
-        embedder=EmbedderIdentity.from_dict(embedder.identity()) if key.source == "embedder" else None,
+        embedder=(EmbedderIdentity.from_dict(require_embedder(embedder).identity()) if key.source == "embedder"
+                  else None),
         key=key, key_dim=int(calibration.keys.shape[1]), num_layers=backbone.num_layers,
         num_items=calibration.records.num_items, num_labels=task.num_labels, index=index_spec, policy=policy,
         calibration_settings=settings, shard=Shard(*shard) if shard else None, source_file=source_file,
@@ -162,8 +168,8 @@ def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examp
     return version, calibration
 
 
-def calibrate_items(records: ExitRecords, index, texts: list[str], key_layer: int, metric: str, raee: RaeeConfig,
-                    settings: CalibrationSettings) -> tuple[CalibratedPolicy, CalibrationEvidence]:
+def calibrate_items(records: ExitRecords, index: faiss.Index, texts: list[str], key_layer: int, metric: str,
+                    raee: RaeeConfig, settings: CalibrationSettings) -> tuple[CalibratedPolicy, CalibrationEvidence]:
     """Leave-one-out neighbours of every item (items of the same text left out too), then calibration."""
     similarities, ids = leave_one_out_search(index, text_groups(texts), SEARCH_WIDTH)
     return calibrate(records, similarities, ids, key_layer=key_layer, metric=metric, raee=raee, settings=settings)
@@ -197,10 +203,11 @@ def merge_stores(out: str | Path, parts: list[str | Path], promote: bool = True)
     stores: list[ExitStore] = [load_store(p) for p in parts]
     if any(s.manifest.shard is None for s in stores):
         raise StoreError("every part must be a shard (built with --shard I/N)")
-    count = stores[0].manifest.shard.count
-    stores.sort(key=lambda s: s.manifest.shard.index)
-    found = [s.manifest.shard.index for s in stores]
-    if found != list(range(count)) or any(s.manifest.shard.count != count for s in stores):
+    shards = [s.manifest.shard for s in stores if s.manifest.shard is not None]
+    count = shards[0].count
+    stores.sort(key=lambda s: s.manifest.shard.index if s.manifest.shard is not None else -1)
+    found = sorted(shard.index for shard in shards)
+    if found != list(range(count)) or any(shard.count != count for shard in shards):
         raise StoreError(f"merge needs shards 0..{count - 1} of one build exactly once, got {found}")
     first = stores[0].manifest
     for s in stores[1:]:

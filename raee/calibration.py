@@ -22,25 +22,26 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any, get_args
 
 import numpy as np
 
-from raee.accuracy_rule import AccuracyRuleConfig, estimated_accuracy, exit_layers_from_estimate
+from raee.accuracy_rule import AccuracyRuleConfig, RecordValues, estimated_accuracy, exit_layers_from_estimate
 from raee.errors import InputError, StoreError
-from raee.exit_policy import OBJECTIVES, ExitPolicy, Objective
+from raee.exit_policy import OBJECTIVES, ExitPolicy, Objective, PolicyKind
 from raee.guarantee import GAMMA_SHARE, PairedRiskTest, fixed_sequence, harms_and_helps
 from raee.metrics import task_score
 from raee.offdomain import OffDomainGate, agreement_threshold, fit_similarity, off_domain_reasons
 from raee.raee_rule import RaeeConfig, exit_layers_from_scores, layer_scores
-from raee.records import ExitRecords
+from raee.records import ExitRecords, layers_run, predictions_at
 
 MARGINS = tuple(round(1 - i / 50, 2) for i in range(51))  # 1.0, 0.98, ..., 0: from full depth to the best layer
 COSTS = tuple(round(i / 50, 2) for i in range(1, 101))  # 0.02 ... 2.0: then ever cheaper
 EARLIEST_RATIOS = tuple(round(1 - i / 20, 2) for i in range(19))  # 1.0 ... 0.1
 BEST_STRUCTURES = tuple(AccuracyRuleConfig(k=k, temperature=t, values=v) for k, t, v in
-                        itertools.product((32, 64), (0.05, 0.1), ("correct", "confidence")))
+                        itertools.product((32, 64), (0.05, 0.1), get_args(RecordValues)))
 SEARCH_WIDTH = max(64, *(s.k for s in BEST_STRUCTURES))  # neighbours every candidate may read
 Rule = RaeeConfig | AccuracyRuleConfig
 
@@ -70,11 +71,11 @@ class CalibrationSettings:
         if not 0 <= self.stream_p < 1:
             raise InputError(f"stream p must lie in [0, 1), got {self.stream_p}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "CalibrationSettings":
+    def from_dict(cls, values: dict[str, Any]) -> "CalibrationSettings":
         return cls(**values)
 
 
@@ -103,11 +104,11 @@ class CalibrationEvidence:
     candidates: int  # settings tried in all
     seconds: float
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "CalibrationEvidence":
+    def from_dict(cls, values: dict[str, Any]) -> "CalibrationEvidence":
         return cls(**{**values, "curve": tuple(CurvePoint(**p) for p in values["curve"])})
 
 
@@ -124,21 +125,21 @@ class CalibratedPolicy:
         """The rule as a policy string, e.g. accuracy:cost=0.3,k=64,... (full when nothing passed)."""
         if self.rule is None:
             return "full"
-        kind = "raee" if isinstance(self.rule, RaeeConfig) else "accuracy"
+        kind: PolicyKind = "raee" if isinstance(self.rule, RaeeConfig) else "accuracy"
         return str(ExitPolicy(kind, options=tuple(asdict(self.rule).items())))
 
     @property
     def k(self) -> int:
         return self.rule.k if self.rule is not None else 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         rule = None if self.rule is None else {
             "name": "raee" if isinstance(self.rule, RaeeConfig) else "accuracy", **self.rule.to_dict()}
         return {"settings": asdict(self.settings), "rule": rule,
                 "gate": self.gate.to_dict() if self.gate is not None else None}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "CalibratedPolicy":
+    def from_dict(cls, values: dict[str, Any]) -> "CalibratedPolicy":
         try:
             rule = values["rule"]
             if rule is not None:
@@ -156,6 +157,10 @@ class _Candidate:
     exits: np.ndarray  # (N,) exit layers after the gate
     gated: np.ndarray  # (N,) bool
     gate: OffDomainGate | None
+
+
+# (rule, exits (N,)) -> the candidate with the off-domain gate applied
+GateMaker = Callable[[Rule, np.ndarray], _Candidate]
 
 
 def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray, *, key_layer: int,
@@ -195,7 +200,7 @@ def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.
 
 
 def _gate_maker(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
-                settings: CalibrationSettings):
+                settings: CalibrationSettings) -> GateMaker:
     """A function (rule, exits) -> _Candidate that applies the off-domain gate calibrated for those exits: the far
     threshold from the items' nearest similarities, the disagree threshold from their agreement at these exits."""
     n, num_layers = records.num_items, records.num_layers
@@ -220,8 +225,8 @@ def _point(c: _Candidate, records: ExitRecords, metric: str, key_layer: int) -> 
     n, num_layers = records.num_items, records.num_layers
     exit_right = records.correct[np.arange(n), c.exits]
     harms, helps = harms_and_helps(records.correct[:, num_layers], exit_right)
-    layers = np.where(c.gated, num_layers, np.maximum(c.exits, key_layer)).mean() / num_layers
-    score = task_score(metric, records.predicted[np.arange(n), c.exits], records.gold)
+    layers = np.where(c.gated, num_layers, layers_run(c.exits, key_layer)).mean() / num_layers
+    score = task_score(metric, predictions_at(records.label_logits, c.exits), records.gold)
     return CurvePoint(_rule_name(c.rule), score, float(exit_right.mean()), float(layers), float(c.gated.mean()),
                       harms, helps, float("nan"))
 
@@ -254,19 +259,19 @@ def best_within_budget(scores: list[float], layers_run: list[float], budget: flo
 
 
 def _accuracy_path(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
-                   structure: AccuracyRuleConfig, key_layer: int, gated) -> Iterator[_Candidate]:
+                   structure: AccuracyRuleConfig, key_layer: int, gated: GateMaker) -> Iterator[_Candidate]:
     """The accuracy rule at one structure, margin from 1 down to 0, then cost up from 0."""
     estimate = estimated_accuracy(similarities, neighbour_ids, records.record_values(structure.values), structure)
     found = (neighbour_ids[:, :structure.k] >= 0).any(axis=1)
-    steps = [dict(margin=m, cost=0.0) for m in MARGINS] + [dict(margin=0.0, cost=c) for c in COSTS]
-    for step in steps:
-        rule = dataclasses.replace(structure, **step)
+    steps = [(m, 0.0) for m in MARGINS] + [(0.0, c) for c in COSTS]  # (margin, cost)
+    for margin, cost in steps:
+        rule = dataclasses.replace(structure, margin=margin, cost=cost)
         exits = np.where(found, exit_layers_from_estimate(estimate, rule, key_layer), records.num_layers)
         yield gated(rule, exits)
 
 
 def _raee_path(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray, raee: RaeeConfig,
-               gated) -> Iterator[_Candidate]:
+               gated: GateMaker) -> Iterator[_Candidate]:
     """RAEE at the store's settings, earliest ratio from 1 (faithful) down."""
     scores = layer_scores(similarities, neighbour_ids, records.record_probability(), raee)
     for ratio in EARLIEST_RATIOS:

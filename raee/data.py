@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +48,7 @@ def read_examples(path: str | Path, task: TaskDefinition, *, text_column: str = 
     return examples
 
 
-def _jsonl_rows(path: Path):
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Excel, Notepad) is read and dropped
         for line, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -60,7 +62,7 @@ def _jsonl_rows(path: Path):
             yield line, row
 
 
-def _table_rows(path: Path):
+def _table_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with path.open(encoding="utf-8-sig", newline="") as f:  # else a BOM becomes part of the first column's name
         for line, row in enumerate(csv.DictReader(f, delimiter=delimiter), start=2):

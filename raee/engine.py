@@ -11,16 +11,17 @@ import numpy as np
 import torch
 
 from raee.backbones.base import Backbone, mean_pool
+from raee.backbones.layerwise import LayerwiseForward
 from raee.backbones.loading import load_backbone
 from raee.calibration import CalibratedPolicy
 from raee.errors import InputError, StoreMismatchError
 from raee.exit_policy import CALIBRATED, ENGINE_KINDS, ExitPolicy, Objective
 from raee.exits import Decision, RecordArrays, Resolved, decide, resolve
 from raee.index import on_best_device, search
-from raee.keys import Embedder
+from raee.keys import Embedder, require_embedder
 from raee.manifest import StoreManifest
 from raee.offdomain import StreamMonitor, conformal_pvalues
-from raee.records import softmax
+from raee.records import layers_run, softmax
 from raee.store import ExitStore, check_compatible, load_store
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,22 @@ class Classification:
     off_domain: str = ""  # the off-domain gate sent the text to full depth: far, disagree or shifted ("" = no)
 
 
+@dataclass(frozen=True)
+class _Route:
+    """How a batch reaches its exits: exit layers (B,), the backbone's forward state (with the head's logits at
+    layers 0..K when a prefix key ran them), when keying and search ended, and for a retrieval policy the decision
+    and neighbours (B, width) behind the exits."""
+
+    exits: np.ndarray
+    fwd: LayerwiseForward
+    early: list[LayerwiseForward]  # the batch at layers 0..K (prefix key), read for rows that exit there
+    keyed: float
+    searched: float
+    decision: Decision | None = None
+    sims: np.ndarray | None = None
+    ids: np.ndarray | None = None
+
+
 def load_backbone_for(manifest: StoreManifest, *, source: str | None = None, device: str = "cpu",
                       runtime: str = "auto", precision: str | None = None,
                       allow_precision_mismatch: bool = False) -> Backbone:
@@ -82,10 +99,11 @@ class Engine:
                  allow_precision_mismatch: bool = False) -> None:
         check_compatible(store.manifest, backbone, embedder if store.key.source == "embedder" else None,
                          allow_precision_mismatch)
-        key_dim = embedder.identity()["dim"] if store.key.source == "embedder" else backbone.hidden_size
+        key_dim = (require_embedder(embedder).identity()["dim"] if store.key.source == "embedder" else
+                   backbone.hidden_size)
         if key_dim != store.index.d:
             raise StoreMismatchError(f"store keys are {store.index.d}-d, this key source gives {key_dim}-d")
-        if store.key.source == "prefix" and store.key.layer > backbone.max_prefix_layer:
+        if store.key.prefix_layers > backbone.max_prefix_layer:
             raise StoreMismatchError(f"store key {store.key} pools layer {store.key.layer}; this backbone's prefix "
                                      f"keys stop at layer {backbone.max_prefix_layer}")
         self.store, self.backbone, self.embedder = store, backbone, embedder
@@ -152,29 +170,36 @@ class Engine:
         self.backbone.check_texts(texts)
         started = time.perf_counter()
         if resolved.fixed_layer is not None:
-            exits = np.full(len(texts), resolved.fixed_layer)
-            decision, sims, ids, fwd, early = None, None, None, self.backbone.start(self.prompting.prompts(texts)), []
-            keyed = searched = started
+            route = self._fixed_route(texts, resolved.fixed_layer, started)
         else:
-            keys, fwd, early = self._key(texts)
-            keyed = time.perf_counter()
-            sims, ids = search(self.index, keys, resolved.search_width)
-            decision = decide(resolved, sims, ids, self.arrays, self.store.key_layer,
-                              self._alarms(policy.objective, resolved, sims, ids))
-            exits = decision.exits
-            searched = time.perf_counter()
-            if fwd is None:  # an embedder key: the backbone starts now, in its own stage
-                fwd = self.backbone.start(self.prompting.prompts(texts))
-        logits = self._run_to_exits(fwd, early, exits)
-        times = StageTimes((keyed - started) * 1e3, (searched - keyed) * 1e3,
-                           (time.perf_counter() - searched) * 1e3)
+            route = self._retrieval_route(texts, resolved, policy.objective)
+        logits = self._run_to_exits(route.fwd, route.early, route.exits)
+        times = StageTimes((route.keyed - started) * 1e3, (route.searched - route.keyed) * 1e3,
+                           (time.perf_counter() - route.searched) * 1e3)
         shown = resolved.rule.k if with_neighbours and resolved.rule is not None else 0  # the rule's, not the gate's
-        return self._results(logits, exits, decision, times, sims, ids[:, :shown] if shown else None)
+        return [self._classification(i, probs, route, times, shown) for i, probs in enumerate(softmax(logits))]
 
-    def _key(self, texts: list[str]):
-        """(keys (B, D), the backbone's forward state or None, head logits at layers 0..K for a prefix key)."""
+    def _fixed_route(self, texts: list[str], layer: int, started: float) -> _Route:
+        """Every text to one layer: no key, no search."""
+        fwd = self.backbone.start(self.prompting.prompts(texts))
+        return _Route(np.full(len(texts), layer), fwd, [], keyed=started, searched=started)
+
+    def _retrieval_route(self, texts: list[str], resolved: Resolved, objective: Objective | None) -> _Route:
+        """Key the texts, retrieve their neighbours, decide each text's exit layer from their records."""
+        keys, fwd, early = self._key(texts)
+        keyed = time.perf_counter()
+        sims, ids = search(self.index, keys, resolved.search_width)
+        decision = decide(resolved, sims, ids, self.arrays, self.store.key_layer,
+                          self._alarms(objective, resolved, sims, ids))
+        searched = time.perf_counter()
+        if fwd is None:  # an embedder key: the backbone starts now, in its own stage
+            fwd = self.backbone.start(self.prompting.prompts(texts))
+        return _Route(decision.exits, fwd, early, keyed, searched, decision, sims, ids)
+
+    def _key(self, texts: list[str]) -> tuple[np.ndarray, LayerwiseForward | None, list[LayerwiseForward]]:
+        """(keys (B, D), the backbone's forward state or None, its states at layers 0..K for a prefix key)."""
         if self.store.key.source == "embedder":
-            return self.embedder.encode(texts), None, []
+            return require_embedder(self.embedder).encode(texts), None, []
         fwd, early = self._prefix_pass(texts, self.store.key_layer)
         return mean_pool(fwd.hidden, fwd.attention_mask).cpu().numpy(), fwd, early
 
@@ -187,24 +212,24 @@ class Engine:
         nearest = np.where(ids[:, 0] >= 0, sims[:, 0], -np.inf)
         return monitor.update(conformal_pvalues(resolved.gate, nearest))
 
-    def _results(self, logits: np.ndarray, exits: np.ndarray, decision: Decision | None, times: StageTimes,
-                 sims: np.ndarray | None, ids: np.ndarray | None) -> list[Classification]:
-        probs = softmax(logits)
-        key_layer = self.store.key_layer if decision is not None else 0
-        results = []
-        for i, row in enumerate(probs):
-            neighbours = () if ids is None else tuple(Neighbour(int(j), float(s)) for j, s in zip(ids[i], sims[i])
-                                                      if j >= 0)
-            results.append(Classification(
-                label=self.task.labels[int(row.argmax())], label_index=int(row.argmax()),
-                scores=tuple(float(p) for p in row), exit_layer=int(exits[i]),
-                layers_run=int(max(exits[i], key_layer)), num_layers=self.num_layers, times=times,
-                neighbours=neighbours,
-                full_depth_fallback=bool(decision.no_evidence[i]) if decision is not None else False,
-                off_domain=str(decision.off_domain[i]) if decision is not None else ""))
-        return results
+    def _classification(self, i: int, probs: np.ndarray, route: _Route, times: StageTimes,
+                        shown: int) -> Classification:
+        """Text i's result from its label probabilities (C,) at its exit, listing its first `shown` neighbours."""
+        neighbours: tuple[Neighbour, ...] = ()
+        if shown and route.ids is not None and route.sims is not None:
+            neighbours = tuple(Neighbour(int(j), float(s))
+                               for j, s in zip(route.ids[i, :shown], route.sims[i, :shown]) if j >= 0)
+        decision = route.decision
+        key_layer = self.store.key_layer if decision is not None else 0  # a fixed exit computes no key
+        exit_layer = int(route.exits[i])
+        return Classification(
+            label=self.task.labels[int(probs.argmax())], label_index=int(probs.argmax()),
+            scores=tuple(float(p) for p in probs), exit_layer=exit_layer,
+            layers_run=int(layers_run(exit_layer, key_layer)), num_layers=self.num_layers, times=times,
+            neighbours=neighbours, full_depth_fallback=bool(decision.no_evidence[i]) if decision is not None else False,
+            off_domain=str(decision.off_domain[i]) if decision is not None else "")
 
-    def _prefix_pass(self, texts: list[str], key_layer: int):
+    def _prefix_pass(self, texts: list[str], key_layer: int) -> tuple[LayerwiseForward, list[LayerwiseForward]]:
         """Run layers 1..K for the whole batch, keeping the batch's state at layers 0..K (references, no copies) so
         that rows exiting there are read without running anything again. The head reads them once the exits are
         known, and only for those rows."""
@@ -215,7 +240,7 @@ class Engine:
             early.append(fwd.snapshot())
         return fwd, early
 
-    def _run_to_exits(self, fwd, early: list, exits: np.ndarray) -> np.ndarray:
+    def _run_to_exits(self, fwd: LayerwiseForward, early: list[LayerwiseForward], exits: np.ndarray) -> np.ndarray:
         """(B, C) label logits at each row's exit layer."""
         logits = np.zeros((len(exits), self.task.num_labels), dtype=np.float32)
         done = exits <= fwd.layer if early else np.zeros(len(exits), dtype=bool)

@@ -15,14 +15,24 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from raee.baselines import (DEFAULT_AGREEMENT, adainfer_exit_layers, calibrate_confidence, confidence_exit_layers,
-                            fit_adainfer, head_features, oracle_exit_layers)
+from raee.baselines import (
+    DEFAULT_AGREEMENT,
+    LinearSVM,
+    adainfer_exit_layers,
+    calibrate_confidence,
+    confidence_exit_layers,
+    fit_adainfer,
+    head_features,
+    oracle_exit_layers,
+)
 from raee.build import readable_examples
 from raee.data import Example, seen_texts
 from raee.engine import Engine
@@ -31,8 +41,10 @@ from raee.exit_policy import ExitPolicy
 from raee.exits import decide
 from raee.guarantee import harms_and_helps
 from raee.index import search
+from raee.keys import require_embedder
 from raee.metrics import task_score
 from raee.offdomain import conformal_pvalues, cusum_alarms
+from raee.records import layers_run, predictions_at
 
 
 @dataclass(frozen=True)
@@ -54,7 +66,7 @@ class PolicyResult:
     latency_ms_p50: float | None  # one text per call
     throughput_per_s: float | None  # texts per second in calls of 32
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -86,9 +98,10 @@ def test_view(engine: Engine, examples: list[Example], width: int, batch_size: i
                                                 pooled_layers=(key.layer,) if key.layer is not None else ())
         logits.append(layer_pass.label_logits)
         vocab.append(layer_pass.vocab_top2)
-        keys.append(layer_pass.pooled[key.layer] if key.layer is not None else engine.embedder.encode(batch))
+        keys.append(layer_pass.pooled[key.layer] if key.layer is not None else
+                    require_embedder(engine.embedder).encode(batch))
     sims, ids = search(engine.index, np.concatenate(keys), max(width, 1))
-    return TestView(np.concatenate(logits), None if any(v is None for v in vocab) else np.concatenate(vocab), sims,
+    return TestView(np.concatenate(logits), None if any(v is None for v in vocab) else np.concatenate(vocab), sims,  # type: ignore[arg-type]
                     ids, np.array([e.label for e in examples]), seen_texts(texts, engine.store.texts))
 
 
@@ -105,7 +118,7 @@ class Evaluator:
                     or [0])
         self.view = test_view(engine, examples, width, batch_size, progress)
         self.full_accuracy = float(np.mean(self.view.label_logits[:, -1].argmax(axis=1) == self.view.gold))
-        self._adainfer = None
+        self._adainfer: LinearSVM | None = None
         self._thresholds: dict[float, np.ndarray] = {}
 
     def exits(self, policy: ExitPolicy) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +142,7 @@ class Evaluator:
                           self.engine.store.key_layer, alarms)
         return decision.exits, decision.off_domain
 
-    def adainfer(self):
+    def adainfer(self) -> LinearSVM:
         if self._adainfer is None:
             self._adainfer = fit_adainfer(self.engine.store.records)
         return self._adainfer
@@ -141,11 +154,11 @@ class Evaluator:
 
     def layers_run(self, policy: ExitPolicy, exits: np.ndarray) -> np.ndarray:
         """(Q,) layers each text ran: a retrieval policy has run the prefix key's layers before it exits."""
-        return np.maximum(exits, self.engine.store.key_layer) if policy.uses_neighbours else exits
+        return layers_run(exits, self.engine.store.key_layer) if policy.uses_neighbours else exits
 
     def score(self, exits: np.ndarray, rows: np.ndarray | None = None) -> float:
         view = self.view
-        predicted = view.label_logits[np.arange(len(exits)), exits].argmax(axis=1)
+        predicted = predictions_at(view.label_logits, exits)
         if rows is None:
             return task_score(self.engine.task.metric, predicted, view.gold)
         return task_score(self.engine.task.metric, predicted[rows], view.gold[rows]) if rows.any() else float("nan")
@@ -153,7 +166,7 @@ class Evaluator:
     def evaluate(self, name: ExitPolicy | str, timing_sample: int = 200) -> PolicyResult:
         policy = ExitPolicy.parse(name)
         exits, off_domain = self.exits(policy)
-        right = self.view.label_logits[np.arange(len(exits)), exits].argmax(axis=1) == self.view.gold
+        right = predictions_at(self.view.label_logits, exits) == self.view.gold
         harms, helps = harms_and_helps(self.view.label_logits[:, -1].argmax(axis=1) == self.view.gold, right)
         accuracy = float(right.mean())
         reasons = {reason: int((off_domain == reason).sum()) for reason in ("far", "disagree", "shifted")}
@@ -192,7 +205,7 @@ class Evaluator:
             run(texts[i:i + 32], slice(i, min(i + 32, len(texts))))
         return statistics.median(singles), len(texts) / (time.perf_counter() - started)
 
-    def runner(self, policy: ExitPolicy, exits: np.ndarray):
+    def runner(self, policy: ExitPolicy, exits: np.ndarray) -> Callable[[list[str], slice], Any]:
         """A function (texts, rows) that runs the policy online on those test rows."""
         engine, backbone, head = self.engine, self.engine.backbone, self.engine.head
         prompts = engine.prompting.prompts

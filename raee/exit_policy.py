@@ -32,7 +32,8 @@ Objective = Literal["match-full", "best", "raee"]
 OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 FORMS = ("calibrated[:OBJECTIVE][,k=K]", "raee[:KEY=VALUE,...]", "accuracy[:KEY=VALUE,...]", "full", "static:L",
          "oracle", "adainfer", "confidence[:RATE]")
-_RULE_CONFIGS = {"raee": RaeeConfig, "accuracy": AccuracyRuleConfig}
+_RULE_CONFIGS: dict[str, type[RaeeConfig] | type[AccuracyRuleConfig]] = {"raee": RaeeConfig,
+                                                                         "accuracy": AccuracyRuleConfig}
 
 Option = tuple[str, Any]
 
@@ -155,7 +156,7 @@ def parse_policy_list(text: str) -> list[ExitPolicy]:
                              else ",".join(group)) for group in groups]
 
 
-def _positional(kind: str, value: str | None) -> dict:
+def _positional(kind: str, value: str | None) -> dict[str, Any]:
     if value is None:
         if kind == "static":
             raise InputError("static needs a layer: static:L")

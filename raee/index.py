@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
 
 import faiss
 import numpy as np
@@ -18,7 +19,8 @@ from raee.runtime import thread_count
 
 log = logging.getLogger(__name__)
 
-INDEX_TYPES = ("flat", "hnsw", "ivf")
+IndexType = Literal["flat", "hnsw", "ivf"]
+INDEX_TYPES: tuple[IndexType, ...] = get_args(IndexType)
 FEW_QUERIES = 20  # below this many queries FAISS's flat search does not use BLAS
 TIE_DECIMALS = 5  # similarities equal to this many decimals count as tied; ties go to the lower item id
 TIE_MARGIN = 8  # extra neighbours fetched so that ties at the k-th place are settled by id
@@ -26,7 +28,7 @@ TIE_MARGIN = 8  # extra neighbours fetched so that ties at the k-th place are se
 
 @dataclass(frozen=True)
 class IndexSpec:
-    type: str = "flat"  # flat | hnsw | ivf
+    type: IndexType = "flat"  # flat | hnsw | ivf
     hnsw_m: int = 32  # HNSW graph degree
     ef_construction: int = 200  # HNSW build-time beam
     ef_search: int = 128  # HNSW query-time beam
@@ -37,7 +39,7 @@ class IndexSpec:
         if self.type not in INDEX_TYPES:
             raise InputError(f"index type {self.type!r} is not one of {', '.join(INDEX_TYPES)}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -45,11 +47,13 @@ def build_index(keys: np.ndarray, spec: IndexSpec) -> faiss.Index:
     """keys: (N, D) float32, unit rows. Returns a CPU index holding them in row order (ids 0..N-1)."""
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     n, dim = keys.shape
+    index: faiss.Index
     if spec.type == "flat":
         index = faiss.IndexFlatIP(dim)
     elif spec.type == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = spec.ef_construction
+        hnsw = faiss.IndexHNSWFlat(dim, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = spec.ef_construction
+        index = hnsw
     else:
         nlist = spec.nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -14,16 +15,19 @@ from raee.errors import BackboneError, InputError
 log = logging.getLogger(__name__)
 
 
+KeySource = Literal["embedder", "prefix"]
+
+
 @dataclass(frozen=True)
 class KeySpec:
     """`embedder`: a sentence embedding of the text. `prefix:K`: the backbone's mean-pooled layer-K state, which the
     serving pass computes anyway, so retrieval needs no second model."""
 
-    source: str = "embedder"  # "embedder" or "prefix"
+    source: KeySource = "embedder"
     layer: int | None = None  # K, for prefix keys
 
     def __post_init__(self) -> None:
-        if self.source not in ("embedder", "prefix"):
+        if self.source not in get_args(KeySource):
             raise InputError(f"key source {self.source!r} is not 'embedder' or 'prefix:K'")
         if self.source == "prefix" and (self.layer is None or self.layer < 0):
             raise InputError("a prefix key needs a layer: prefix:K with K >= 0")
@@ -46,7 +50,7 @@ class KeySpec:
     def prefix_layers(self) -> int:
         """Backbone layers a query has run when its exit is chosen: K for a prefix key, 0 for an embedder key. A
         query's layers run are max(exit layer, prefix_layers)."""
-        return self.layer if self.source == "prefix" else 0
+        return self.layer if self.layer is not None else 0  # an embedder key has no layer
 
 
 class Embedder:
@@ -67,7 +71,7 @@ class Embedder:
             self._fingerprint = fingerprint_module(self.model)
         return self._fingerprint
 
-    def identity(self) -> dict:
+    def identity(self) -> dict[str, Any]:
         return {"source": self.source, "fingerprint": self.fingerprint(),
                 "dim": _embedding_dimension(self.model)}
 
@@ -77,7 +81,14 @@ class Embedder:
         return np.ascontiguousarray(keys, dtype=np.float32)
 
 
-def _embedding_dimension(model) -> int:
+def require_embedder(embedder: Embedder | None) -> Embedder:
+    """The embedder an embedder key needs, or InputError when there is none."""
+    if embedder is None:
+        raise InputError("embedder keys need an embedder (--embedder, or the store's manifest names one)")
+    return embedder
+
+
+def _embedding_dimension(model: Any) -> int:
     # sentence-transformers 5 renamed get_sentence_embedding_dimension; accept both.
     getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     return int(getter())

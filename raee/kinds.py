@@ -22,3 +22,5 @@ LM_KINDS: tuple[Kind, ...] = ("masked-lm", "causal-lm", "encoder-decoder")
 # Kinds that generate the answer after the prompt: their prompts must not end with a space, because each label
 # word is read as its own space-prefixed token.
 GENERATING_KINDS: tuple[Kind, ...] = ("causal-lm", "encoder-decoder")
+# The sentence-encoder kind's cosine scale (inverse softmax temperature over the label verbalizations).
+DEFAULT_SCALE = 20.0

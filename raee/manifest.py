@@ -24,9 +24,9 @@ from raee.calibration import CalibratedPolicy, CalibrationEvidence, CalibrationS
 from raee.errors import RaeeError, StoreError
 from raee.index import IndexSpec
 from raee.keys import KeySpec
-from raee.kinds import KINDS
+from raee.kinds import KINDS, Kind
 from raee.raee_rule import RaeeConfig
-from raee.runtime import DTYPE_NAMES, PRECISIONS
+from raee.runtime import DTYPE_NAMES, PRECISIONS, DType
 from raee.tasks import TaskDefinition
 
 FORMAT_VERSION = 2  # 2: manifest.sha256 beside the manifest; file entries carry their size
@@ -59,10 +59,10 @@ class BackboneIdentity:
     """The backbone a store was built on (`Backbone.identity()`); a server refuses a store built on other weights."""
 
     source: str  # "builtin:all-MiniLM-L6-v2" or a checkpoint directory
-    kind: str  # raee.kinds.KINDS
+    kind: Kind
     num_layers: int
     fingerprint: str  # hash of every weight
-    dtype: str  # float32, float16 or bfloat16
+    dtype: DType
     settings: Mapping[str, Any] = field(default_factory=dict)  # kind settings that change scores (e.g. scale)
     family: str | None = None  # model family adapter (bert, llama, ...)
     runtime: str | None = None  # torch or onnxruntime
@@ -181,16 +181,18 @@ class StoreManifest:
         if self.num_labels != self.task.num_labels:
             raise StoreError(f"num_labels {self.num_labels} differs from task {self.task.name}'s "
                              f"{self.task.num_labels} labels {list(self.task.labels)}")
-        if self.key.source == "prefix" and self.key.layer > self.num_layers:
+        if self.key.prefix_layers > self.num_layers:
             raise StoreError(f"key {self.key} reads layer {self.key.layer} of a {self.num_layers}-layer backbone")
         if (self.key.source == "embedder") != (self.embedder is not None):
             raise StoreError(f"key {self.key} {'needs' if self.embedder is None else 'takes no'} embedder section")
         if self.embedder is not None and self.embedder.dim != self.key_dim:
             raise StoreError(f"key_dim {self.key_dim} differs from the embedder's dimension {self.embedder.dim}")
-        for name, kind in (("calibration_settings", CalibrationSettings), ("calibrated_policy", CalibratedPolicy),
-                           ("calibration_evidence", CalibrationEvidence)):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), kind):
-                raise StoreError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        sections: tuple[tuple[str, type], ...] = (
+            ("calibration_settings", CalibrationSettings), ("calibrated_policy", CalibratedPolicy),
+            ("calibration_evidence", CalibrationEvidence))
+        for name, section in sections:
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), section):
+                raise StoreError(f"{name} must be a {section.__name__}, got {type(getattr(self, name)).__name__}")
         if self.calibrated_policy is not None and "calibrated_policy" not in self.requires:
             raise StoreError("a manifest with a calibrated policy must list it in requires (older readers refuse)")
         if self.shard is not None and not isinstance(self.shard, Shard):
@@ -310,7 +312,7 @@ def _task(spec: Mapping[str, Any]) -> TaskDefinition:
         raise StoreError(f"task section: {exc}") from None
 
 
-def _build(cls, spec: Mapping[str, Any], where: str):
+def _build(cls: Any, spec: Mapping[str, Any], where: str) -> Any:
     """cls(**spec) for a section of the manifest, with unknown or missing fields and wrong types as StoreError."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(spec) - names
@@ -319,8 +321,8 @@ def _build(cls, spec: Mapping[str, Any], where: str):
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in spec and not _json_type_fits(spec[f.name], hints[f.name]):
-            raise StoreError(f"{where}: {f.name} must be {f.type}, got {type(spec[f.name]).__name__} "
-                             f"{spec[f.name]!r:.60}")
+            raise StoreError(f"{where}: {f.name} must be {_type_name(hints[f.name])}, got "
+                             f"{type(spec[f.name]).__name__} {spec[f.name]!r:.60}")
     try:
         return cls(**spec)
     except StoreError as exc:
@@ -329,7 +331,7 @@ def _build(cls, spec: Mapping[str, Any], where: str):
         raise StoreError(f"{where}: {exc}") from None
 
 
-def _section(cls, spec: Mapping[str, Any] | None, where: str):
+def _section(cls: Any, spec: Mapping[str, Any] | None, where: str) -> Any:
     """cls.from_dict(spec) for a nested section (None stays None), any malformation as StoreError."""
     if spec is None:
         return None
@@ -343,6 +345,15 @@ def _section(cls, spec: Mapping[str, Any] | None, where: str):
 
 def _as_dict(section: Any) -> dict[str, Any] | None:
     return None if section is None else section.to_dict()
+
+
+def _type_name(hint: Any) -> str:
+    """A field's type as a reader would say it: a Literal's choices by name, an optional as "X or null"."""
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, get_args(hint)))
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 def _json_type_fits(value: Any, hint: Any) -> bool:
@@ -368,7 +379,7 @@ def _json_type_fits(value: Any, hint: Any) -> bool:
     return value is not None
 
 
-def _get(spec: Mapping[str, Any], name: str, kind, *, default: Any = ...) -> Any:
+def _get(spec: Mapping[str, Any], name: str, kind: Any, *, default: Any = ...) -> Any:
     if name not in spec:
         if default is not ...:
             return default

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -55,11 +55,11 @@ class OffDomainGate:
     def stream_threshold(self) -> float:
         return math.log(1 / self.stream_p) if self.stream_p > 0 else math.inf
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "similarity_quantiles": list(self.similarity_quantiles)}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "OffDomainGate":
+    def from_dict(cls, values: dict[str, Any]) -> "OffDomainGate":
         return cls(**{**values, "similarity_quantiles": tuple(values["similarity_quantiles"])})
 
 

@@ -15,7 +15,7 @@ root of the faithful weight) is our earlier variant, kept as a named ablation.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -48,11 +48,11 @@ class RaeeConfig:
         if self.weights not in WEIGHTS:
             raise InputError(f"weights {self.weights!r} is not one of {', '.join(WEIGHTS)}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "RaeeConfig":
+    def from_dict(cls, values: dict[str, Any]) -> "RaeeConfig":
         """Rebuild from a manifest (stores written before `weights` existed get the faithful squared weights)."""
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:

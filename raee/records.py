@@ -80,7 +80,18 @@ class ExitRecords:
         if any(v is None for v in vocab) and not all(v is None for v in vocab):
             raise StoreError("cannot join exit records with and without vocabulary probabilities")
         return ExitRecords(np.concatenate([p.gold for p in parts]), np.concatenate([p.label_logits for p in parts]),
-                           None if vocab[0] is None else np.concatenate(vocab))
+                           None if vocab[0] is None else np.concatenate([v for v in vocab if v is not None]))
+
+
+def layers_run(exits: np.ndarray | int, key_layer: int) -> np.ndarray:
+    """Layers computed by a text that exits at `exits` ((Q,) or one layer): a prefix key has already run the first
+    K, so max(exit, K); an embedder key or a fixed exit passes key_layer 0."""
+    return np.maximum(exits, key_layer)
+
+
+def predictions_at(label_logits: np.ndarray, exits: np.ndarray) -> np.ndarray:
+    """(Q,) the label each row predicts at its own exit layer, from label_logits (Q, L+1, C) and exits (Q,)."""
+    return label_logits[np.arange(len(exits)), exits].argmax(axis=-1)
 
 
 def earliest_correct_layers(label_logits: np.ndarray, gold: np.ndarray, missing: int) -> np.ndarray:

@@ -14,11 +14,13 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Literal, get_args
 
 log = logging.getLogger(__name__)
 
 # Weight dtypes a torch backbone loads in.
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DType = Literal["float32", "float16", "bfloat16"]
+DTYPE_NAMES: tuple[DType, ...] = get_args(DType)
 RUNTIMES = ("auto", "torch", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 ONNXRUNTIME_PRECISIONS = ("fp32", "int8")

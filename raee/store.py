@@ -25,22 +25,38 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
+from raee.calibration import CalibratedPolicy, CalibrationEvidence, CalibrationSettings
 from raee.errors import StoreError, StoreMismatchError
 from raee.index import IndexSpec, configure_search, deserialize_index, index_type_of
-from raee.keys import KeySpec
+from raee.keys import Embedder, KeySpec
 from raee.manifest import DATA_FILES, FileEntry, StoreManifest
-from raee.calibration import CalibratedPolicy, CalibrationEvidence, CalibrationSettings
 from raee.raee_rule import RaeeConfig
 from raee.records import ExitRecords
 from raee.runtime import DTYPE_PRECISION
 from raee.tasks import TaskDefinition
-from raee.versions import (KEEP_VERSIONS, MAX_POINTER_BYTES, check_store_root, fsync, new_version_name,
-                           point_current, prune, read_small, remove_stale_staging, resolve_version, store_error,
-                           write_synced, writer_lock)
+
+if TYPE_CHECKING:
+    from raee.backbones.base import Backbone
+from raee.versions import (
+    KEEP_VERSIONS,
+    MAX_POINTER_BYTES,
+    check_store_root,
+    fsync,
+    new_version_name,
+    point_current,
+    prune,
+    read_small,
+    remove_stale_staging,
+    resolve_version,
+    store_error,
+    write_synced,
+    writer_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +307,10 @@ def write_store(root: str | Path, manifest: StoreManifest, records: ExitRecords,
 def _records_bytes(records: ExitRecords, lines: np.ndarray) -> bytes:
     out = io.BytesIO()
     vocab = {} if records.vocab_top2 is None else {"vocab_top2": records.vocab_top2.astype(np.float32)}
-    np.savez(out, gold=records.gold.astype(np.int64), label_logits=records.label_logits.astype(np.float32),
-             lines=np.asarray(lines, dtype=np.int64), **vocab)
+    arrays: dict[str, np.ndarray] = {"gold": records.gold.astype(np.int64),
+                                     "label_logits": records.label_logits.astype(np.float32),
+                                     "lines": np.asarray(lines, dtype=np.int64), **vocab}
+    np.savez(out, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as the allow_pickle flag
     return out.getvalue()
 
 
@@ -311,7 +329,8 @@ def _check_sizes(manifest: StoreManifest) -> None:
 
 
 # -- compatibility ---------------------------------------------------------------------------------------------
-def check_compatible(manifest: StoreManifest, backbone, embedder=None, allow_precision_mismatch: bool = False) -> None:
+def check_compatible(manifest: StoreManifest, backbone: Backbone, embedder: Embedder | None = None,
+                     allow_precision_mismatch: bool = False) -> None:
     """Raise StoreMismatchError naming every difference between the store's backbone/embedder and the running ones.
 
     The records' precision must be the running one's (int8 changes per-layer predictions, so int8 records steer

@@ -15,12 +15,13 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union, cast, get_args
 
 from raee.errors import TaskError
 from raee.kinds import GENERATING_KINDS, KINDS, LM_KINDS
 
-METRICS = ("accuracy", "mcc")
+Metric = Literal["accuracy", "mcc"]  # Matthews correlation: CoLA's metric
+METRICS: tuple[Metric, ...] = get_args(Metric)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class TaskDefinition:
     templates: Mapping[str, str]  # backbone kind -> template with {x} (and {mask} for masked-lm)
     label_words: Mapping[str, tuple[str, ...]]  # LM kind -> one word per label
     verbalizers: tuple[tuple[str, ...], ...]  # per label, sentences the sentence-encoder kind compares with
-    metric: str = "accuracy"  # "accuracy" or "mcc" (Matthews correlation)
+    metric: Metric = "accuracy"
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -163,7 +164,7 @@ class TaskDefinition:
                 raise TaskError(f"task definition lacks {required!r}")
         template = spec.get("template", {})
         if isinstance(template, str):
-            templates = ({"masked-lm": template} if "{mask}" in template
+            templates: dict[str, str] = ({"masked-lm": template} if "{mask}" in template
                          else {kind: template for kind in GENERATING_KINDS})
             before_mask = template.partition("{mask}")[0]
             if "{mask}" in template and "{x}" in before_mask:
@@ -176,14 +177,15 @@ class TaskDefinition:
             raise TaskError("every template must be a string")
         words = spec.get("label_words", {})
         if isinstance(words, (list, tuple)):
-            label_words = {kind: tuple(words) for kind in LM_KINDS}
+            label_words: dict[str, tuple[str, ...]] = {str(kind): tuple(words) for kind in LM_KINDS}
         elif isinstance(words, Mapping):
             label_words = {str(k): tuple(v) for k, v in words.items()}
         else:
             raise TaskError("label_words must be a list or a mapping of backbone kind to list")
         verbalizers = tuple((g,) if isinstance(g, str) else tuple(g) for g in spec.get("verbalizers", ()))
         return cls(name=str(spec["name"]), labels=tuple(str(x) for x in spec["labels"]), templates=templates,
-                   label_words=label_words, verbalizers=verbalizers, metric=str(spec.get("metric", "accuracy")))
+                   label_words=label_words, verbalizers=verbalizers,
+                   metric=cast(Metric, str(spec.get("metric", "accuracy"))))  # checked in __post_init__
 
 
 def _check_kind(task: str, kind: str, allowed: tuple[str, ...] = KINDS) -> None:
@@ -193,7 +195,7 @@ def _check_kind(task: str, kind: str, allowed: tuple[str, ...] = KINDS) -> None:
 
 def _reference(name: str, labels: tuple[str, ...], *, mlm: str, mlm_words: tuple[str, ...], generate: str,
                generate_words: tuple[str, ...], verbalizers: tuple[tuple[str, ...], ...],
-               metric: str = "accuracy") -> TaskDefinition:
+               metric: Metric = "accuracy") -> TaskDefinition:
     """A task with the reference code's prompts: `mlm` for masked LMs (RoBERTa scripts), `generate` for causal LMs
     and encoder-decoders (the Llama and T5 scripts use the same strings)."""
     return TaskDefinition(

@@ -8,7 +8,9 @@ array work: retrieve from the store part, pick exit layers, read the held-out it
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +18,7 @@ from raee.calibration import best_within_budget
 from raee.index import IndexSpec, build_index, search
 from raee.metrics import task_score
 from raee.raee_rule import RaeeConfig, exit_layers_from_scores, layer_scores
-from raee.records import ExitRecords
+from raee.records import ExitRecords, layers_run, predictions_at
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class TrialResult:
     avg_layers_run: float  # with a prefix key, max(exit, K)
     full_score: float  # held-out score at full depth, same scale
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -43,8 +45,8 @@ def split_indices(n: int, holdout: float, seed: int = 0) -> tuple[np.ndarray, np
 
 
 def grid_search(records: ExitRecords, keys: dict[str, np.ndarray], metric: str, *, holdout: float = 0.2,
-                scales: list[float | None] = (None,), base_scale: float | None = None, ks: list[int] = (12,),
-                taus: list[float] = (0.9,), ratios: list[float] = (1.0,), seed: int = 0) -> list[TrialResult]:
+                scales: Sequence[float | None] = (None,), base_scale: float | None = None, ks: Sequence[int] = (12,),
+                taus: Sequence[float] = (0.9,), ratios: Sequence[float] = (1.0,), seed: int = 0) -> list[TrialResult]:
     """Score every (key, scale, k, tau, earliest ratio) on the held-out split.
 
     keys: key name ("prefix:1", "embedder") -> (N, D)."""
@@ -59,15 +61,15 @@ def grid_search(records: ExitRecords, keys: dict[str, np.ndarray], metric: str, 
             factor = 1.0 if scale is None or base_scale is None else scale / base_scale
             scaled = ExitRecords(records.gold, records.label_logits * factor)
             record_probability = scaled.record_probability()[store_rows]
-            predicted = scaled.predicted[held_rows]  # (H, L+1)
-            full = task_score(metric, predicted[:, -1], gold)
+            held_logits = scaled.label_logits[held_rows]  # (H, L+1, C)
+            full = task_score(metric, held_logits[:, -1].argmax(axis=-1), gold)
             for k, tau in itertools.product(ks, taus):
                 scores = layer_scores(sims[:, :k], ids[:, :k], record_probability, RaeeConfig(k=k, tau=tau))
                 for ratio in ratios:
                     exits = exit_layers_from_scores(scores, ratio)
-                    score = task_score(metric, predicted[np.arange(len(held_rows)), exits], gold)
+                    score = task_score(metric, predictions_at(held_logits, exits), gold)
                     results.append(TrialResult(key_name, scale, k, tau, ratio, score, float(exits.mean()),
-                                               float(np.maximum(exits, key_layer).mean()), full))
+                                               float(layers_run(exits, key_layer).mean()), full))
     return results
 
 

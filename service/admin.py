@@ -11,12 +11,14 @@ from pathlib import Path
 
 from raee.errors import InputError, RaeeError
 from service.client import Client, RaeeClientError
+from service.config import DEFAULT_PORT
 from service.policy_wire import to_wire
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raee-admin", description=__doc__)
-    p.add_argument("--address", default="localhost:50051", help="server host:port (localhost:50051)")
+    address = f"localhost:{DEFAULT_PORT}"
+    p.add_argument("--address", default=address, help=f"server host:port ({address})")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (30)")
     p.add_argument("--token-file", default=None, metavar="FILE",
                    help="file holding the server's admin token, sent with reload (default: $RAEE_ADMIN_TOKEN)")

@@ -1,4 +1,5 @@
-"""A typed Python client for raee.v1: plain dataclasses in and out, UNAVAILABLE retried with backoff."""
+"""A typed Python client for raee.v1 (`service.client.Client`): plain dataclasses in and out, UNAVAILABLE retried
+with backoff."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ class Neighbour:
 
 
 @dataclass(frozen=True)
-class Classification:
+class ServedClassification:
+    """One text's answer as served (raee.Classification, less the stage times, which come per request)."""
+
     label: str
     label_index: int
     scores: tuple[float, ...]
@@ -61,7 +64,7 @@ class RequestFailure:
 
 @dataclass(frozen=True)
 class ClassifyResult:
-    results: tuple[Classification, ...]
+    results: tuple[ServedClassification, ...]
     timings: Timings
     store_version: str
     request_id: str = ""
@@ -121,7 +124,7 @@ def _result(response: pb.ClassifyResponse) -> ClassifyResult:
                               RequestFailure(_status(e.code), e.message))
     t = response.timings
     return ClassifyResult(
-        tuple(Classification(c.label, c.label_index, tuple(c.scores), c.exit_layer, c.num_layers, c.layers_run,
+        tuple(ServedClassification(c.label, c.label_index, tuple(c.scores), c.exit_layer, c.num_layers, c.layers_run,
                              tuple(Neighbour(n.id, n.similarity) for n in c.neighbours), c.off_domain)
               for c in response.results),
         Timings(t.queue_ms, t.key_ms, t.search_ms, t.backbone_ms, t.total_ms), response.store_version,

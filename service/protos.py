@@ -1,5 +1,8 @@
 """Generate the gRPC code for proto/raee/v1/raee.proto into service/generated/ (with .pyi stubs; not committed).
 
+The one route to generated code: the install step (`make install`, `make proto`, the Dockerfile) runs
+`python -m service.protos`; nothing generates on import.
+
 The proto package stays raee.v1; the virtual include path puts the generated modules under
 service.generated.raee.v1, so they do not collide with the raee library package.
 """
@@ -15,20 +18,13 @@ GENERATED = ROOT / "service" / "generated" / "raee" / "v1"
 
 
 def generate() -> None:
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     args = ["protoc", f"-I{well_known}", f"-Iservice/generated={ROOT / 'proto'}", f"--python_out={ROOT}",
             f"--pyi_out={ROOT}", f"--grpc_python_out={ROOT}", str(Path("service/generated/raee/v1/raee.proto"))]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO}")
-
-
-def ensure_generated() -> None:
-    """Generate when missing or older than the proto (a fresh checkout, or after editing the proto)."""
-    target = GENERATED / "raee_pb2_grpc.py"
-    if not target.exists() or target.stat().st_mtime < PROTO.stat().st_mtime:
-        generate()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from service.errors import StartupError
 from service.handlers import SERVICE, raee_handler
 from service.metrics import ServerMetrics
 from service.registry import StoreRegistry
-from service.reload import ReloadGuard, Reloader, read_token
+from service.reload import Reloader, ReloadGuard, read_token
 from service.servicer import RaeeServicer
 from service.streams import StreamSlots
 from service.throttle import RefusalThrottle

@@ -16,7 +16,7 @@ from service.config import ServerConfig
 from service.errors import message_for, status_for
 from service.handlers import slow_down
 from service.metrics import STAGES, ServerMetrics
-from service.reload import ReloadGuard, Reloader
+from service.reload import Reloader, ReloadGuard
 from service.streams import StreamSlots, answer_in_order
 from service.throttle import RefusalThrottle
 

@@ -12,22 +12,10 @@ import pytest
 
 os.environ["RAEE_CACHE_DIR"] = tempfile.mkdtemp(prefix="raee-test-cache-")
 
-from tests.tiny import (  # noqa: E402,F401
-    FAMILIES,
-    KIND_OF,
-    VOCAB,
-    make_tokenizer,
-    save_checkpoint,
-    synthetic_texts,
-    tiny_backbone,
-    tiny_model,
-)
-
-# The tiny models the older suites run everything on: one per kind, and RoBERTa and GPT-2 beside them.
-KINDS = ["bert-mlm", "roberta-mlm", "llama", "gpt2", "bert-encoder", "t5"]
+from tests.tiny import FAMILIES, family_params, save_checkpoint, synthetic_texts, tiny_backbone  # noqa: E402
 
 
-@pytest.fixture(scope="session", params=FAMILIES)
+@pytest.fixture(scope="session", params=family_params(FAMILIES))
 def backbone(request):
     return tiny_backbone(request.param)
 

@@ -53,11 +53,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from raee.client import Client, RaeeClientError, Request
 from raee.engine import Engine
 from raee.store import load_store
 from service.api import pb, pb_grpc
+from service.client import Client, RaeeClientError, Request
 from service.errors import StartupError
+
+# Many servers, floods and subprocesses: CI runs these (make test); make test-fast leaves them out.
+pytestmark = pytest.mark.slow
 
 
 def code_of(call) -> grpc.StatusCode:

@@ -187,6 +187,7 @@ def test_exit_layers_out_of_range_are_refused(encoder_backbone):
         encoder_backbone.finish(fwd, torch.tensor([1]), head(encoder_backbone))
 
 
+@pytest.mark.slow
 def test_one_backbone_is_safe_to_share_between_threads():
     """A server validates requests (token counts) in RPC threads while its batcher tokenizes padded batches, with
     no lock between them: every tokenizer call uses the same settings, so none changes shared state."""

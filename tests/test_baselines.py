@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from raee.baselines import (LinearSVM, adainfer_exit_layers, calibrate_confidence, confidence_exit_layers,
-                            fit_adainfer, first_stop, head_features, oracle_exit_layers)
+from raee.baselines import (
+    LinearSVM,
+    adainfer_exit_layers,
+    calibrate_confidence,
+    confidence_exit_layers,
+    first_stop,
+    fit_adainfer,
+    head_features,
+    oracle_exit_layers,
+)
 from raee.records import ExitRecords
 
 

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy
-from raee.calibration import (COSTS, EARLIEST_RATIOS, MARGINS, SEARCH_WIDTH, CalibratedPolicy,
-                              CalibrationSettings, best_within_budget, calibrate)
+from raee.calibration import (
+    COSTS,
+    EARLIEST_RATIOS,
+    MARGINS,
+    SEARCH_WIDTH,
+    CalibratedPolicy,
+    CalibrationSettings,
+    best_within_budget,
+    calibrate,
+)
 from raee.data import text_groups
 from raee.errors import InputError
 from raee.guarantee import GAMMA_SHARE, risk_pvalue
@@ -86,6 +94,7 @@ def brute_force_match_full(records, sims, ids, settings):
     return path[chosen] if chosen >= 0 else None, chosen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epsilon", [0.02, 0.05])
 def test_match_full_chooses_what_the_procedure_replayed_by_hand_chooses(store, epsilon):
     records, _, _, sims, ids = store
@@ -136,10 +145,10 @@ def test_best_takes_the_top_calibration_score_within_the_budget(store):
                                                     records.gold))
     # no point of the raee-earliest path inside the budget scores higher
     probability = records.record_probability()
-    for ratio in EARLIEST_RATIOS:
-        e = raee_exit_layers(sims, ids, probability, RaeeConfig(earliest_ratio=ratio))
-        if np.maximum(e, 1).mean() / records.num_layers <= 0.5:
-            assert np.mean(records.correct[np.arange(len(e)), e]) <= chosen.score + 1e-12
+    path = [raee_exit_layers(sims, ids, probability, RaeeConfig(earliest_ratio=ratio)) for ratio in EARLIEST_RATIOS]
+    inside = [e for e in path if np.maximum(e, 1).mean() / records.num_layers <= 0.5]
+    assert inside, "no raee-earliest point within the budget: the comparison below would check nothing"
+    assert max(np.mean(records.correct[np.arange(len(e)), e]) for e in inside) <= chosen.score + 1e-12
 
 
 def test_best_within_budget_rule():
@@ -166,6 +175,7 @@ def test_calibrated_policy_round_trips(store):
     assert CalibratedPolicy.from_dict(full.to_dict()).name == "full"
 
 
+@pytest.mark.slow
 def test_small_calibration_sets_cannot_certify_a_tiny_epsilon(store):
     records, _, _, sims, ids = store
     policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),

@@ -8,7 +8,7 @@ import pytest
 
 from indexer.cli import main as raee_index
 from indexer.evaluate import main as raee_eval
-from tests.conftest import save_checkpoint
+from tests.tiny import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +16,7 @@ def checkpoint(tmp_path_factory):
     return str(save_checkpoint("bert-mlm", tmp_path_factory.mktemp("ckpt") / "bert"))
 
 
+@pytest.mark.slow
 def test_build_inspect_eval(checkpoint, sst2_like, tmp_path, capsys):
     store = tmp_path / "store"
     args = ["build", "--task", "sst2", "--train", str(sst2_like), "--out", str(store), "--backbone", checkpoint,
@@ -37,6 +38,7 @@ def test_build_inspect_eval(checkpoint, sst2_like, tmp_path, capsys):
     assert figures["policies"]["static:1"]["avg_exit_layer"] == 1.0
 
 
+@pytest.mark.slow
 def test_shards_and_merge(checkpoint, sst2_like, tmp_path, capsys):
     parts = []
     for i in range(2):

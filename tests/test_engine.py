@@ -13,7 +13,7 @@ from raee.data import read_examples
 from raee.engine import Engine
 from raee.errors import InputError, StoreError, StoreMismatchError
 from raee.exits import decide
-from raee.index import search
+from raee.index import IndexSpec, index_type_of, search
 from raee.keys import Embedder, KeySpec
 from raee.offdomain import conformal_pvalues, cusum_alarms
 from raee.raee_rule import RaeeConfig, raee_exit_layers
@@ -30,7 +30,8 @@ def examples(sst2_like):
     return read_examples(sst2_like, TASK)
 
 
-@pytest.fixture(scope="module", params=["bert-mlm", "llama", "bert-encoder"])
+@pytest.fixture(scope="module", params=["bert-mlm", pytest.param("llama", marks=pytest.mark.slow),
+                                        pytest.param("bert-encoder", marks=pytest.mark.slow)])
 def engine(request, examples, tmp_path_factory):
     backbone = tiny_backbone(request.param)
     out = tmp_path_factory.mktemp(request.param) / "store"
@@ -156,6 +157,7 @@ def test_store_for_another_backbone_is_refused(engine):
         Engine(engine.store, tiny_backbone("gpt2"))
 
 
+@pytest.mark.slow
 def test_sharded_build_merges_into_the_unsharded_store(examples, tmp_path):
     backbone = tiny_backbone("bert-encoder")
     key = KeySpec("prefix", 2)
@@ -179,6 +181,7 @@ def test_sharded_build_merges_into_the_unsharded_store(examples, tmp_path):
         merge_stores(tmp_path / "bad", parts[:2])
 
 
+@pytest.mark.slow
 def test_embedder_keys_with_a_local_sentence_transformer(examples, tmp_path):
     from sentence_transformers import SentenceTransformer, models
     checkpoint = save_checkpoint("bert-encoder", tmp_path / "ckpt")
@@ -190,8 +193,11 @@ def test_embedder_keys_with_a_local_sentence_transformer(examples, tmp_path):
                 progress=False)
     store = load_store(tmp_path / "s")
     assert store.manifest.embedder.fingerprint == embedder.fingerprint()
-    results = Engine(store, backbone, embedder).classify(QUERIES[:3])
-    assert all(0 <= r.exit_layer <= 3 and r.layers_run == r.exit_layer for r in results)
+    results = Engine(store, backbone, embedder).classify(QUERIES, policy="raee")
+    sims, ids = search(store.index, embedder.encode(QUERIES), 12)
+    expected = raee_exit_layers(sims, ids, store.records.record_probability(), RaeeConfig())
+    assert [r.exit_layer for r in results] == expected.tolist()
+    assert [r.layers_run for r in results] == expected.tolist()  # an embedder key runs no backbone layer first
     with pytest.raises(StoreMismatchError, match="embedder"):
         Engine(store, backbone, None)
 
@@ -210,3 +216,25 @@ def test_label_ids_follow_the_task_definition_not_just_its_name():
     swapped = dataclasses.replace(TASK, label_words={"masked-lm": ("great", "terrible")})
     ids = [backbone.head(task.head_spec("masked-lm")).ids.tolist() for task in (TASK, swapped)]
     assert ids[0] == ids[1][::-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
+def test_the_engine_over_hnsw_and_ivf_stores(examples, tmp_path, index_type):
+    """Stores on approximate indexes serve through the same engine: the index loads as built, the engine's exits
+    are RAEE's on that index's own neighbours, and on a store this small (IVF probes every list, HNSW's beam spans
+    the graph) they are the exact search's."""
+    backbone = tiny_backbone("bert-encoder")
+    build_store(tmp_path / "s", TASK, backbone, examples, key=KeySpec("prefix", 1), index_spec=IndexSpec(index_type),
+                progress=False)
+    build_store(tmp_path / "flat", TASK, backbone, examples, key=KeySpec("prefix", 1), progress=False)
+    engine = Engine(load_store(tmp_path / "s"), backbone)
+    assert index_type_of(engine.store.index) == index_type and engine.store.index.ntotal == len(examples)
+    every = all_layers(backbone, TASK, QUERIES, pooled_layers=(1,))
+    sims, ids = search(engine.store.index, every.pooled[1], 12)
+    expected = raee_exit_layers(sims, ids, engine.store.records.record_probability(), RaeeConfig())
+    results = engine.classify(QUERIES, policy="raee", with_neighbours=True)
+    assert [r.exit_layer for r in results] == expected.tolist()
+    assert [[n.id for n in r.neighbours] for r in results] == ids.tolist()
+    exact = Engine(load_store(tmp_path / "flat"), backbone).classify(QUERIES, policy="raee", with_neighbours=True)
+    assert [[n.id for n in r.neighbours] for r in results] == [[n.id for n in r.neighbours] for r in exact]

@@ -16,7 +16,7 @@ from raee.exit_policy import ExitPolicy
 from raee.keys import KeySpec
 from raee.store import load_store
 from raee.tasks import BUILTIN_TASKS
-from tests.conftest import tiny_backbone
+from tests.tiny import tiny_backbone
 
 TASK = BUILTIN_TASKS["sst2"]
 POLICIES = ["calibrated", "calibrated:best", "raee", "raee:k=4", "raee:earliest_ratio=0.5", "raee:use_tau=false",
@@ -116,10 +116,11 @@ def test_evaluation_skips_test_items_the_backbone_cannot_read(store_dir, sst2_li
     assert len(evaluator.examples) == 10 and "998, 999" in caplog.text
 
 
+@pytest.mark.slow
 def test_raee_eval_suite_and_cross_domain_cli(sst2_like, tmp_path, capsys):
     from indexer.evaluate import main
     from raee.backbones import load_backbone
-    from tests.conftest import save_checkpoint
+    from tests.tiny import save_checkpoint
     backbone = load_backbone(str(save_checkpoint("bert-mlm", tmp_path / "ckpt")))
     store = str(tmp_path / "store")
     build_store(store, TASK, backbone, read_examples(sst2_like, TASK)[:120], key=KeySpec("prefix", 1),

@@ -14,19 +14,20 @@ from raee.backbones.family import LayerTypedMasks
 from raee.errors import BackboneError
 from raee.tasks import BUILTIN_TASKS
 from tests.tiny import FAMILIES as TINY
-from tests.tiny import KIND_OF, VOCAB, make_tokenizer, save_checkpoint, tiny_backbone, tiny_model
+from tests.tiny import KIND_OF, VOCAB, family_params, make_tokenizer, save_checkpoint, tiny_backbone, tiny_model
 
 TASK = BUILTIN_TASKS["sst2"]
 EXPECTED_ADAPTER = {name: name.removesuffix("-mlm").removesuffix("-encoder") for name in TINY}
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", family_params(TINY))
 def test_every_family_is_driven_by_its_own_adapter(name):
     backbone = tiny_backbone(name)
     assert backbone.family.name == EXPECTED_ADAPTER[name] and backbone.identity()["family"] == EXPECTED_ADAPTER[name]
     assert set(EXPECTED_ADAPTER.values()) <= set(FAMILIES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TINY)
 def test_the_self_check_refuses_a_deliberately_broken_adapter(name):
     """An adapter that runs layers 2 and 3 in each other's place: refused, naming the family and the layer."""
@@ -128,6 +129,7 @@ def test_t5_encoder_exits_run_no_decoder_layer():
             h.remove()
 
 
+@pytest.mark.slow
 def test_a_sentence_encoder_pools_as_its_checkpoint_says(tmp_path):
     """A CLS-pooled sentence-transformers checkpoint: raee's last-layer reading is the model's own embedding."""
     from sentence_transformers import SentenceTransformer, models

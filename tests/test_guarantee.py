@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from raee.errors import InputError
-from raee.guarantee import (PairedRiskTest, binomial_cdf, clopper_pearson_lower, clopper_pearson_upper,
-                            fixed_sequence, harms_and_helps, risk_pvalue)
+from raee.guarantee import (
+    PairedRiskTest,
+    binomial_cdf,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    fixed_sequence,
+    harms_and_helps,
+    risk_pvalue,
+)
 
 
 def brute_cdf(x, n, p):
@@ -51,6 +58,7 @@ def rejection_probability(n, rejected, p_harm, p_help):
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epsilon", [0.05, 0.0, -0.05])
 def test_the_test_never_rejects_a_true_null_more_often_than_delta(epsilon):
     n, delta, gamma = 30, 0.1, 0.01
@@ -101,6 +109,7 @@ def test_harms_and_helps_count_discordant_items():
     assert harms_and_helps(full, exit_) == (2, 1)
 
 
+@pytest.mark.slow
 def test_the_procedure_keeps_its_promise_on_synthetic_records():
     """A path of 10 settings whose true risk grows from -4 to +5 points; each run draws calibration items, tests
     the path in order and keeps the last accepted setting. The share of runs that keep a setting whose true risk is

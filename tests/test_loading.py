@@ -11,12 +11,12 @@ import pytest
 from indexer.cli import main as raee_index
 from indexer.evaluate import main as raee_eval
 from raee.backbones import load_backbone
-from raee.client import Client
 from raee.errors import BackboneError
 from raee.tasks import BUILTIN_TASKS
+from service.client import Client
 from service.config import ServerConfig
 from service.server import RaeeServer
-from tests.tiny import FAMILIES, KIND_OF, all_layers, save_checkpoint, synthetic_texts, tiny_backbone
+from tests.tiny import FAMILIES, KIND_OF, all_layers, family_params, save_checkpoint, synthetic_texts, tiny_backbone
 
 TASK = BUILTIN_TASKS["sst2"]
 TEXTS = [t for t, _ in synthetic_texts(4, seed=11)]
@@ -25,7 +25,7 @@ TEXTS = [t for t, _ in synthetic_texts(4, seed=11)]
 SAVED = [name for name in FAMILIES if KIND_OF[name] != "sentence-encoder" and name != "qwen2"]
 
 
-@pytest.mark.parametrize("name", SAVED)
+@pytest.mark.parametrize("name", family_params(SAVED))
 def test_checkpoint_kind_and_family_are_detected_and_answer_as_in_memory(tmp_path, name):
     loaded = load_backbone(str(save_checkpoint(name, tmp_path / name)))
     in_memory = tiny_backbone(name)
@@ -67,6 +67,7 @@ def test_a_directory_without_config_is_refused_in_one_line(tmp_path):
         load_backbone(str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, layers", [("deberta-v2-mlm", 3), ("t5", 5)])
 def test_build_eval_and_serve_a_saved_checkpoint(name, layers, tmp_path, sst2_like, capsys):
     """`--backbone DIR` through raee-index build, raee-eval and raee-serve: the product end to end on the two

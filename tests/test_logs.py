@@ -16,6 +16,8 @@ import pytest
 from service.api import pb, pb_grpc
 from service.launch import ServerProcess
 
+pytestmark = pytest.mark.slow  # real raee-serve processes: tens of seconds
+
 
 def lines_of(server: ServerProcess) -> list[dict]:
     out = server.output()

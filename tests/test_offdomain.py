@@ -10,8 +10,15 @@ import pytest
 
 from raee.accuracy_rule import AccuracyRuleConfig
 from raee.exits import RecordArrays, Resolved, decide
-from raee.offdomain import (QUANTILE_POINTS, OffDomainGate, StreamMonitor, conformal_pvalues, cusum_alarms,
-                            fit_similarity, off_domain_reasons)
+from raee.offdomain import (
+    QUANTILE_POINTS,
+    OffDomainGate,
+    StreamMonitor,
+    conformal_pvalues,
+    cusum_alarms,
+    fit_similarity,
+    off_domain_reasons,
+)
 from raee.records import ExitRecords
 
 

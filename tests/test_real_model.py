@@ -10,10 +10,10 @@ import torch
 
 from raee.backbones import load_backbone
 from raee.build import build_store
+from raee.calibration import CalibrationSettings
 from raee.data import read_examples
 from raee.engine import Engine
 from raee.keys import KeySpec
-from raee.calibration import CalibrationSettings
 from raee.tasks import BUILTIN_TASKS
 from tests.tiny import all_layers
 

@@ -1,8 +1,8 @@
 """The quick versions of the scripted reliability checks (bench/reliability.py --quick) on the embedded model.
 
 The checks whose verdict is a latency under load (the queue limit, idle streams, floods, a reload storm) run in
-`make reliability` only: on a shared test machine their figures say more about the neighbours than about the server. Their
-mechanisms are tested on tiny models in tests/test_attacks.py."""
+`make reliability` only: on a shared test machine their figures say more about the neighbours than about the
+server. Their mechanisms are tested on tiny models in tests/test_attacks.py."""
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ from service.admin import main as raee_admin
 from service.client import Client, RaeeClientError
 from service.launch import ServerProcess, free_port
 
+pytestmark = pytest.mark.slow  # real raee-serve processes: tens of seconds
+
 TOKEN = "rollout-test-token-0123456789"
 
 

@@ -20,12 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raee.build import build_store
-from raee.client import Client, RaeeClientError, Request
 from raee.data import read_examples
+from raee.engine import Engine
 from raee.errors import InputError
 from raee.keys import KeySpec
+from raee.store import load_store
 from raee.tasks import BUILTIN_TASKS
 from service.api import pb, pb_grpc
+from service.client import Client, RaeeClientError, Request
 from service.config import ServerConfig, load_config
 from service.server import RaeeServer
 
@@ -73,12 +75,34 @@ def test_classify_returns_labels_exits_timings_and_version(client, server):
     result = client.classify(["good film", "awful dull plot"], task="sst2", neighbours=True, k=4)
     assert len(result.results) == 2 and result.store_version.startswith("v")
     for r in result.results:
-        assert r.label in TASK.labels and 0 <= r.exit_layer <= r.num_layers == 3
+        assert r.label in TASK.labels and r.num_layers == 3  # the values: test_served_results_equal_the_engines
         assert len(r.neighbours) == 4 and sum(r.scores) == pytest.approx(1, abs=1e-5)
     assert result.timings.total_ms > 0 and result.timings.backbone_ms > 0
     full = client.classify(["good film"], task="sst2", policy="full").results[0]
     static = client.classify(["good film"], task="sst2", policy="static:1").results[0]
     assert (full.exit_layer, static.exit_layer, static.layers_run) == (3, 1, 1)
+
+
+SERVED_TEXTS = ["good film", "awful dull plot", "a gorgeous, witty film", "the plot is boilerplate", "fine",
+                "an ugly, pointless movie"]
+
+
+@pytest.mark.parametrize("policy", ["calibrated", "calibrated:k=8", "raee:k=4", "full", "static:2"])
+def test_served_results_equal_the_engines(serve, stores, policy):
+    """A fresh server and a fresh Engine on the same store and backbone answer the same texts alike, field by
+    field (the off-domain gate's stream test starts from the same state in both)."""
+    engine = Engine(load_store(stores["current"]), stores["backbone"])
+    expected = engine.classify(SERVED_TEXTS, policy=policy, with_neighbours=True)
+    server = serve()
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as c:
+        served = c.classify(SERVED_TEXTS, task="sst2", policy=policy, neighbours=True).results
+    fields = [(r.label, r.label_index, r.exit_layer, r.layers_run, r.num_layers, r.off_domain) for r in served]
+    assert fields == [(e.label, e.label_index, e.exit_layer, e.layers_run, e.num_layers, e.off_domain)
+                      for e in expected]
+    for r, e in zip(served, expected):
+        assert r.scores == pytest.approx(e.scores, abs=1e-6)  # float32 on the wire
+        assert [n.id for n in r.neighbours] == [n.id for n in e.neighbours]
+        assert [n.similarity for n in r.neighbours] == pytest.approx([n.similarity for n in e.neighbours], abs=1e-6)
 
 
 @pytest.mark.parametrize("call, message", [
@@ -122,6 +146,7 @@ def test_calibrated_by_default_and_faithful_raee_on_request(client, server, stor
     assert [r.exit_layer for r in default] == [r.exit_layer for r in engine.classify(texts)]
 
 
+@pytest.mark.slow
 def test_queue_full_is_resource_exhausted_at_once(stores):
     server = start(stores, max_queue=3, max_texts=2, max_wait_ms=1500)  # the first request waits for company
     try:
@@ -138,6 +163,7 @@ def test_queue_full_is_resource_exhausted_at_once(stores):
         server.stop(1)
 
 
+@pytest.mark.slow
 def test_expired_work_is_dropped_before_compute(stores):
     server = start(stores, max_wait_ms=400)  # the first request waits 400 ms for company
     rows = []
@@ -172,6 +198,7 @@ def test_reload_refuses_mismatched_or_corrupt_stores_and_keeps_serving(stores, c
     assert client.classify(["good film"], task="sst2").store_version == before
 
 
+@pytest.mark.slow
 def test_reload_under_concurrent_traffic_fails_no_request(stores, server):
     failures, versions, stop = [], set(), threading.Event()
 
@@ -230,8 +257,10 @@ def test_concurrent_requests_share_batches_and_metrics_say_so(server):
     assert rows > batches  # some batch carried more than one row
 
 
+@pytest.mark.slow
 def test_off_domain_fallbacks_are_in_the_response_and_the_metrics(stores, tmp_path):
     import dataclasses
+
     from raee.store import load_store, write_store
     store = load_store(stores["current"])
     gate = dataclasses.replace(store.calibrated_policy.gate, min_similarity=2.0)  # every query is farther than that
@@ -252,6 +281,7 @@ def test_off_domain_fallbacks_are_in_the_response_and_the_metrics(stores, tmp_pa
         server.stop(1)
 
 
+@pytest.mark.slow
 def test_health_goes_serving_only_after_loading_and_back_on_stop(stores):
     gate = threading.Event()
 
@@ -283,6 +313,7 @@ def test_reflection_lists_the_services(server):
     assert {"raee.v1.Raee", "grpc.health.v1.Health"} <= names
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(texts=st.lists(st.text(max_size=300), max_size=12), task=st.sampled_from(["sst2", "", "x" * 300, "sst2\x00"]),
        policy=st.integers(min_value=0, max_value=2 ** 31 - 1), layer=st.integers(min_value=0, max_value=2 ** 32 - 1),
@@ -315,6 +346,7 @@ def test_config_sources_layer_yaml_env_flags(tmp_path):
         load_config(["--config", str(path)], environ={})
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_work_then_exits(stores, tmp_path):
     import socket
     with socket.socket() as s:
@@ -368,6 +400,7 @@ def test_admin_cli_info_classify_and_reload_every_address(server, stores, capsys
     assert "PERMISSION_DENIED" in capsys.readouterr().err  # the public listener serves no reloads
 
 
+@pytest.mark.slow
 def test_tls(stores, tmp_path):
     import shutil
     if shutil.which("openssl") is None:
@@ -386,6 +419,7 @@ def test_tls(stores, tmp_path):
         server.stop(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["other", "truncated"])
 def test_bad_store_is_refused_at_start_and_health_stays_not_serving(stores, tmp_path, bad):
     path = stores["other"]
@@ -407,6 +441,7 @@ def test_bad_store_is_refused_at_start_and_health_stays_not_serving(stores, tmp_
         server.stop(0)
 
 
+@pytest.mark.slow
 def test_a_request_timing_out_does_not_fail_its_batch_mates(stores):
     server = start(stores, max_wait_ms=300)  # both requests wait in one forming batch
     try:
@@ -434,6 +469,7 @@ def test_a_mask_token_inside_a_text_is_refused_up_front(client):
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "mask tokens" in info.value.message
 
 
+@pytest.mark.slow
 def test_several_tasks_share_one_backbone(stores, sst2_like, tmp_path):
     import dataclasses
     movie = dataclasses.replace(TASK, name="movie-reviews")  # a second task on the same checkpoint

@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 import transformers as tf
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -83,6 +84,15 @@ def _configs() -> dict[str, tuple[type, tf.PretrainedConfig]]:
 
 CONFIGS = _configs()
 FAMILIES = list(CONFIGS)  # every tiny model, one per supported family (bert twice: masked LM and encoder)
+# make test-fast runs family-parametrized tests on one family per kind; make test runs every family.
+INNER_LOOP_FAMILIES = ("bert-mlm", "llama", "bert-encoder", "t5")
+
+
+def family_params(names: list[str]) -> list:
+    """pytest parameters for `names`, the families outside INNER_LOOP_FAMILIES marked slow."""
+    return [name if name in INNER_LOOP_FAMILIES else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
 KIND_OF = {name: ("masked-lm" if name.endswith("-mlm") else "sentence-encoder" if name.endswith("-encoder")
                   else "encoder-decoder" if name == "t5" else "causal-lm") for name in FAMILIES}
 

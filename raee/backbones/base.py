@@ -80,7 +80,7 @@ class Backbone(ABC):
         no vocabulary head."""
         return None
 
-    def settings(self) -> dict:
+    def settings(self) -> dict[str, Any]:
         """Settings that change the label scores; saved in the store manifest and checked on load."""
         return {}
 
@@ -132,7 +132,7 @@ class Backbone(ABC):
     def precision(self) -> str:
         return self.family.precision
 
-    def identity(self) -> dict:
+    def identity(self) -> dict[str, Any]:
         return {"source": self.source, "kind": self.kind, "family": self.family.name,
                 "num_layers": self.num_layers, "fingerprint": self.fingerprint(),
                 "dtype": str(self.dtype).removeprefix("torch."), "runtime": self.runtime,
@@ -169,9 +169,15 @@ class Backbone(ABC):
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise InputError(f"text {i} is empty")
-            if len(text) > self.max_tokens * MAX_CHARS_PER_TOKEN:
+            if len(text) > self.max_chars:
                 raise InputError(f"text {i} has {len(text)} characters, more than this backbone reads "
                                  f"({self.max_tokens} tokens)")
+
+    @property
+    def max_chars(self) -> int:
+        """The character guard: a text longer than this is refused unread (never tokenized), since no tokenizer fits
+        more than MAX_CHARS_PER_TOKEN characters into one token of the max_tokens this backbone reads."""
+        return self.max_tokens * MAX_CHARS_PER_TOKEN
 
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt, unpadded and untruncated. Every call uses the same tokenizer settings, so the

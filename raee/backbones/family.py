@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -83,7 +83,7 @@ class Family:
         for path in self.stack_paths:
             module = _module_at(self.base, path)
             if isinstance(module, nn.ModuleList) and len(module) > 0:
-                return module
+                return cast(Sequence[nn.Module], module)
         raise BackboneError(f"cannot find the layer stack of {type(self.base).__name__}; looked at "
                             f"{', '.join(self.stack_paths)}")
 
@@ -92,7 +92,8 @@ class Family:
         return len(self.layers)
 
     # -- layer by layer --------------------------------------------------------------------------------------------
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+    def begin(self, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
         """Embed a batch: (hidden (B, T, H) before the first layer, the inputs every layer gets, carry)."""
         hidden, inputs = capture_layer_inputs(self.base, self.layers[0],
                                               {"input_ids": input_ids, "attention_mask": attention_mask})
@@ -208,7 +209,8 @@ class LayerTypedMasks(Family):
     every layer the first layer's mask, so the masks are made here with the model's own mask functions and handed
     to its forward (which takes a ready mapping) and to each layer."""
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+    def begin(self, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}

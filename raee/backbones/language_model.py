@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,7 +58,7 @@ class LanguageModelBackbone(Backbone):
         return torch.softmax(logits, dim=-1).topk(2, dim=-1).values  # (B, 2)
 
 
-def label_token_ids(tokenizer, words: tuple[str, ...], device: torch.device) -> torch.Tensor:
+def label_token_ids(tokenizer: Any, words: tuple[str, ...], device: torch.device) -> torch.Tensor:
     """Token id of each label word read as a space-prefixed word; the first piece where it splits (logged).
     Refuses words the tokenizer cannot spell (they would read the unknown token's logit) and words sharing a first
     token (their scores would be equal)."""

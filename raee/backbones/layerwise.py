@@ -32,14 +32,14 @@ _capturing = threading.local()
 _install_lock = threading.Lock()
 
 
-def _capture_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+def _capture_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     slot = getattr(_capturing, "slot", None)
     if slot is not None and slot["module"] is module:
         slot["args"], slot["kwargs"] = args, kwargs
         raise _LayerInputsCaptured
 
 
-def capture_inputs(module: nn.Module, run: Callable[[], Any]) -> tuple[tuple, dict]:
+def capture_inputs(module: nn.Module, run: Callable[[], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Call run() and stop it as `module` is about to execute; return the (args, kwargs) it was called with."""
     with _install_lock:
         if not getattr(module, "_raee_capture_hook", False):
@@ -58,7 +58,7 @@ def capture_inputs(module: nn.Module, run: Callable[[], Any]) -> tuple[tuple, di
     return slot["args"], dict(slot["kwargs"])
 
 
-def as_keywords(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+def as_keywords(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
     """(hidden, every other input by name) for a layer call: positional inputs are named by the layer's signature,
     so a family adapter can replace one (a position bias, a mask) whatever position the model passed it in."""
     signature = inspect.signature(layer.forward)
@@ -76,7 +76,8 @@ def as_keywords(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tens
     return named.pop(first), named
 
 
-def capture_layer_inputs(base_model: nn.Module, layer: nn.Module, call: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+def capture_layer_inputs(base_model: nn.Module, layer: nn.Module,
+                         call: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run base_model(**call) up to `layer`; return (its hidden input (B, T, H), its other inputs by name)."""
     if "use_cache" in inspect.signature(base_model.forward).parameters:
         call = {**call, "use_cache": False}  # a KV cache would be filled twice when layers are replayed

@@ -14,9 +14,9 @@ from raee.backbones.causal_lm import CausalLMBackbone
 from raee.backbones.encoder_decoder import EncoderDecoderBackbone
 from raee.backbones.masked_lm import MaskedLMBackbone
 from raee.backbones.pooling import checkpoint_pooling
-from raee.backbones.sentence_encoder import DEFAULT_SCALE, SentenceEncoderBackbone
+from raee.backbones.sentence_encoder import SentenceEncoderBackbone
 from raee.errors import BackboneError
-from raee.kinds import KINDS
+from raee.kinds import DEFAULT_SCALE, KINDS
 from raee.runtime import DTYPE_NAMES, PRECISIONS, RUNTIMES
 
 log = logging.getLogger(__name__)

@@ -32,16 +32,17 @@ class MaskedLMBackbone(LanguageModelBackbone):
             self._head = self.family.mlm_head()
         return self._head
 
-    def _check_prompt_ids(self, index: int, ids: list[int]) -> None:
-        masks = ids.count(self.tokenizer.mask_token_id)
+    def check_mask_count(self, index: int, masks: int) -> None:
+        """The one rule on masks: a prompt holds exactly one mask token, the position the head reads."""
         if masks != 1:
             raise InputError(f"text {index} holds {masks} mask tokens after prompting; it must hold one (remove "
                              f"{self.tokenizer.mask_token!r} from the text)")
 
+    def _check_prompt_ids(self, index: int, ids: list[int]) -> None:
+        self.check_mask_count(index, ids.count(self.tokenizer.mask_token_id))
+
     def answer_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         is_mask = input_ids == self.tokenizer.mask_token_id
-        counts = is_mask.sum(dim=1)
-        if bool((counts != 1).any()):
-            row = int((counts != 1).nonzero()[0])
-            raise InputError(f"text {row} holds {int(counts[row])} mask tokens after prompting; it must hold one")
+        for row, masks in enumerate(is_mask.sum(dim=1).tolist()):
+            self.check_mask_count(row, masks)
         return is_mask.int().argmax(dim=1)

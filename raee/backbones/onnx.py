@@ -109,7 +109,8 @@ class OnnxRuntimeFamily(Family):
     def precision(self) -> str:
         return self._precision
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+    def begin(self, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
         hidden = torch.from_numpy(self.embeddings.run(None, {"input_ids": _numpy(input_ids)})[0])
         return hidden, {"mask": attention_mask.to(torch.float32)}, {}
 
@@ -199,7 +200,7 @@ def export_key(backbone: Backbone) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def _export_fp32(backbone: Backbone, staging: Path, key: str) -> dict:
+def _export_fp32(backbone: Backbone, staging: Path, key: str) -> dict[str, Any]:
     """Export the embeddings and every layer to staging/, check them against the torch adapter on the probe;
     returns what meta.json records beyond the checksums."""
     family = backbone.family
@@ -226,7 +227,7 @@ def _export_fp32(backbone: Backbone, staging: Path, key: str) -> dict:
     return {"precision": "fp32", "max_difference_by_layer": differences}
 
 
-def _quantize_int8(backbone: Backbone, fp32: Path, staging: Path, key: str) -> dict:
+def _quantize_int8(backbone: Backbone, fp32: Path, staging: Path, key: str) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.disable(logging.WARNING)  # the quantizer logs every tensor it leaves alone on the root logger
@@ -304,7 +305,7 @@ def _is_complete(directory: Path, key: str) -> bool:
     return all((directory / name).is_file() and _sha256(directory / name) == digest for name, digest in files.items())
 
 
-def _export(module: nn.Module, args: tuple, path: Path, names: list[str], dynamic: dict) -> None:
+def _export(module: nn.Module, args: tuple[Any, ...], path: Path, names: list[str], dynamic: dict[str, Any]) -> None:
     torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=["out"],
                       dynamic_axes={**dynamic, "out": {0: "batch", 1: "tokens"}}, opset_version=OPSET, dynamo=False)
 

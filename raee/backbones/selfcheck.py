@@ -15,7 +15,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -157,7 +157,7 @@ def _check_head(backbone: Backbone, input_ids: torch.Tensor, mask: torch.Tensor)
     return difference
 
 
-def _advice(family) -> str:
+def _advice(family: Any) -> str:
     from raee.backbones.family import FAMILIES
 
     if family.name == "generic":

@@ -18,9 +18,8 @@ from raee.backbones.base import Backbone
 from raee.backbones.layerwise import LayerwiseForward
 from raee.backbones.pooling import Pooling
 from raee.errors import InputError, TaskError
+from raee.kinds import DEFAULT_SCALE
 from raee.tasks import HeadSpec, Verbalizations
-
-DEFAULT_SCALE = 20.0
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,10 @@ class SentenceEncoderBackbone(Backbone):
         self.pooling = pooling
         super().__init__(model, tokenizer, **kwargs)
 
-    def settings(self) -> dict:
+    def settings(self) -> dict[str, Any]:
         return {"scale": self.scale}
 
-    def identity(self) -> dict:
+    def identity(self) -> dict[str, Any]:
         return {**super().identity(), "pooling": str(self.pooling)}
 
     def answer_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:

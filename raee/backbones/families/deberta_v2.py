@@ -3,7 +3,7 @@ convolution applied after the first layer to its output and the embeddings: the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ class DebertaV2(Family):
     final_norm_paths = ()
     shared_inputs = frozenset({"rel_embeddings", "relative_pos"})
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+    def begin(self, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
         hidden, inputs, _ = super().begin(input_ids, attention_mask)
         # what the conv after layer 1 reads: the embedding output and the plain (B, T) mask
         return hidden, inputs, {"embeddings": hidden, "input_mask": attention_mask}

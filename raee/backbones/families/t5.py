@@ -7,7 +7,7 @@ first block the cross-attention bias) that the later blocks reuse: the generic p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,7 +30,8 @@ class T5(Family):
         self.num_encoder_layers = len(self.encoder.block)
         return [*self.encoder.block, *self.decoder.block]
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+    def begin(self, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
         hidden, inputs = capture_layer_inputs(self.encoder, self.encoder.block[0],
                                               {"input_ids": input_ids, "attention_mask": attention_mask})
         return hidden, inputs, {}

@@ -1,0 +1,106 @@
+"""The micro-batcher on a recording engine: requests group by key, batches stop at the size cap, and when a batch
+fails on one request's input the others still get answers (each request then runs alone)."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from raee.errors import InputError
+from raee.exit_policy import ExitPolicy
+from service.batcher import BatchKey, MicroBatcher
+
+TIMEOUT = 10.0
+
+
+class RecordingEngine:
+    """Stands in for raee.Engine: records each batch (policy, texts) and answers each text with a tag. A text in
+    `refuse` makes the whole batch raise InputError; the batch holding `blocker` waits until `release` is set."""
+
+    def __init__(self, refuse: tuple[str, ...] = ()) -> None:
+        self.batches: list[tuple[str, list[str]]] = []
+        self.store = SimpleNamespace(version="v1")
+        self.refuse = set(refuse)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def classify(self, texts: list[str], *, policy: ExitPolicy, with_neighbours: bool = False) -> list[str]:
+        self.batches.append((str(policy), list(texts)))
+        if "blocker" in texts:
+            self.entered.set()
+            assert self.release.wait(TIMEOUT)
+        refused = [t for t in texts if t in self.refuse]
+        if refused:
+            raise InputError(f"text {refused[0]!r} refused")
+        return [f"{policy}|{t}" for t in texts]
+
+
+def key(policy: str) -> BatchKey:
+    return BatchKey("sst2", ExitPolicy.parse(policy), False)
+
+
+def submit(batcher: MicroBatcher, engine: RecordingEngine, policy: str, texts: list[str], client: str):
+    return batcher.submit(batcher.reserve(len(texts), client), key(policy), engine, texts, None)
+
+
+@pytest.fixture
+def batcher():
+    made = []
+
+    def make(**settings) -> MicroBatcher:
+        made.append(MicroBatcher(**{"max_batch": 16, "max_wait_ms": 50, "max_queue": 64, **settings}))
+        return made[-1]
+    yield make
+    for b in made:
+        b.close(TIMEOUT)
+
+
+def hold_worker(batcher: MicroBatcher, engine: RecordingEngine):
+    """Occupy the worker with a batch of its own key until engine.release is set, so that what is submitted
+    meanwhile queues up together."""
+    blocked = submit(batcher, engine, "static:1", ["blocker"], "holder")
+    assert engine.entered.wait(TIMEOUT)
+    return blocked
+
+
+def test_requests_share_a_batch_only_with_requests_of_their_key(batcher):
+    engine, b = RecordingEngine(), batcher()
+    blocked = hold_worker(b, engine)
+    requests = {name: submit(b, engine, policy, [f"{name}1", f"{name}2"], name)
+                for name, policy in (("a", "raee"), ("b", "full"), ("c", "raee"), ("d", "full"))}
+    engine.release.set()
+    assert blocked.future.result(TIMEOUT).results == ["static:1|blocker"]
+    for name, p in requests.items():
+        policy = str(p.key.policy)
+        assert p.future.result(TIMEOUT).results == [f"{policy}|{name}1", f"{policy}|{name}2"]
+    batches = sorted((policy, sorted(texts)) for policy, texts in engine.batches[1:])
+    assert batches == [("full", ["b1", "b2", "d1", "d2"]), ("raee", ["a1", "a2", "c1", "c2"])]
+
+
+def test_batches_stop_at_max_batch_and_answer_in_order(batcher):
+    engine, b = RecordingEngine(), batcher(max_batch=3)
+    texts = [f"t{i}" for i in range(7)]
+    outcome = submit(b, engine, "raee", texts, "a").future.result(TIMEOUT)
+    assert [len(batch) for _, batch in engine.batches] == [3, 3, 1]
+    assert [t for _, batch in engine.batches for t in batch] == texts
+    assert outcome.results == [f"raee|{t}" for t in texts]
+
+
+def test_a_failed_batch_runs_its_requests_one_at_a_time(batcher):
+    engine, b = RecordingEngine(refuse=("bad",)), batcher()
+    blocked = hold_worker(b, engine)
+    good = submit(b, engine, "raee", ["fine", "also fine"], "a")
+    bad = submit(b, engine, "raee", ["bad", "ok"], "b")
+    engine.release.set()
+    blocked.future.result(TIMEOUT)
+    assert good.future.result(TIMEOUT).results == ["raee|fine", "raee|also fine"]
+    with pytest.raises(InputError, match="'bad' refused"):
+        bad.future.result(TIMEOUT)
+    together, *alone = engine.batches[1:]
+    assert sorted(together[1]) == ["also fine", "bad", "fine", "ok"]
+    # each request's rows reran apart from the other request's (a fair batch may hold a request in several slices)
+    owners = {"fine": "a", "also fine": "a", "bad": "b", "ok": "b"}
+    assert all(len({owners[t] for t in texts}) == 1 for _, texts in alone)
+    assert sorted(t for _, texts in alone for t in texts) == sorted(owners)
+    assert b.backlog == 0
