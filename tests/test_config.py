@@ -32,5 +32,5 @@ def test_booleans_from_environment_variables(value, expected):
 
 @pytest.mark.parametrize("value", ["flase", "", "2", "enabled"])
 def test_a_boolean_that_is_neither_says_so(value):
-    with pytest.raises(InputError, match=r"admin: .* is not a boolean; use one of 1, true"):
+    with pytest.raises(InputError, match=r"admin must be true or false, got"):
         load_config(["--store", "a"], environ={"RAEE_ADMIN": value, "RAEE_ADMIN_PORT": "0"})
