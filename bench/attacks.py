@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
 import shutil
 import signal
@@ -160,28 +161,7 @@ def flood_passed(result: dict) -> bool:
 
 def attack_loop(address: str, request: pb.ClassifyRequest, clients: int, stop) -> dict:
     """`clients` attackers, each on its own connection, sending `request` back to back until stopped."""
-    calls: list[tuple[str, float]] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        stub = pb_grpc.RaeeStub(own_channel(address))
-        mine = []
-        while not stop.is_set():
-            started = time.perf_counter()
-            try:
-                stub.Classify(request, timeout=30)
-                code = "OK"
-            except grpc.RpcError as exc:
-                code = exc.code().name
-            mine.append((code, time.perf_counter() - started))
-        with lock:
-            calls.extend(mine)
-
-    threads = [threading.Thread(target=one) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    calls = closed_loop(address, lambda _worker, _n: request, clients, math.inf, stop)
     by_code = {code: ms([s for c, s in calls if c == code]) for code in {c for c, _ in calls}}
     return {"codes": dict(Counter(c for c, _ in calls)), "latency_by_code": by_code}
 

@@ -41,9 +41,10 @@ def own_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
-def closed_loop(address: str, make_request, concurrency: int, seconds: float) -> list[tuple[str, float]]:
+def closed_loop(address: str, make_request, concurrency: int, seconds: float,
+                stop: threading.Event | None = None) -> list[tuple[str, float]]:
     """C threads, each with its own channel and connection, send make_request(worker, n) back to back for
-    `seconds`. Returns (status code name, seconds) for every call."""
+    `seconds` (or until `stop` is set, if given). Returns (status code name, seconds) for every call."""
     calls: list[tuple[str, float]] = []
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
@@ -51,7 +52,7 @@ def closed_loop(address: str, make_request, concurrency: int, seconds: float) ->
     def client(worker: int) -> None:
         stub = pb_grpc.RaeeStub(own_channel(address))
         mine, n = [], 0
-        while time.perf_counter() < stop_at:
+        while time.perf_counter() < stop_at and not (stop is not None and stop.is_set()):
             request = make_request(worker, n)
             n += 1
             started = time.perf_counter()
