@@ -75,6 +75,30 @@ def test_layers_past_the_exit_never_run_on_onnxruntime():
         torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-4)
 
 
+def test_rows_that_stay_run_at_their_own_width_once_the_longest_leaves():
+    backbone = on_onnxruntime("bert-mlm")
+    prompting = TASK.prompting(backbone.kind, backbone.mask_token)
+    head = backbone.head(prompting.head)
+    texts = [" ".join(TEXTS[2:5]), TEXTS[0], TEXTS[1]]  # the long text leaves first, after layer 1
+    prompts = prompting.prompts(texts)
+    lengths = backbone.token_counts(prompts)
+    widths: list[list[int]] = [[] for _ in backbone.layers]
+    handles = [layer.register_forward_hook(lambda _l, args, _o, i=i: widths[i].append(args[0].shape[1]))
+               for i, layer in enumerate(backbone.layers)]
+    exits = torch.tensor([1, 3, 2])
+    try:
+        batched = backbone.finish(backbone.start(prompts), exits, head)
+    finally:
+        for h in handles:
+            h.remove()
+    assert widths[0] == [max(lengths)]
+    assert widths[1] == [max(lengths[1:])] and widths[2] == [lengths[1]]
+    assert max(lengths[1:]) < max(lengths)
+    for i, prompt in enumerate(prompts):  # cutting the padding changes no answer
+        alone = backbone.finish(backbone.start([prompt]), exits[i:i + 1], head)
+        torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_engine_exits_and_labels_equal_on_both_runtimes(sst2_like, tmp_path):
     examples = read_examples(sst2_like, TASK)

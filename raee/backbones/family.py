@@ -103,6 +103,13 @@ class Family:
         """Run layer `index` on the rows of `fwd`; return the new hidden state (the adapter may update fwd.carry)."""
         return layer_output(self.layers[index](fwd.hidden, **fwd.inputs))
 
+    def trim_tokens(self, inputs: dict[str, Any], carry: dict[str, Any],
+                    width: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The layer inputs and carry cut to the first `width` token positions, or None where this adapter cannot
+        say which of its inputs have a token axis (the batch then keeps its padding). Called when rows leave and
+        the rest are all shorter: the positions cut are padding for every remaining row."""
+        return None
+
     @property
     def precision(self) -> str:
         """fp32, fp16, bf16 (the torch weights' dtype) or int8 (a quantized runtime)."""

@@ -148,3 +148,20 @@ class LayerwiseForward:
             self.answer_positions = self.answer_positions[keep]
         self.inputs = select_rows(self.inputs, keep, batch, shared)
         self.carry = select_rows(self.carry, keep, batch, shared)
+        self._trim_padding()
+
+    def _trim_padding(self) -> None:
+        """Cut the token positions that are padding for every remaining row (the longest row may have left), where
+        the family adapter can: later layers then run on the remaining rows' own width. Rows are right-padded."""
+        if not self.rows.numel():
+            return
+        real = self.attention_mask.bool().any(dim=0)
+        width = int(real.nonzero().max()) + 1 if bool(real.any()) else 1
+        if width >= self.attention_mask.shape[1]:
+            return
+        trimmed = self.family.trim_tokens(self.inputs, self.carry, width)
+        if trimmed is None:
+            return
+        self.inputs, self.carry = trimmed
+        self.hidden = self.hidden[:, :width]
+        self.attention_mask = self.attention_mask[:, :width]

@@ -117,6 +117,11 @@ class OnnxRuntimeFamily(Family):
     def run_layer(self, fwd: LayerwiseForward, index: int) -> torch.Tensor:
         return self.layers[index](fwd.hidden, fwd.inputs["mask"])
 
+    def trim_tokens(self, inputs: dict[str, Any], carry: dict[str, Any],
+                    width: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        # The graphs take the hidden state and the (B, T) padding mask, nothing else.
+        return {**inputs, "mask": inputs["mask"][:, :width]}, carry
+
     def finalize(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.torch_family.finalize(hidden)
 
