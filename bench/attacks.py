@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import signal
 import threading
@@ -148,7 +149,13 @@ def under_attack(server: ServerProcess, attack: str, args: tuple, seconds: float
 
 
 def run_attack(name: str, args: tuple, stop, results) -> None:
-    """The attacker process: run one attack until `stop` is set, put its figures on `results`."""
+    """The attacker process: run one attack until `stop` is set, put its figures on `results`.
+
+    It runs at the lowest CPU priority: a real attacker has machines of its own, while here it shares the clients'
+    CPUs with the valid clients and probes, and at equal priority its threads would take those CPUs from them, so
+    the valid clients' latency would measure their own starvation rather than the server. It still gets every
+    cycle the valid clients leave idle while they wait on the server, so the attack keeps its strength."""
+    os.nice(19)
     results.put(ATTACKS[name](*args, stop=stop))
 
 
