@@ -53,7 +53,7 @@ class WholeModel:
     layer: the baseline a user gets without raee. Sentence encoders: pooled state vs label prototypes made by this
     same model; masked LMs: the MLM logits of the label words at the mask."""
 
-    def __init__(self, engine: Engine, runtime: str, int8: bool, workdir: Path) -> None:
+    def __init__(self, engine: Engine, runtime: str, int8: bool, workdir: Path, threads: int) -> None:
         backbone: Backbone = engine.backbone
         self.backbone, self.engine, self.runtime = backbone, engine, runtime
         self.kind = backbone.kind
@@ -64,7 +64,7 @@ class WholeModel:
             self.model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8) \
                 if int8 else model
         else:
-            self.session = _whole_graph(model, workdir, int8)
+            self.session = _whole_graph(model, workdir, int8, threads)
         if self.kind == "sentence-encoder":
             spec: Verbalizations = engine.prompting.head
             sentences = [s for group in spec.groups for s in group]
@@ -209,11 +209,14 @@ def main() -> int:
     gold = np.array([e.label for e in examples])
     sample = texts[:args.sample]
     with tempfile.TemporaryDirectory() as workdir:
+        def whole(runtime: str, int8: bool) -> WholeModel:
+            return WholeModel(reference, runtime, int8, Path(workdir), threads)
+
         rows: dict[str, Classify] = {
-            "torch eager, full depth, fp32": WholeModel(reference, "torch", False, Path(workdir)),
-            "torch eager, full depth, dynamic int8 Linear": WholeModel(reference, "torch", True, Path(workdir)),
-            "onnxruntime whole model, full depth, fp32": WholeModel(reference, "onnxruntime", False, Path(workdir)),
-            "onnxruntime whole model, full depth, int8": WholeModel(reference, "onnxruntime", True, Path(workdir)),
+            "torch eager, full depth, fp32": whole("torch", False),
+            "torch eager, full depth, dynamic int8 Linear": whole("torch", True),
+            "onnxruntime whole model, full depth, fp32": whole("onnxruntime", False),
+            "onnxruntime whole model, full depth, int8": whole("onnxruntime", True),
             "raee per-layer graphs, full depth, onnxruntime fp32": raee_row(reference, "full"),
         }
         for name, engine in engines.items():
@@ -304,7 +307,7 @@ def _fresh_model(backbone: Backbone) -> torch.nn.Module:
     return auto.from_pretrained(path, local_files_only=True).eval()
 
 
-def _whole_graph(model: torch.nn.Module, workdir: Path, int8: bool):
+def _whole_graph(model: torch.nn.Module, workdir: Path, int8: bool, threads: int):
     import onnxruntime as ort
 
     class Whole(torch.nn.Module):
@@ -335,7 +338,9 @@ def _whole_graph(model: torch.nn.Module, workdir: Path, int8: bool):
             logging.disable(logging.NOTSET)
         path = quantized
     options = ort.SessionOptions()  # onnxruntime's defaults, as a user would run one graph (spinning pool included)
-    options.intra_op_num_threads = torch.get_num_threads()
+    # Every thread the raee rows get. Not torch.get_num_threads(): raee sets torch to one thread once its layers
+    # move onto onnxruntime, and a baseline sized by that ran single-threaded.
+    options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -1,0 +1,39 @@
+"""bench/baselines.py's whole-model baseline: the one ONNX graph a user would export runs with every thread the
+raee rows get, even after raee has set torch to one thread (its layers moved onto onnxruntime)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tests.tiny import tiny_backbone
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "baselines.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_baselines", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_whole_model_graph_gets_the_rows_threads_not_torchs(tmp_path):
+    bench = load_bench()
+    model = tiny_backbone("bert-encoder").model.eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # what raee does once its layers run on onnxruntime
+    try:
+        session = bench._whole_graph(model, tmp_path, False, 2)
+    finally:
+        torch.set_num_threads(before)
+    assert session.get_session_options().intra_op_num_threads == 2
+    ids = torch.tensor([[2, 7, 9, 11, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    out = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.inference_mode():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    np.testing.assert_allclose(out[:, :5], expected[:, :5], atol=1e-4)
