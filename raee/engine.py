@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raee.backbones.base import Backbone, mean_pool
+from raee.backbones.base import Backbone
 from raee.backbones.layerwise import LayerwiseForward
 from raee.backbones.loading import load_backbone
 from raee.calibration import CalibratedPolicy
@@ -114,6 +114,8 @@ class Engine:
         self._monitors: dict[Objective | None, StreamMonitor] = {}
         self.prompting = self.task.prompting(backbone.kind, backbone.mask_token)
         self.head = backbone.head(self.prompting.head)  # label ids / verbalization states now, not on a request
+        if store.key.source == "prefix":
+            backbone.prepare_prefix(store.key_layer)
         log.info("%s store %s serves %s by default", self.task.name, store.version, self.calibrated().name)
 
     @classmethod
@@ -200,8 +202,8 @@ class Engine:
         """(keys (B, D), the backbone's forward state or None, its states at layers 0..K for a prefix key)."""
         if self.store.key.source == "embedder":
             return require_embedder(self.embedder).encode(texts), None, []
-        fwd, early = self._prefix_pass(texts, self.store.key_layer)
-        return mean_pool(fwd.hidden, fwd.attention_mask).cpu().numpy(), fwd, early
+        fwd, early, keys = self.backbone.prefix_pass(self.prompting.prompts(texts), self.store.key_layer)
+        return keys.cpu().numpy(), fwd, early
 
     def _alarms(self, objective: Objective | None, resolved: Resolved, sims: np.ndarray,
                 ids: np.ndarray) -> np.ndarray | None:
@@ -228,17 +230,6 @@ class Engine:
             layers_run=int(layers_run(exit_layer, key_layer)), num_layers=self.num_layers, times=times,
             neighbours=neighbours, full_depth_fallback=bool(decision.no_evidence[i]) if decision is not None else False,
             off_domain=str(decision.off_domain[i]) if decision is not None else "")
-
-    def _prefix_pass(self, texts: list[str], key_layer: int) -> tuple[LayerwiseForward, list[LayerwiseForward]]:
-        """Run layers 1..K for the whole batch, keeping the batch's state at layers 0..K (references, no copies) so
-        that rows exiting there are read without running anything again. The head reads them once the exits are
-        known, and only for those rows."""
-        fwd = self.backbone.start(self.prompting.prompts(texts))
-        early = [fwd.snapshot()]
-        while fwd.layer < key_layer:
-            fwd.advance()
-            early.append(fwd.snapshot())
-        return fwd, early
 
     def _run_to_exits(self, fwd: LayerwiseForward, early: list[LayerwiseForward], exits: np.ndarray) -> np.ndarray:
         """(B, C) label logits at each row's exit layer."""

@@ -99,6 +99,74 @@ def test_rows_that_stay_run_at_their_own_width_once_the_longest_leaves():
         torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-4)
 
 
+def _count_runs(session, counts, name):
+    run = session.run
+    session.run = lambda *a, **k: (counts.__setitem__(name, counts.get(name, 0) + 1), run(*a, **k))[1]
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8", marks=pytest.mark.slow)])
+def test_a_prefix_key_is_one_graph_call_and_equals_the_layer_by_layer_pass(precision, caplog):
+    fused, stepwise = on_onnxruntime("bert-encoder", precision), on_onnxruntime("bert-encoder", precision)
+    with caplog.at_level(logging.WARNING):
+        fused.prepare_prefix(2)
+    assert "layer by layer" not in caplog.text  # the graph passed its check against the per-layer graphs
+    counts: dict[str, int] = {}
+    family = fused.family
+    _count_runs(family.embeddings, counts, "embeddings")
+    for layer in family.layers:
+        _count_runs(layer.session, counts, f"layer {layer.index}")
+    _count_runs(family._prefixes[2].session, counts, "prefix")
+    rows = [0] * fused.num_layers
+    handles = [layer.register_forward_hook(lambda _l, args, _o, i=i: rows.__setitem__(i, rows[i] + args[0].shape[0]))
+               for i, layer in enumerate(fused.layers)]
+    prompts = TASK.prompting(fused.kind, fused.mask_token).prompts(TEXTS)
+    try:
+        fwd, early, keys = fused.prefix_pass(prompts, 2)
+    finally:
+        for h in handles:
+            h.remove()
+    assert counts == {"prefix": 1}  # neither the embeddings graph nor a layer graph ran on their own
+    assert rows == [len(TEXTS)] * 2 + [0] * (fused.num_layers - 2)  # hooks see layers 1..2 run, no further
+    their_fwd, their_early, their_keys = stepwise.prefix_pass(prompts, 2)
+    assert fwd.layer == their_fwd.layer == 2 and [s.layer for s in early] == [0, 1, 2]
+    for ours, theirs in zip(early, their_early):
+        torch.testing.assert_close(ours.hidden, theirs.hidden, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(keys, their_keys, atol=1e-6, rtol=1e-5)
+    exits = torch.tensor([2, 3, 3, 2, 3, 2, 3, 2])
+    head = fused.head(TASK.prompting(fused.kind, fused.mask_token).head)
+    torch.testing.assert_close(fused.finish(fwd, exits, head), stepwise.finish(their_fwd, exits, head),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_a_prefix_graph_that_fails_its_check_is_not_used(monkeypatch, caplog):
+    import raee.backbones.onnx as onnx
+
+    def refuse(*_args):
+        raise BackboneError("the prefix graph parts from the per-layer graphs at layer 1")
+
+    monkeypatch.setattr(onnx, "_check_prefix", refuse)
+    backbone = on_onnxruntime("bert-encoder")
+    with caplog.at_level(logging.WARNING):
+        backbone.prepare_prefix(1)
+    assert "parts from the per-layer graphs" in caplog.text and "computed layer by layer" in caplog.text
+    runs: dict[str, int] = {}
+    _count_runs(backbone.family.embeddings, runs, "embeddings")
+    prompts = TASK.prompting(backbone.kind, backbone.mask_token).prompts(TEXTS)
+    fwd, early, keys = backbone.prefix_pass(prompts, 1)
+    assert runs == {"embeddings": 1} and fwd.layer == 1 and len(early) == 2
+
+
+def test_a_damaged_prefix_graph_is_exported_again():
+    backbone = on_onnxruntime("bert-encoder")
+    backbone.prepare_prefix(1)
+    graph = Path(backbone.family._prefixes[1].session._model_path)
+    intact = graph.read_bytes()
+    graph.write_bytes(intact[:-10] + b"0123456789")
+    again = on_onnxruntime("bert-encoder")
+    again.prepare_prefix(1)
+    assert graph.read_bytes() == intact and again.family._prefixes[1] is not None
+
+
 @pytest.mark.slow
 def test_engine_exits_and_labels_equal_on_both_runtimes(sst2_like, tmp_path):
     examples = read_examples(sst2_like, TASK)

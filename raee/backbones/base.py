@@ -216,8 +216,39 @@ class Backbone(ABC):
         if not prompts:
             raise InputError("no texts given")
         input_ids, mask = self.encode(prompts)
-        hidden, inputs, carry = self.family.begin(input_ids, mask)
+        return self._embedded(input_ids, mask, *self.family.begin(input_ids, mask))
+
+    def _embedded(self, input_ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor, inputs: dict[str, Any],
+                  carry: dict[str, Any]) -> LayerwiseForward:
         return LayerwiseForward(self.family, hidden, inputs, mask, self.answer_positions(input_ids, mask), carry)
+
+    def prepare_prefix(self, depth: int) -> None:
+        """Ready the runtime's fastest prefix pass to layer `depth` (an onnxruntime backbone exports and checks one
+        graph for the embeddings and layers 1..depth). Call it before traffic; `prefix_pass` works without it."""
+        self.family.prepare_prefix(self, depth)
+
+    @torch.inference_mode()
+    def prefix_pass(self, prompts: Sequence[str],
+                    depth: int) -> tuple[LayerwiseForward, list[LayerwiseForward], torch.Tensor]:
+        """Run layers 1..depth for the whole batch: (its state at `depth`, its states at layers 0..depth, which the
+        head can read later for rows that exit there (references, no copies), the prefix keys (B, H) pooled at
+        `depth`)."""
+        if not prompts:
+            raise InputError("no texts given")
+        input_ids, mask = self.encode(prompts)
+        ran = self.family.run_prefix(input_ids, mask, depth)
+        if ran is None:
+            fwd = self._embedded(input_ids, mask, *self.family.begin(input_ids, mask))
+        else:
+            fwd = self._embedded(input_ids, mask, ran.states[0], ran.inputs, ran.carry)
+        early = [fwd.snapshot()]
+        while fwd.layer < depth:
+            if ran is None:
+                fwd.advance()
+            else:
+                fwd.hidden, fwd.layer = ran.states[fwd.layer + 1], fwd.layer + 1
+            early.append(fwd.snapshot())
+        return fwd, early, mean_pool(fwd.hidden, fwd.attention_mask) if ran is None else ran.keys
 
     @torch.inference_mode()
     def all_layers(self, prompts: Sequence[str], head: Any, pooled_layers: tuple[int, ...] = (),

@@ -26,12 +26,24 @@ from raee.errors import BackboneError
 from raee.runtime import DTYPE_PRECISION
 
 if TYPE_CHECKING:
+    from raee.backbones.base import Backbone
     from raee.backbones.layerwise import LayerwiseForward
 
 # Attribute paths, relative to a transformers base model, where a layer stack may live (the generic path).
 LAYER_STACK_PATHS = ("encoder.layer", "layers", "h", "decoder.layers", "transformer.layer", "block", "encoder.layers")
 # Where a decoder's final norm may live, relative to the base model (the generic path).
 FINAL_NORM_PATHS = ("norm", "ln_f", "final_layer_norm", "final_norm", "decoder.final_layer_norm")
+
+
+@dataclass(frozen=True)
+class PrefixStates:
+    """What `Family.run_prefix` gives: the batch's state after the embeddings and after each of layers 1..K, the
+    inputs and carry every later layer gets (as `begin` gives them), and the prefix keys pooled at layer K."""
+
+    states: list[torch.Tensor]  # K + 1 of (B, T, H)
+    inputs: dict[str, Any]
+    carry: dict[str, Any]
+    keys: torch.Tensor  # (B, H), L2-normalised (raee.backbones.base.mean_pool)
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,16 @@ class Family:
         """The layer inputs and carry cut to the first `width` token positions, or None where this adapter cannot
         say which of its inputs have a token axis (the batch then keeps its padding). Called when rows leave and
         the rest are all shorter: the positions cut are padding for every remaining row."""
+        return None
+
+    def prepare_prefix(self, backbone: Backbone, depth: int) -> None:
+        """Ready `run_prefix` for keys pooled at layer `depth`, where this adapter has a faster way than layer by
+        layer (before traffic, so that no request pays for it)."""
+
+    def run_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   depth: int) -> PrefixStates | None:
+        """The embeddings and layers 1..depth in one call, or None where `prepare_prefix` readied nothing for this
+        depth (the caller then runs the layers one by one)."""
         return None
 
     @property

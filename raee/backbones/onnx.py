@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from raee import cache
-from raee.backbones.family import Family, VocabularyHead
+from raee.backbones.family import Family, PrefixStates, VocabularyHead
 from raee.errors import BackboneError
 from raee.runtime import ONNXRUNTIME_PRECISIONS, thread_count
 
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPSET = 17
+PREFIX_GRAPH = "prefix.onnx"
 
 
 class OrtLayer:
@@ -59,9 +60,13 @@ class OrtLayer:
 
     def __call__(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = torch.from_numpy(self.session.run(None, {"hidden": _numpy(hidden), "mask": _numpy(mask)})[0])
+        self.ran(hidden, out)
+        return out
+
+    def ran(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        """Tell the forward hooks this layer ran (here, or inside a prefix graph)."""
         for hook in list(self._hooks.values()):
             hook(self, (hidden,), out)
-        return out
 
     def register_forward_hook(self, hook: Any) -> Any:
         key = id(hook)
@@ -73,6 +78,24 @@ class OrtLayer:
                 hooks.pop(key, None)
 
         return Handle()
+
+
+class PrefixGraph:
+    """The embeddings and layers 1..K as one graph that returns the state after each and the prefix keys pooled at
+    layer K. A prefix key then costs one graph call instead of K + 1, with no torch work between them: on the
+    project's 2-core machine every hand-over between onnxruntime and Python costs a few hundred microseconds at
+    batch 1 (onnxruntime leaves the caches cold), which is what the embeddings and two key layers paid three times.
+    The layers' forward hooks fire as if they had been called one by one."""
+
+    def __init__(self, session: Any, layers: list[OrtLayer]) -> None:
+        self.session, self.layers = session, layers
+
+    def __call__(self, input_ids: torch.Tensor, mask: torch.Tensor) -> PrefixStates:
+        *states, keys = (torch.from_numpy(out) for out in
+                         self.session.run(None, {"input_ids": _numpy(input_ids), "mask": _numpy(mask)}))
+        for i, layer in enumerate(self.layers):
+            layer.ran(states[i], states[i + 1])
+        return PrefixStates(states, {"mask": mask}, {}, keys)
 
 
 class OnnxRuntimeFamily(Family):
@@ -98,12 +121,16 @@ class OnnxRuntimeFamily(Family):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._options = options
+        self.embeddings = self._session(directory / "embeddings.onnx")
+        self.layers = [OrtLayer(self._session(directory / f"layer_{i:03d}.onnx"), i)
+                       for i in range(torch_family.num_layers)]
+        self._prefixes: dict[int, PrefixGraph | None] = {}
 
-        def session(name: str) -> Any:
-            return ort.InferenceSession(str(directory / name), options, providers=["CPUExecutionProvider"])
+    def _session(self, path: Path) -> Any:
+        import onnxruntime as ort
 
-        self.embeddings = session("embeddings.onnx")
-        self.layers = [OrtLayer(session(f"layer_{i:03d}.onnx"), i) for i in range(torch_family.num_layers)]
+        return ort.InferenceSession(str(path), self._options, providers=["CPUExecutionProvider"])
 
     @property
     def precision(self) -> str:
@@ -116,6 +143,28 @@ class OnnxRuntimeFamily(Family):
 
     def run_layer(self, fwd: LayerwiseForward, index: int) -> torch.Tensor:
         return self.layers[index](fwd.hidden, fwd.inputs["mask"])
+
+    def prepare_prefix(self, backbone: Backbone, depth: int) -> None:
+        """Export (or find) the prefix graph to layer `depth` and check it on the self-check's probe against these
+        per-layer graphs, which the store's records came from: states at every layer 0..depth and the keys within
+        float tolerance. A graph that fails is not used (a warning says so): keys are then computed layer by layer,
+        slower but the same."""
+        if depth in self._prefixes:
+            return
+        graph: PrefixGraph | None = None
+        try:
+            directory = ensure_export(backbone, self._precision, prefix=depth)
+            graph = PrefixGraph(self._session(directory / PREFIX_GRAPH), self.layers[:depth])
+            _check_prefix(backbone, self, graph, depth)
+        except BackboneError as e:
+            log.warning("%s; prefix keys at layer %d are computed layer by layer", e, depth)
+            graph = None
+        self._prefixes[depth] = graph
+
+    def run_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   depth: int) -> PrefixStates | None:
+        graph = self._prefixes.get(depth)
+        return graph(input_ids, attention_mask.to(torch.float32)) if graph is not None else None
 
     def trim_tokens(self, inputs: dict[str, Any], carry: dict[str, Any],
                     width: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -164,9 +213,16 @@ def use_onnxruntime(backbone: Backbone, precision: str = "fp32", threads: int | 
         torch.set_num_threads(1)
 
 
-def ensure_export(backbone: Backbone, precision: str) -> Path:
-    """The directory of this backbone's checked graphs at `precision`, exported now if missing or stale."""
-    key = export_key(backbone)
+def ensure_export(backbone: Backbone, precision: str, prefix: int | None = None) -> Path:
+    """The directory of this backbone's checked graphs at `precision`, exported now if missing or stale; with
+    `prefix`, of its prefix graph to that layer instead (PREFIX_GRAPH, checked where it is loaded)."""
+    key = export_key(backbone, prefix)
+    if prefix is None:
+        def export(staging: Path) -> dict[str, Any]:
+            return _export_fp32(backbone, staging, key)
+    else:
+        def export(staging: Path) -> dict[str, Any]:
+            return _export_prefix(backbone, staging, prefix)
     root = cache.cache_dir() / "onnx"
     directory = root / f"{key}-{precision}"
     if _is_complete(directory, key):
@@ -185,16 +241,17 @@ def ensure_export(backbone: Backbone, precision: str) -> Path:
                     "with the deployment (raee-index export)", cache.cache_dir(), root)
         directory, fp32 = root / f"{key}-{precision}", root / f"{key}-fp32"
     if precision == "int8" and not _is_complete(fp32, key):
-        _publish(fp32, lambda staging: _export_fp32(backbone, staging, key))
+        _publish(fp32, export)
     if precision == "fp32":
-        _publish(directory, lambda staging: _export_fp32(backbone, staging, key))
+        _publish(directory, export)
     else:
-        _publish(directory, lambda staging: _quantize_int8(backbone, fp32, staging, key))
+        _publish(directory, lambda staging: _quantize_int8(backbone, fp32, staging, check=prefix is None))
     return directory
 
 
-def export_key(backbone: Backbone) -> str:
-    """What an export is made from: weights, config, the family's and this module's code, library versions."""
+def export_key(backbone: Backbone, prefix: int | None = None) -> str:
+    """What an export is made from: weights, config, the family's and this module's code, library versions (and
+    for a prefix graph, its code and depth, which the key ends with)."""
     import onnxruntime
     import transformers
 
@@ -202,7 +259,12 @@ def export_key(backbone: Backbone) -> str:
     parts = [backbone.fingerprint(), backbone.model.config.to_json_string(), inspect.getsource(_export_fp32),
              inspect.getsource(OnnxRuntimeFamily), *code, torch.__version__, transformers.__version__,
              onnxruntime.__version__, str(OPSET)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+    if prefix is not None:
+        from raee.backbones.base import mean_pool
+
+        parts += [inspect.getsource(_Prefix), inspect.getsource(_export_prefix), inspect.getsource(mean_pool)]
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+    return digest if prefix is None else f"{digest}-prefix{prefix}"
 
 
 def _export_fp32(backbone: Backbone, staging: Path, key: str) -> dict[str, Any]:
@@ -232,7 +294,55 @@ def _export_fp32(backbone: Backbone, staging: Path, key: str) -> dict[str, Any]:
     return {"precision": "fp32", "max_difference_by_layer": differences}
 
 
-def _quantize_int8(backbone: Backbone, fp32: Path, staging: Path, key: str) -> dict[str, Any]:
+def _export_prefix(backbone: Backbone, staging: Path, depth: int) -> dict[str, Any]:
+    """Export the embeddings and layers 1..depth with the keys' pooling as one graph (PrefixGraph)."""
+    family = backbone.family
+    torch_family = family.torch_family if isinstance(family, OnnxRuntimeFamily) else family
+    ids = torch.full((2, 8), backbone.tokenizer.pad_token_id or 0, dtype=torch.long)
+    ids[:, :6] = torch.arange(6) + 5
+    mask = torch.ones(2, 8)
+    mask[1, 6:] = 0
+    dims = {0: "batch", 1: "tokens"}
+    outputs = [f"state_{i}" for i in range(depth + 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(_Prefix(torch_family, depth).eval(), (ids, mask), str(staging / PREFIX_GRAPH),
+                              input_names=["input_ids", "mask"], output_names=[*outputs, "keys"],
+                              dynamic_axes={"input_ids": dims, "mask": dims, **{name: dims for name in outputs},
+                                            "keys": {0: "batch"}}, opset_version=OPSET, dynamo=False)
+        finally:
+            backbone.model.eval()
+    log.info("exported the prefix graph of %s to layer %d", backbone.source, depth)
+    return {"precision": "fp32", "prefix": depth}
+
+
+def _check_prefix(backbone: Backbone, family: OnnxRuntimeFamily, graph: PrefixGraph, depth: int) -> None:
+    """Raise BackboneError unless the prefix graph gives what the per-layer graphs give on the probe, at every
+    layer 0..depth and for the keys (float tolerance: the same kernels on the same weights)."""
+    from raee.backbones.base import mean_pool
+    from raee.backbones.selfcheck import compare_states, probe_prompts
+
+    input_ids, mask = backbone.encode(probe_prompts(backbone))
+    float_mask = mask.to(torch.float32)
+    ran = PrefixGraph(graph.session, [])(input_ids, float_mask)  # no hooks: the probe is not traffic
+    real = mask.bool()
+    hidden = torch.from_numpy(family.embeddings.run(None, {"input_ids": _numpy(input_ids)})[0])
+    for layer in range(depth + 1):
+        if layer:
+            hidden = torch.from_numpy(family.layers[layer - 1].session.run(
+                None, {"hidden": _numpy(hidden), "mask": _numpy(float_mask)})[0])
+        difference, off, tolerance = compare_states(ran.states[layer][real], hidden[real], "fp32")
+        if off:
+            raise BackboneError(f"{backbone.source}: the prefix graph parts from the per-layer graphs at layer "
+                                f"{layer} (difference {difference:.3g}; {tolerance})")
+    difference, off, tolerance = compare_states(ran.keys, mean_pool(hidden, mask), "fp32")
+    if off:
+        raise BackboneError(f"{backbone.source}: the prefix graph's keys part from the per-layer graphs' "
+                            f"(difference {difference:.3g}; {tolerance})")
+
+
+def _quantize_int8(backbone: Backbone, fp32: Path, staging: Path, check: bool = True) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.disable(logging.WARNING)  # the quantizer logs every tensor it leaves alone on the root logger
@@ -241,6 +351,8 @@ def _quantize_int8(backbone: Backbone, fp32: Path, staging: Path, key: str) -> d
             quantize_dynamic(str(source), str(staging / source.name), weight_type=QuantType.QInt8)
     finally:
         logging.disable(logging.NOTSET)
+    if not check:  # a prefix graph, checked against the int8 layer graphs where it is loaded
+        return {"precision": "int8", "quantized_from": fp32.name}
     differences = _compare_with_torch(backbone, staging, "int8")
     log.info("quantized %s to int8 (onnxruntime dynamic quantization); largest layer difference from fp32 %.3g",
              backbone.source, max(differences))
@@ -305,7 +417,7 @@ def _is_complete(directory: Path, key: str) -> bool:
     except (OSError, ValueError):
         return False
     files = meta.get("files") or {}
-    if meta.get("key") != key or "embeddings.onnx" not in files:
+    if meta.get("key") != key or not files:
         return False
     return all((directory / name).is_file() and _sha256(directory / name) == digest for name, digest in files.items())
 
@@ -313,6 +425,21 @@ def _is_complete(directory: Path, key: str) -> bool:
 def _export(module: nn.Module, args: tuple[Any, ...], path: Path, names: list[str], dynamic: dict[str, Any]) -> None:
     torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=["out"],
                       dynamic_axes={**dynamic, "out": {0: "batch", 1: "tokens"}}, opset_version=OPSET, dynamo=False)
+
+
+class _Prefix(nn.Module):
+    def __init__(self, family: Family, depth: int) -> None:
+        super().__init__()
+        self.embeddings = _Embeddings(family)
+        self.layers = nn.ModuleList(family.export_layer(i) for i in range(depth))
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from raee.backbones.base import mean_pool
+
+        states = [self.embeddings(input_ids)]
+        for layer in self.layers:
+            states.append(layer(states[-1], mask))
+        return (*states, mean_pool(states[-1], mask))
 
 
 class _Embeddings(nn.Module):
