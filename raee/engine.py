@@ -240,7 +240,8 @@ class Engine:
             logits[exits == layer] = self.backbone.label_logits(early[layer], here, self.head).float().cpu().numpy()
         if not done.all():
             keep = torch.from_numpy(~done).to(fwd.hidden.device)
-            fwd.keep_rows(keep)
+            if done.any():  # dropping no row would still copy every per-row tensor
+                fwd.keep_rows(keep)
             out = self.backbone.finish(fwd, torch.from_numpy(exits[~done]), self.head)
             logits[~done] = out[torch.from_numpy(~done)].cpu().numpy()
         return logits
