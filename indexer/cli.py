@@ -37,6 +37,13 @@ def _backbone_args(p: argparse.ArgumentParser) -> None:
     runtime_args(g, store_precision=False)
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layers like 2 or 1,2, got {text!r}") from None
+
+
 def runtime_args(g: argparse._ActionsContainer, store_precision: bool) -> None:
     """--runtime, --precision, --threads and --cache-dir: how the backbone runs (raee.runtime)."""
     g.add_argument("--runtime", default=os.environ.get("RAEE_RUNTIME", "auto"), choices=RUNTIMES,
@@ -160,6 +167,9 @@ def parser() -> argparse.ArgumentParser:
                                    "and check them against torch, so that a read-only deployment can ship them "
                                    "(run it at image build with --cache-dir pointing inside the image).")
     _backbone_args(e)
+    e.add_argument("--prefix-layers", type=_layer_list, default=(), metavar="K[,K...]",
+                   help="also export the prefix graphs (embeddings and layers 1..K as one graph) for stores keyed "
+                        "prefix:K; a server builds a missing one at start")
 
     t = sub.add_parser("tune", help="choose key, scale, k and tau on a held-out split of the calibration data",
                        description="Split the train file (seeded) into a store part and a held-out part, run the "

@@ -131,7 +131,17 @@ def export(args: argparse.Namespace) -> int:
     if backbone.runtime != "onnxruntime":
         print(f"raee-index export: {backbone.source} runs on {backbone.runtime}; nothing to export")
         return 0
+    for depth in args.prefix_layers:
+        if not 0 <= depth <= backbone.max_prefix_layer:
+            raise InputError(f"--prefix-layers: {depth} is not a layer of this backbone's prefix keys "
+                             f"(0..{backbone.max_prefix_layer})")
     print(f"exported {backbone.source} ({backbone.family.name}, {backbone.precision}) to {backbone.family.directory}")
+    for depth in args.prefix_layers:
+        if backbone.prepare_prefix(depth):
+            print(f"exported its prefix graph to layer {depth}")
+        else:
+            print(f"no prefix graph to layer {depth} (the warning above says why): keys there are computed layer "
+                  "by layer")
     return 0
 
 

@@ -94,3 +94,13 @@ def test_an_os_error_while_writing_is_one_line_and_exit_2(checkpoint, sst2_like,
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("raee-index")]  # beside transformers' own bars
     assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err
+
+
+def test_export_writes_the_prefix_graphs_asked_for(checkpoint, capsys):
+    from raee import cache
+
+    assert raee_index(["export", "--backbone", checkpoint, "--prefix-layers", "1,2"]) == 0
+    out = capsys.readouterr().out
+    assert "exported its prefix graph to layer 1" in out and "exported its prefix graph to layer 2" in out
+    exported = {p.name.split("-", 1)[1] for p in (cache.cache_dir() / "onnx").glob("*-prefix*-fp32")}
+    assert {"prefix1-fp32", "prefix2-fp32"} <= exported

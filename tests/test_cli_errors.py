@@ -58,6 +58,7 @@ ERRORS = [
     ("raee-index", "build --task sst2 --train {train} --out {base}/s5 --backbone {bert} --text-column body",
      "needs fields 'body' and 'label'"),
     ("raee-index", "inspect {base}/empty", "not an exit store"),
+    ("raee-index", "export --backbone {bert} --prefix-layers 9", "--prefix-layers: 9 is not a layer"),
     ("raee-eval", "--store {store} --test {train} --backbone {base}/empty", "holds no config.json"),
     ("raee-eval", "--store {store} --test {train} --label-column y", "needs fields 'text' and 'y'"),
     ("raee-eval", "--store {store} --store {store} --test {train}", "give one --test per --store"),

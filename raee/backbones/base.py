@@ -222,10 +222,11 @@ class Backbone(ABC):
                   carry: dict[str, Any]) -> LayerwiseForward:
         return LayerwiseForward(self.family, hidden, inputs, mask, self.answer_positions(input_ids, mask), carry)
 
-    def prepare_prefix(self, depth: int) -> None:
+    def prepare_prefix(self, depth: int) -> bool:
         """Ready the runtime's fastest prefix pass to layer `depth` (an onnxruntime backbone exports and checks one
-        graph for the embeddings and layers 1..depth). Call it before traffic; `prefix_pass` works without it."""
-        self.family.prepare_prefix(self, depth)
+        graph for the embeddings and layers 1..depth); whether there is one. Call it before traffic; `prefix_pass`
+        works without it, layer by layer."""
+        return self.family.prepare_prefix(self, depth)
 
     @torch.inference_mode()
     def prefix_pass(self, prompts: Sequence[str],

@@ -122,9 +122,10 @@ class Family:
         the rest are all shorter: the positions cut are padding for every remaining row."""
         return None
 
-    def prepare_prefix(self, backbone: Backbone, depth: int) -> None:
+    def prepare_prefix(self, backbone: Backbone, depth: int) -> bool:
         """Ready `run_prefix` for keys pooled at layer `depth`, where this adapter has a faster way than layer by
-        layer (before traffic, so that no request pays for it)."""
+        layer (before traffic, so that no request pays for it); whether it did."""
+        return False
 
     def run_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    depth: int) -> PrefixStates | None:

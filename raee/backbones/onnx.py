@@ -144,13 +144,13 @@ class OnnxRuntimeFamily(Family):
     def run_layer(self, fwd: LayerwiseForward, index: int) -> torch.Tensor:
         return self.layers[index](fwd.hidden, fwd.inputs["mask"])
 
-    def prepare_prefix(self, backbone: Backbone, depth: int) -> None:
+    def prepare_prefix(self, backbone: Backbone, depth: int) -> bool:
         """Export (or find) the prefix graph to layer `depth` and check it on the self-check's probe against these
         per-layer graphs, which the store's records came from: states at every layer 0..depth and the keys within
         float tolerance. A graph that fails is not used (a warning says so): keys are then computed layer by layer,
         slower but the same."""
         if depth in self._prefixes:
-            return
+            return self._prefixes[depth] is not None
         graph: PrefixGraph | None = None
         try:
             directory = ensure_export(backbone, self._precision, prefix=depth)
@@ -160,6 +160,7 @@ class OnnxRuntimeFamily(Family):
             log.warning("%s; prefix keys at layer %d are computed layer by layer", e, depth)
             graph = None
         self._prefixes[depth] = graph
+        return graph is not None
 
     def run_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    depth: int) -> PrefixStates | None:
