@@ -22,6 +22,7 @@ from raee.keys import Embedder, require_embedder
 from raee.manifest import StoreManifest
 from raee.offdomain import StreamMonitor, conformal_pvalues
 from raee.records import layers_run, softmax
+from raee.runtime import Precision, RuntimeChoice
 from raee.store import ExitStore, check_compatible, load_store
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class _Route:
 
 
 def load_backbone_for(manifest: StoreManifest, *, source: str | None = None, device: str = "cpu",
-                      runtime: str = "auto", precision: str | None = None,
+                      runtime: RuntimeChoice = "auto", precision: Precision | None = None,
                       allow_precision_mismatch: bool = False) -> Backbone:
     """The backbone a store was built with (source, kind, dtype, settings), on the runtime asked for, at the store's
     precision unless another is asked for."""
@@ -118,7 +119,8 @@ class Engine:
 
     @classmethod
     def load(cls, store_dir: str | Path, *, backbone: Backbone | None = None, embedder: Embedder | None = None,
-             device: str = "cpu", source: str | None = None, runtime: str = "auto", precision: str | None = None,
+             device: str = "cpu", source: str | None = None, runtime: RuntimeChoice = "auto",
+             precision: Precision | None = None,
              allow_precision_mismatch: bool = False) -> "Engine":
         """Load a store and the backbone (and embedder) it was built with, from the sources its manifest names.
 

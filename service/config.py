@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raee.errors import InputError
-from raee.runtime import PRECISIONS, RUNTIMES
-from service.logs import LOG_FORMATS, LOG_LEVELS
+from raee.runtime import PRECISIONS, RUNTIMES, Precision, RuntimeChoice
+from service.logs import LOG_FORMATS, LOG_LEVELS, LogFormat
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464
+# The settings that take one of a closed set of words (log_level in any case).
+CHOICES: dict[str, tuple[str, ...]] = {"runtime": RUNTIMES, "precision": PRECISIONS, "log_format": LOG_FORMATS,
+                                       "log_level": LOG_LEVELS}
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,9 @@ class ServerConfig:
     # listener closes (at most grace_s), so probes and clients see the shutdown instead of a refused connection
     device: str = "cpu"  # cpu, cuda or cuda:N
     backbone: str | None = None  # backbone checkpoint; default: the source the stores' manifests name
-    runtime: str = "auto"  # auto (onnxruntime on the CPU where the family exports, else torch), torch, onnxruntime
-    precision: str | None = None  # fp32 or int8 (onnxruntime); default: the precision the stores were built at
+    runtime: RuntimeChoice = "auto"  # auto (onnxruntime on the CPU where the family exports, else torch), torch,
+    # onnxruntime
+    precision: Precision | None = None  # fp32 or int8 (onnxruntime); default: the precision the stores were built at
     allow_precision_mismatch: bool = False  # serve stores built at another precision (exits may differ), warning
     threads: int = 0  # threads for torch, onnxruntime and FAISS; 0 = the container's CPU quota
     cache_dir: str | None = None  # where onnxruntime exports live (default RAEE_CACHE_DIR or ~/.cache/raee)
@@ -55,7 +59,7 @@ class ServerConfig:
     # reconnect, without failing calls), 0 = never. gRPC keeps one connection open, so behind a Kubernetes
     # ClusterIP Service a client stays pinned to one replica: with an age, scaling out rebalances clients.
     max_connection_age_grace_s: float = 30.0  # calls still running when the age is reached get this long to finish
-    log_format: str = "text"  # text, or json (one object per line, for a log pipeline)
+    log_format: LogFormat = "text"  # text, or json (one object per line, for a log pipeline)
     log_level: str = "info"  # debug, info (one line per request), warning (refusals and problems only), error
 
     def __post_init__(self) -> None:
@@ -79,14 +83,10 @@ class ServerConfig:
             raise InputError("TLS needs both tls_cert and tls_key")
         if self.tls_client_ca and not self.tls_cert:
             raise InputError("tls_client_ca (mutual TLS) needs TLS: set tls_cert and tls_key too")
-        if self.log_format not in LOG_FORMATS:
-            raise InputError(f"log_format {self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
-        if self.log_level.lower() not in LOG_LEVELS:
-            raise InputError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-        if self.runtime not in RUNTIMES:
-            raise InputError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise InputError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if value is not None and (value.lower() if name == "log_level" else value) not in choices:
+                raise InputError(f"{name} {value!r} is not one of {', '.join(choices)}")
         if self.threads < 0:
             raise InputError(f"threads must be 0 (the CPU quota) or more, got {self.threads}")
         if self.admin and self.admin_port < 0 and not self.admin_token_file:
@@ -132,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "stores":
             continue
         flag = "--" + name.replace("_", "-")
-        comment = {"bool": "true/false"}.get(f.type, f.type)
+        comment = "|".join(CHOICES[name]) if name in CHOICES else {"bool": "true/false"}.get(f.type, f.type)
         default = f.default if f.default is not dataclasses.MISSING else "none"
         p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=f"({comment}, default {default})")
     return p

@@ -14,8 +14,10 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Literal, get_args
 
-LOG_FORMATS = ("text", "json")
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REQUEST_ID = "x-request-id"
 MAX_REQUEST_ID = 128  # characters of a caller's request id kept (it is logged and echoed)
@@ -35,7 +37,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
-def configure(log_format: str = "text", level: str = "info") -> None:
+def configure(log_format: LogFormat = "text", level: str = "info") -> None:
     """Route every logger to stderr in `log_format` at `level`; turn third-party progress bars off. As with
     logging.basicConfig, a process whose logging is already set up (a test runner, an embedding program) keeps it."""
     root = logging.getLogger()

@@ -21,6 +21,8 @@ from torch import nn
 from raee.backbones.family import Family, adapter_for
 from raee.backbones.layerwise import LayerwiseForward
 from raee.errors import InputError
+from raee.kinds import Kind
+from raee.runtime import Precision, Runtime
 from raee.tasks import HeadSpec
 
 # A text longer than this many characters per allowed token is refused before tokenizing (cheap guard).
@@ -40,7 +42,7 @@ class LayerPass:
 class Backbone(ABC):
     """A transformer used zero-shot: prompts in, a layer stack run layer by layer, label scores at any layer."""
 
-    kind: ClassVar[str] = ""
+    kind: ClassVar[Kind]
     add_special_tokens: ClassVar[bool] = True  # whether prompts are wrapped in the tokenizer's special tokens
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, source: str, max_tokens: int | None = None,
@@ -125,11 +127,11 @@ class Backbone(ABC):
         return next(self.model.parameters()).dtype
 
     @property
-    def runtime(self) -> str:
+    def runtime(self) -> Runtime:
         return self.family.runtime
 
     @property
-    def precision(self) -> str:
+    def precision(self) -> Precision:
         return self.family.precision
 
     def identity(self) -> dict[str, Any]:

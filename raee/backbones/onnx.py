@@ -38,7 +38,7 @@ from torch import nn
 from raee import cache
 from raee.backbones.family import Family, VocabularyHead
 from raee.errors import BackboneError
-from raee.runtime import ONNXRUNTIME_PRECISIONS, thread_count
+from raee.runtime import ONNXRUNTIME_PRECISIONS, Precision, thread_count
 
 if TYPE_CHECKING:
     from raee.backbones.base import Backbone
@@ -81,7 +81,7 @@ class OnnxRuntimeFamily(Family):
 
     runtime = "onnxruntime"
 
-    def __init__(self, torch_family: Family, directory: Path, precision: str, threads: int | None = None) -> None:
+    def __init__(self, torch_family: Family, directory: Path, precision: Precision, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         self.torch_family = torch_family
@@ -106,7 +106,7 @@ class OnnxRuntimeFamily(Family):
         self.layers = [OrtLayer(session(f"layer_{i:03d}.onnx"), i) for i in range(torch_family.num_layers)]
 
     @property
-    def precision(self) -> str:
+    def precision(self) -> Precision:
         return self._precision
 
     def begin(self, input_ids: torch.Tensor,
@@ -143,7 +143,7 @@ def supports_onnxruntime(backbone: Backbone) -> bool:
     return backbone.family.exportable and backbone.device.type == "cpu" and backbone.dtype == torch.float32
 
 
-def use_onnxruntime(backbone: Backbone, precision: str = "fp32", threads: int | None = None,
+def use_onnxruntime(backbone: Backbone, precision: Precision = "fp32", threads: int | None = None,
                     verify: bool = True) -> None:
     """Move a (self-checked, torch) backbone's layers onto onnxruntime: export or find the graphs, check them, and
     self-check the backbone again on the new runtime."""
@@ -164,7 +164,7 @@ def use_onnxruntime(backbone: Backbone, precision: str = "fp32", threads: int | 
         torch.set_num_threads(1)
 
 
-def ensure_export(backbone: Backbone, precision: str) -> Path:
+def ensure_export(backbone: Backbone, precision: Precision) -> Path:
     """The directory of this backbone's checked graphs at `precision`, exported now if missing or stale."""
     key = export_key(backbone)
     root = cache.cache_dir() / "onnx"
@@ -248,7 +248,7 @@ def _quantize_int8(backbone: Backbone, fp32: Path, staging: Path, key: str) -> d
 
 
 @torch.inference_mode()
-def _compare_with_torch(backbone: Backbone, directory: Path, precision: str) -> list[float]:
+def _compare_with_torch(backbone: Backbone, directory: Path, precision: Precision) -> list[float]:
     """Run the self-check's probe through the graphs in `directory` and the torch adapter side by side; raise
     BackboneError where they part (raee.backbones.selfcheck.compare_states: float tolerance for fp32, direction
     for int8). Returns the largest difference per layer."""

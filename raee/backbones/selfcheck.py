@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from raee import cache
+from raee.runtime import Precision
 
 if TYPE_CHECKING:
     from raee.backbones.base import Backbone
@@ -113,7 +114,7 @@ def probe_prompts(backbone: Backbone) -> list[str]:
     return list(PROBE_TEXTS)
 
 
-def compare_states(ours: torch.Tensor, theirs: torch.Tensor, precision: str) -> tuple[float, bool, str]:
+def compare_states(ours: torch.Tensor, theirs: torch.Tensor, precision: Precision) -> tuple[float, bool, str]:
     """(max |difference|, whether it is past the tolerance of `precision`, the tolerance in words); rows are
     vectors (N, D)."""
     ours, theirs = ours.float(), theirs.float()
