@@ -20,6 +20,7 @@ from pathlib import Path
 
 from indexer.cli import quiet_progress, require_plotting, runtime_args
 from raee import cache
+from raee.build import BATCH_SIZE
 from raee.data import read_examples
 from raee.engine import Engine
 from raee.errors import InputError, RaeeError
@@ -67,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="OUT", help="write the figures as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png",
                    help="score against layers run (one file per task in a suite: OUT-<task>.png)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size of the scoring pass (64)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"batch size of the scoring pass ({BATCH_SIZE})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backbone", default=None, metavar="PATH",
                    help="the store's backbone checkpoint, where it has moved since the build (its weights must match)")

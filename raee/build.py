@@ -27,6 +27,7 @@ from raee.tasks import TaskDefinition
 from raee.versions import check_store_root
 
 log = logging.getLogger(__name__)
+BATCH_SIZE = 64  # items per backbone batch in the calibration and scoring passes
 
 
 @dataclass
@@ -73,7 +74,7 @@ def readable_examples(backbone: Backbone, task: TaskDefinition, examples: list[E
 
 
 def run_calibration_pass(backbone: Backbone, task: TaskDefinition, examples: list[Example], key: KeySpec,
-                         embedder: Embedder | None = None, batch_size: int = 64, progress: bool = True,
+                         embedder: Embedder | None = None, batch_size: int = BATCH_SIZE, progress: bool = True,
                          extra_pooled_layers: tuple[int, ...] = ()) -> CalibrationPass:
     """Run the backbone once over every item (label logits at all layers) and compute each item's key.
 
@@ -141,7 +142,7 @@ def store_manifest(task: TaskDefinition, backbone: Backbone, embedder: Embedder 
 def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examples: list[Example], *,
                 key: KeySpec, embedder: Embedder | None = None, index_spec: IndexSpec = IndexSpec(),
                 policy: RaeeConfig = RaeeConfig(), settings: CalibrationSettings = CalibrationSettings(),
-                batch_size: int = 64, shard: tuple[int, int] | None = None, source_file: str | None = None,
+                batch_size: int = BATCH_SIZE, shard: tuple[int, int] | None = None, source_file: str | None = None,
                 progress: bool = True, promote: bool = True) -> tuple[Path, CalibrationPass]:
     """Run the backbone over the items, index them, calibrate the served policy (not for a shard: merging does)
     and write a store version; returns (version directory, the calibration pass). The output directory is checked

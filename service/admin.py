@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from raee.errors import InputError, RaeeError
+from raee.exit_policy import CALIBRATED
 from service.client import Client, RaeeClientError
 from service.config import DEFAULT_PORT
 from service.policy_wire import to_wire
@@ -35,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="backbone, tasks with store versions, limits (JSON)")
     c = sub.add_parser("classify", help="classify texts and print label, exit layer and latency")
     c.add_argument("--task", required=True)
-    c.add_argument("--policy", default="calibrated",
+    c.add_argument("--policy", default=str(CALIBRATED),
                    help="calibrated (the store's calibrated policy, the default), raee, full or static:L")
     c.add_argument("texts", nargs="+")
     r = sub.add_parser("reload", help="swap in a new store version for a task")
