@@ -146,6 +146,18 @@ class Engine:
         self.backbone.check_texts(texts)
         self.backbone.check_prompts(self.prompting.prompts(texts))
 
+    def check_prefix(self, index: int, text: str) -> None:
+        """Refuse a long text as soon as a prefix of it is too many tokens with its prompt, without tokenizing the
+        rest (an 8 KB text costs milliseconds to tokenize whole); see Backbone.prefix_to_check. index: the text's
+        place in the request, for the message."""
+        prefix = self.backbone.prefix_to_check(text)
+        if prefix is None:
+            return
+        tokens = self.backbone.token_counts(self.prompting.prompts([prefix]))[0]
+        if not self.backbone.reads_whole(tokens):
+            raise InputError(f"text {index} is over {tokens} tokens with its prompt (its first {len(prefix)} "
+                             f"characters already are); the limit is {self.backbone.max_tokens}")
+
     def calibrated(self, objective: Objective | None = None) -> CalibratedPolicy:
         """The store's calibrated policy, or the one `objective` calibrates on the store's items (computed once)."""
         if objective not in self._calibrated:

@@ -30,7 +30,6 @@ from service.registry import StoreRegistry
 # Texts tokenized together while validating: the first text alone, so that a request of over-long texts is refused
 # after tokenizing one, then growing groups.
 VALIDATION_GROUPS = (1, 3, 12)
-PREFIX_CHARS_PER_TOKEN = 6  # a text longer than this many characters per allowed token has its prefix checked first
 
 
 class Admission:
@@ -98,7 +97,7 @@ def validate_prompts(engine: Engine, texts: list[str]) -> None:
     """Tokenize the texts with their prompts and refuse any the backbone cannot read whole (InputError naming the
     text by its index in the request). Stops at the first group holding a bad text."""
     for i, text in enumerate(texts):
-        check_prefix(engine, i, text)
+        engine.check_prefix(i, text)  # a long text's prefix first: raee.backbones.base's length limits
     start = 0
     for size in (*VALIDATION_GROUPS, len(texts)):
         group = texts[start:start + size]
@@ -109,20 +108,6 @@ def validate_prompts(engine: Engine, texts: list[str]) -> None:
         except InputError as exc:
             raise InputError(_renumbered(str(exc), start)) from None
         start += len(group)
-
-
-def check_prefix(engine: Engine, index: int, text: str) -> None:
-    """Refuse a long text as soon as a prefix of it is too many tokens, without tokenizing the rest (an 8 KB text
-    costs milliseconds to tokenize whole). The prefix ends at a whitespace, so its words are words of the text and
-    its tokens a part of the text's: a prefix over the limit means the text is over it."""
-    backbone = engine.backbone
-    cut = text.rfind(" ", 0, backbone.max_tokens * PREFIX_CHARS_PER_TOKEN)
-    if len(text) <= backbone.max_tokens * PREFIX_CHARS_PER_TOKEN or cut <= 0:
-        return
-    tokens = backbone.token_counts(engine.prompting.prompts([text[:cut]]))[0]
-    if tokens > backbone.max_tokens:
-        raise InputError(f"text {index} is over {tokens} tokens with its prompt (its first {cut} characters already "
-                         f"are); the limit is {backbone.max_tokens}")
 
 
 def _renumbered(message: str, offset: int) -> str:
