@@ -42,7 +42,7 @@ demo: install $(STORE)/CURRENT
 	$(BIN)/python examples/demo.py --store $(STORE)
 
 # ruff lints and sorts imports (format checking is left out: formatting the whole tree would touch every line);
-# mypy is strict on raee/ and lenient on indexer/ and service/ (pyproject.toml).
+# mypy is strict on raee/, indexer/ and service/ alike (pyproject.toml; the generated protobuf code is skipped).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy

@@ -63,7 +63,7 @@ def quiet_progress(args: argparse.Namespace) -> None:
         args.no_progress = True
     if getattr(args, "no_progress", True):
         from transformers.utils import logging as transformers_logging
-        transformers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
 
 
 def require_plotting(*paths: str | None) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -108,7 +108,7 @@ def test_view(engine: Engine, examples: list[Example], width: int, batch_size: i
 class Evaluator:
     """Scores and times policies for one engine on one test set."""
 
-    def __init__(self, engine: Engine, examples: list[Example], policies: list[ExitPolicy | str],
+    def __init__(self, engine: Engine, examples: list[Example], policies: Sequence[ExitPolicy | str],
                  batch_size: int = BATCH_SIZE, progress: bool = True) -> None:
         examples, _ = readable_examples(engine.backbone, engine.task, examples, "test items")
         if not examples:

@@ -43,30 +43,32 @@ class Admission:
     def ready(self, registry: StoreRegistry, batcher: MicroBatcher) -> None:
         self.registry, self.batcher = registry, batcher
 
-    def check_open(self) -> None:
+    def check_open(self) -> tuple[StoreRegistry, MicroBatcher]:
+        """The registry and batcher of a server that is ready and not draining; Draining or NotReady otherwise."""
         if self.draining:
             raise Draining("the server is shutting down; retry on another replica")
         if self.registry is None or self.batcher is None:
             raise NotReady("the server is still loading its backbone and stores; retry shortly")
+        return self.registry, self.batcher
 
     async def classify(self, call: ClassifyCall, client: str, deadline: float | None) -> BatchOutcome:
         """Admit, validate and batch one call; deadline is a time.monotonic() value or None."""
-        self.check_open()
-        engine = self.registry.get(call.task)
+        registry, batcher = self.check_open()
+        engine = registry.get(call.task)
         self._check_bounds(call, engine)
         key = self._batch_key(call, engine)
-        self._check_deadline(call, deadline)
-        reservation = self.batcher.reserve(len(call.texts), client)
+        self._check_deadline(call, deadline, batcher)
+        reservation = batcher.reserve(len(call.texts), client)
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, validate_prompts, engine, call.texts)
-            pending = self.batcher.submit(reservation, key, engine, call.texts, deadline)
+            pending = batcher.submit(reservation, key, engine, call.texts, deadline)
         except BaseException:
-            self.batcher.release(reservation)
+            batcher.release(reservation)
             raise
         try:
             return await asyncio.wrap_future(pending.future)
         except asyncio.CancelledError:
-            self.batcher.cancel(pending)
+            batcher.cancel(pending)
             raise
 
     def _check_bounds(self, call: ClassifyCall, engine: Engine) -> None:
@@ -82,11 +84,11 @@ class Admission:
         engine.resolve(call.policy)  # the engine's own rules: static:L within the layers, k within range
         return BatchKey(call.task, call.policy, call.neighbours)
 
-    def _check_deadline(self, call: ClassifyCall, deadline: float | None) -> None:
+    def _check_deadline(self, call: ClassifyCall, deadline: float | None, batcher: MicroBatcher) -> None:
         if deadline is None:
             return
         left = deadline - time.monotonic()
-        needed = self.batcher.estimated_seconds(len(call.texts))
+        needed = batcher.estimated_seconds(len(call.texts))
         if left <= 0 or (needed is not None and needed > left):
             raise DeadlineExpired(f"the deadline ({max(left, 0) * 1e3:.0f} ms left) cannot be met: about "
                                   f"{(needed or 0) * 1e3:.0f} ms of work is ahead of this request; allow more time "

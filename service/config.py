@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from raee.errors import InputError
 from raee.runtime import PRECISIONS, RUNTIMES, Precision, RuntimeChoice
@@ -100,12 +102,14 @@ class ServerConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(ServerConfig)}  # "int", "float", "bool", "str | None"
 BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
                  "0": False}
 
 
-def _coerce(name: str, value):
-    kind = FIELDS[name].type
+def _coerce(name: str, value: Any) -> Any:
+    """A setting's value from YAML (typed) or an environment variable or flag (text), as its field's type."""
+    kind = FIELD_TYPES[name]
     if name in ("stores", "store_roots"):
         return tuple(value.split(",") if isinstance(value, str) else value)
     if kind == "bool":
@@ -132,13 +136,14 @@ def parser() -> argparse.ArgumentParser:
         if name == "stores":
             continue
         flag = "--" + name.replace("_", "-")
-        comment = "|".join(CHOICES[name]) if name in CHOICES else {"bool": "true/false"}.get(f.type, f.type)
+        kind = FIELD_TYPES[name]
+        comment = "|".join(CHOICES[name]) if name in CHOICES else {"bool": "true/false"}.get(kind, kind)
         default = f.default if f.default is not dataclasses.MISSING else "none"
         p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=f"({comment}, default {default})")
     return p
 
 
-def read_config_file(path: str) -> dict:
+def read_config_file(path: str) -> dict[str, Any]:
     """The settings of a YAML file; InputError (one line) for a file that is missing, unreadable or not a mapping."""
     import yaml
     try:
@@ -158,25 +163,25 @@ def read_config_file(path: str) -> dict:
     return spec
 
 
-def load_config(argv: list[str] | None = None, environ: dict | None = None) -> ServerConfig:
+def load_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
     args = parser().parse_args(argv)
-    environ = os.environ if environ is None else environ
-    values: dict = {}
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
     if args.config:
         spec = read_config_file(args.config)
         unknown = set(spec) - set(FIELDS)
         if unknown:
             raise InputError(f"{args.config}: unknown settings {sorted(unknown)}; valid: {sorted(FIELDS)}")
         values.update(spec)
-    values.update({name: environ[f"RAEE_{name.upper()}"] for name in FIELDS if f"RAEE_{name.upper()}" in environ})
+    values.update({name: env[f"RAEE_{name.upper()}"] for name in FIELDS if f"RAEE_{name.upper()}" in env})
     values.update({name: value for name, value in vars(args).items() if name in FIELDS and value is not None})
-    settings = {}
+    settings: dict[str, Any] = {}
     for name, value in values.items():
         try:
             settings[name] = _coerce(name, value)
         except InputError:
             raise
         except (TypeError, ValueError):
-            raise InputError(f"{name} must be a{'n' if FIELDS[name].type == 'int' else ''} {FIELDS[name].type}, "
+            raise InputError(f"{name} must be a{'n' if FIELD_TYPES[name] == 'int' else ''} {FIELD_TYPES[name]}, "
                              f"got {value!r}") from None
     return ServerConfig(**settings)

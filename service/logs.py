@@ -50,7 +50,7 @@ def configure(log_format: LogFormat = "text", level: str = "info") -> None:
     for noisy in ("faiss.loader", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as transformers_logging
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
 
 
 def request_id(metadata: Sequence[tuple[str, str | bytes]] | None, own: str = "") -> str:
