@@ -18,6 +18,7 @@ from raee.errors import BackboneError, InputError
 from raee.index import IndexSpec
 from raee.keys import Embedder, KeySpec
 from raee.raee_rule import RaeeConfig
+from raee.runtime import DEFAULT_DTYPE
 from raee.store import load_store, read_manifest
 from raee.tasks import TaskDefinition, load_task
 from raee.tuning import choose, grid_search
@@ -44,7 +45,7 @@ def backbone_flags(args: argparse.Namespace) -> str:
     given = {"--backbone": args.backbone, "--kind": args.kind, "--dtype": args.dtype, "--runtime": args.runtime,
              "--precision": args.precision, "--embedder": args.embedder, "--text-column": args.text_column,
              "--label-column": args.label_column}
-    defaults = {"--kind": "auto", "--dtype": "float32", "--runtime": "auto", "--text-column": "text",
+    defaults = {"--kind": "auto", "--dtype": DEFAULT_DTYPE, "--runtime": "auto", "--text-column": "text",
                 "--label-column": "label"}
     return "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in given.items()
                    if value is not None and value != defaults.get(flag))
