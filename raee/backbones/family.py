@@ -70,7 +70,7 @@ class Family:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.config = model.config
+        self.config: Any = model.config  # a transformers PretrainedConfig, read by the names each family knows
         self.base: nn.Module = getattr(model, getattr(model, "base_model_prefix", ""), model)
         self.layers: Sequence[nn.Module] = self.find_stack()
         self.final_norm: nn.Module | None = _first_module(self.base, self.final_norm_paths)

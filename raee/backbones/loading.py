@@ -61,7 +61,7 @@ def resolve_source(source: str | None) -> tuple[str, Path]:
     return str(path), path
 
 
-def detect_kind(path: Path) -> str:
+def detect_kind(path: Path) -> Kind:
     """The backbone kind, from the checkpoint's files and its declared architecture."""
     if (path / "modules.json").is_file():
         return "sentence-encoder"

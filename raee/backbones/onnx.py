@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from raee import cache
-from raee.backbones.family import Family, VocabularyHead
+from raee.backbones.family import ExportableEncoder, Family, VocabularyHead
 from raee.errors import BackboneError
 from raee.runtime import ONNXRUNTIME_PRECISIONS, Precision, thread_count
 
@@ -209,6 +209,8 @@ def _export_fp32(backbone: Backbone, staging: Path, key: str) -> dict[str, Any]:
     """Export the embeddings and every layer to staging/, check them against the torch adapter on the probe;
     returns what meta.json records beyond the checksums."""
     family = backbone.family
+    if not isinstance(family, ExportableEncoder):  # supports_onnxruntime said so before any export
+        raise BackboneError(f"the {family.name} family does not export to onnxruntime")
     started = time.perf_counter()
     hidden_size = backbone.hidden_size
     ids = torch.full((2, 8), backbone.tokenizer.pad_token_id or 0, dtype=torch.long)
@@ -316,7 +318,7 @@ def _export(module: nn.Module, args: tuple[Any, ...], path: Path, names: list[st
 
 
 class _Embeddings(nn.Module):
-    def __init__(self, family: Family) -> None:
+    def __init__(self, family: ExportableEncoder) -> None:
         super().__init__()
         self.family = family
         self.base = family.base  # registered, so export and eval() see the embedding weights

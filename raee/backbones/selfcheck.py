@@ -140,7 +140,7 @@ def _check_head(backbone: Backbone, input_ids: torch.Tensor, mask: torch.Tensor)
     fwd = backbone.start(probe_prompts(backbone))
     while fwd.layer < backbone.num_layers:
         fwd.advance()
-    call = {"input_ids": input_ids, "attention_mask": mask}
+    call: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
     if backbone.kind == "encoder-decoder":
         call["decoder_input_ids"] = torch.full((input_ids.shape[0], 1), backbone.model.config.decoder_start_token_id,
                                                device=input_ids.device)
