@@ -42,7 +42,7 @@ demo: install $(STORE)/CURRENT
 	$(BIN)/python examples/demo.py --store $(STORE)
 
 # ruff lints and sorts imports (format checking is left out: formatting the whole tree would touch every line);
-# mypy is strict on raee/ and lenient on indexer/ and service/ (pyproject.toml).
+# mypy is strict on raee/, indexer/ and service/ alike (pyproject.toml; the generated protobuf code is skipped).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -55,7 +55,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not real_model" $(PYTEST_ARGS)
 
 tune-sst2: install
-	$(BIN)/raee-index tune --task sst2 --train data/sst2/train.jsonl --keys prefix:0,prefix:1,prefix:2,prefix:3,embedder
+	$(BIN)/raee-index tune --task sst2 --train data/sst2/train.jsonl --keys prefix:0,prefix:1,prefix:2,prefix:3,embedder \
+	  --depth-budget 0.75
 
 eval-sst2: install $(STORE)/CURRENT
 	$(BIN)/raee-eval --store $(STORE) --test data/sst2/test.jsonl --policies raee,full,static:2,static:4

@@ -64,7 +64,7 @@ class WholeModel:
             self.model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8) \
                 if int8 else model
         else:
-            self.session = _whole_graph(model, workdir, int8, threads)
+            self.session = whole_graph(model, workdir, int8, threads)
         if self.kind == "sentence-encoder":
             spec: Verbalizations = engine.prompting.head
             sentences = [s for group in spec.groups for s in group]
@@ -307,7 +307,9 @@ def _fresh_model(backbone: Backbone) -> torch.nn.Module:
     return auto.from_pretrained(path, local_files_only=True).eval()
 
 
-def _whole_graph(model: torch.nn.Module, workdir: Path, int8: bool, threads: int):
+def whole_graph(model: torch.nn.Module, workdir: Path, int8: bool, threads: int):
+    """The whole model as one onnxruntime session (int8: dynamically quantized) on `threads` intra-op threads: the
+    graph a user would export, the baseline raee's rows are compared with."""
     import onnxruntime as ort
 
     class Whole(torch.nn.Module):

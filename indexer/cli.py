@@ -7,17 +7,19 @@ import logging
 import os
 import sys
 
+from raee.build import BATCH_SIZE
 from raee.calibration import CalibrationSettings
 from raee.errors import InputError, RaeeError
 from raee.exit_policy import OBJECTIVES
-from raee.index import INDEX_TYPES
+from raee.index import INDEX_TYPES, IndexSpec
 from raee.kinds import DEFAULT_SCALE, KIND_HELP, KINDS
 from raee.raee_rule import RaeeConfig
-from raee.runtime import DTYPE_NAMES, ONNXRUNTIME_PRECISIONS, RUNTIMES
+from raee.runtime import DEFAULT_DTYPE, DTYPE_NAMES, ONNXRUNTIME_PRECISIONS, RUNTIMES
 from raee.tasks import BUILTIN_TASKS
+from raee.tuning import HOLDOUT
 
 log = logging.getLogger("raee-index")
-SETTINGS, RAEE = CalibrationSettings(), RaeeConfig()
+SETTINGS, RAEE, INDEX = CalibrationSettings(), RaeeConfig(), IndexSpec()
 
 
 def _backbone_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +30,7 @@ def _backbone_args(p: argparse.ArgumentParser) -> None:
                    help="backbone kind, read from the checkpoint by default: " +
                         "; ".join(f"{kind}: {text}" for kind, text in KIND_HELP.items()))
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    g.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_NAMES, help=f"(default {DEFAULT_DTYPE})")
     g.add_argument("--scale", type=float, default=DEFAULT_SCALE,
                    help="sentence-encoder kind: cosine scale, i.e. inverse softmax temperature "
                         f"(default: {DEFAULT_SCALE:g})")
@@ -68,7 +70,7 @@ def quiet_progress(args: argparse.Namespace) -> None:
         args.no_progress = True
     if getattr(args, "no_progress", True):
         from transformers.utils import logging as transformers_logging
-        transformers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
 
 
 def require_plotting(*paths: str | None) -> None:
@@ -88,7 +90,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="read only the first N items")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="items per backbone batch (default 64)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, metavar="N",
+                   help=f"items per backbone batch (default {BATCH_SIZE})")
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -111,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--key", default="prefix:2", metavar="embedder|prefix:K",
                    help="retrieval key: a sentence embedding, or the backbone's mean-pooled layer-K state, which "
                         "the serving pass reuses (default prefix:2; README: 'Why the default key')")
-    b.add_argument("--index", default="flat", choices=INDEX_TYPES, help="FAISS index (default flat)")
+    b.add_argument("--index", default=INDEX.type, choices=INDEX_TYPES, help=f"FAISS index (default {INDEX.type})")
     b.add_argument("--like", default=None, metavar="STORE",
                    help="build as STORE (the one serving) was: its task, backbone, key, index, exit-rule and "
                         "calibration settings, runtime and precision, so that replicas accept the new version "
@@ -176,15 +179,16 @@ def parser() -> argparse.ArgumentParser:
                                    "backbone once, and score every combination on the held-out part. The test "
                                    "split is never read.")
     _data_args(t)
-    t.add_argument("--holdout", type=float, default=0.2, help="share of items held out (default 0.2)")
+    t.add_argument("--holdout", type=float, default=HOLDOUT, help=f"share of items held out (default {HOLDOUT})")
     t.add_argument("--keys", default="prefix:0,prefix:1,prefix:2,embedder", help="comma-separated key sources")
     t.add_argument("--scales", default="10,20,40,80", help="sentence-encoder scales to try")
     t.add_argument("--ks", default="4,12,32", help="neighbour counts to try")
     t.add_argument("--taus", default="0.6,0.75,0.9", help="record thresholds to try")
     t.add_argument("--ratios", default="1,0.9,0.8,0.7,0.6,0.5", help="earliest ratios A to try (1 = RAEE)")
     t.add_argument("--show", type=int, default=25, help="table rows to print, best first (25)")
-    t.add_argument("--depth-budget", type=float, default=0.75,
-                   help="choose the best score among settings running at most this share of layers (0.75)")
+    t.add_argument("--depth-budget", type=float, default=SETTINGS.depth_budget,
+                   help="choose the best score among settings running at most this share of layers "
+                        f"(default {SETTINGS.depth_budget}, as build's)")
     t.add_argument("--json", default=None, metavar="OUT", help="write every trial as JSON")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")

@@ -9,31 +9,32 @@ import shlex
 from pathlib import Path
 
 from indexer.summary import calibration_summary, layer_table, plot_calibration, plot_layers
-from raee.backbones import load_backbone
+from raee.backbones import Backbone, SentenceEncoderBackbone, load_backbone
 from raee.build import build_store, merge_stores, run_calibration_pass
 from raee.calibration import CalibrationSettings
-from raee.data import read_examples
+from raee.data import Example, read_examples
 from raee.engine import load_backbone_for
 from raee.errors import BackboneError, InputError
 from raee.index import IndexSpec
 from raee.keys import Embedder, KeySpec
 from raee.raee_rule import RaeeConfig
-from raee.store import check_store_root, load_store, read_manifest
-from raee.tasks import load_task
+from raee.runtime import DEFAULT_DTYPE
+from raee.store import load_store, read_manifest
+from raee.tasks import TaskDefinition, load_task
 from raee.tuning import choose, grid_search
-from raee.versions import current_version, resolve_version
+from raee.versions import check_store_root, current_version, resolve_version
 
 log = logging.getLogger("raee-index")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> tuple[TaskDefinition, list[Example], Backbone]:
     task = load_task(args.task)
     examples = read_examples(args.train, task, text_column=args.text_column, label_column=args.label_column,
                              limit=args.limit)
     return task, examples, _backbone(args)
 
 
-def _backbone(args: argparse.Namespace):
+def _backbone(args: argparse.Namespace) -> Backbone:
     return load_backbone(args.backbone, kind=args.kind, device=args.device, dtype=args.dtype, scale=args.scale,
                          runtime=args.runtime, precision=args.precision)
 
@@ -44,7 +45,7 @@ def backbone_flags(args: argparse.Namespace) -> str:
     given = {"--backbone": args.backbone, "--kind": args.kind, "--dtype": args.dtype, "--runtime": args.runtime,
              "--precision": args.precision, "--embedder": args.embedder, "--text-column": args.text_column,
              "--label-column": args.label_column}
-    defaults = {"--kind": "auto", "--dtype": "float32", "--runtime": "auto", "--text-column": "text",
+    defaults = {"--kind": "auto", "--dtype": DEFAULT_DTYPE, "--runtime": "auto", "--text-column": "text",
                 "--label-column": "label"}
     return "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in given.items()
                    if value is not None and value != defaults.get(flag))
@@ -101,7 +102,9 @@ def build_like(args: argparse.Namespace) -> int:
                              like.calibration_settings or CalibrationSettings())
 
 
-def _build_and_report(args, task, examples, backbone, key, embedder, index_spec, policy, settings) -> int:
+def _build_and_report(args: argparse.Namespace, task: TaskDefinition, examples: list[Example], backbone: Backbone,
+                      key: KeySpec, embedder: Embedder | None, index_spec: IndexSpec, policy: RaeeConfig,
+                      settings: CalibrationSettings) -> int:
     version, calibration = build_store(
         args.out, task, backbone, examples, key=key, embedder=embedder, index_spec=index_spec,
         policy=policy, settings=settings, batch_size=args.batch_size, shard=args.shard,
@@ -117,7 +120,7 @@ def _build_and_report(args, task, examples, backbone, key, embedder, index_spec,
           f"({calibration.items_per_second:.0f} items/s); with the index and calibration "
           f"{build['seconds_total']:.1f} s ({build['items_per_second_total']:.0f} items/s)")
     if store.calibration_evidence is not None:
-        print(calibration_summary(store))
+        print(calibration_summary(store, store.calibration_evidence))
     else:
         print("a shard: the merged store is calibrated when the shards are merged (raee-index merge)")
     if args.plot:
@@ -127,8 +130,9 @@ def _build_and_report(args, task, examples, backbone, key, embedder, index_spec,
 
 
 def export(args: argparse.Namespace) -> int:
+    from raee.backbones.onnx import OnnxRuntimeFamily
     backbone = _backbone(args)
-    if backbone.runtime != "onnxruntime":
+    if not isinstance(backbone.family, OnnxRuntimeFamily):
         print(f"raee-index export: {backbone.source} runs on {backbone.runtime}; nothing to export")
         return 0
     for depth in args.prefix_layers:
@@ -151,16 +155,17 @@ def inspect(args: argparse.Namespace) -> int:
     print(json.dumps(store.manifest.to_dict(), indent=2))
     print()
     print(layer_table(store.records))
-    if store.calibration_evidence is not None:
-        print(calibration_summary(store))
+    evidence = store.calibration_evidence
+    if evidence is not None:
+        print(calibration_summary(store, evidence))
     if args.plot:
         plot_layers(store.records, args.plot, f"{store.task.name}: {store.manifest.backbone.source}")
         print(f"plot written to {args.plot}")
     if args.calibration_plot:
-        if store.calibration_evidence is None:
+        if evidence is None:
             print("this store holds no calibration evidence (a shard, or built before calibration)")
         else:
-            plot_calibration(store, args.calibration_plot)
+            plot_calibration(store, evidence, args.calibration_plot)
             print(f"calibration plot written to {args.calibration_plot}")
     return 0
 
@@ -180,16 +185,16 @@ def tune(args: argparse.Namespace) -> int:
     task, examples, backbone = _load(args)
     key_names = [k.strip() for k in args.keys.split(",") if k.strip()]
     specs = [KeySpec.parse(k) for k in key_names]
-    prefix_layers = tuple(s.layer for s in specs if s.source == "prefix")
+    prefix_layers = tuple(s.layer for s in specs if s.layer is not None)  # a prefix key's K
     # One pass gives logits at every layer and the pooled state of every prefix layer asked for.
     calibration = run_calibration_pass(backbone, task, examples, KeySpec("prefix", 0), None, args.batch_size,
                             not args.no_progress, extra_pooled_layers=prefix_layers)
-    keys = {str(s): calibration.pooled[s.layer] if s.source == "prefix" else
+    keys = {str(s): calibration.pooled[s.layer] if s.layer is not None else
             Embedder(args.embedder, device=args.device).encode(calibration.texts) for s in specs}
-    is_encoder = backbone.kind == "sentence-encoder"
-    scales = [float(s) for s in args.scales.split(",")] if is_encoder else [None]
+    encoder = backbone if isinstance(backbone, SentenceEncoderBackbone) else None
+    scales: list[float | None] = [float(s) for s in args.scales.split(",")] if encoder else [None]
     results = grid_search(calibration.records, keys, task.metric, holdout=args.holdout, scales=scales,
-                          base_scale=backbone.scale if is_encoder else None,
+                          base_scale=encoder.scale if encoder else None,
                           ks=[int(k) for k in args.ks.split(",")], taus=[float(t) for t in args.taus.split(",")],
                           ratios=[float(a) for a in args.ratios.split(",")],
                           seed=args.seed)

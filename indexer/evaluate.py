@@ -17,9 +17,11 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import Any, TypedDict
 
 from indexer.cli import quiet_progress, require_plotting, runtime_args
 from raee import cache
+from raee.build import BATCH_SIZE
 from raee.data import read_examples
 from raee.engine import Engine
 from raee.errors import InputError, RaeeError
@@ -30,6 +32,24 @@ from raee.runtime import configure_threads
 log = logging.getLogger("raee-eval")
 TIMED = ("full", "calibrated", "calibrated:best", "raee", "oracle", "adainfer", "confidence")
 CROSS_POLICIES = ("full", "calibrated", "calibrated:best", "raee")
+Cells = dict[str, dict[str, dict[str, Any]]]  # "STORE->QUERIES" -> policy -> PolicyResult.to_dict()
+
+
+class TaskFigures(TypedDict):
+    """One store on its test file, as printed and written to --json."""
+
+    task: str
+    num_layers: int
+    n: int  # test items scored
+    n_read: int  # test items read (the rest were too long for the backbone)
+    n_unseen: int  # scored items not in the store verbatim
+    test_file: str
+    store: str
+    key: str
+    calibrated_policy: str
+    calibration_settings: dict[str, Any] | None
+    calibration_evidence: dict[str, Any] | None
+    policies: dict[str, dict[str, Any]]  # policy -> PolicyResult.to_dict()
 
 
 def default_policies(num_layers: int) -> list[str]:
@@ -67,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="OUT", help="write the figures as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png",
                    help="score against layers run (one file per task in a suite: OUT-<task>.png)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size of the scoring pass (64)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"batch size of the scoring pass ({BATCH_SIZE})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backbone", default=None, metavar="PATH",
                    help="the store's backbone checkpoint, where it has moved since the build (its weights must match)")
@@ -84,7 +104,7 @@ def policy_names(args: argparse.Namespace, num_layers: int) -> list[str]:
 
 
 def evaluate_task(engine: Engine, test_file: str, names: list[str], args: argparse.Namespace,
-                  timed: set[str]) -> dict:
+                  timed: set[str]) -> tuple[TaskFigures, list[PolicyResult]]:
     examples = read_examples(test_file, engine.task, text_column=args.text_column, label_column=args.label_column,
                              limit=args.limit)
     evaluator = Evaluator(engine, examples, names, args.batch_size, not args.no_progress)
@@ -95,13 +115,13 @@ def evaluate_task(engine: Engine, test_file: str, names: list[str], args: argpar
         log.info("%s %s: %.4f at %.2f layers run", engine.task.name, name, result.score, result.avg_layers_run)
     store = engine.store
     evidence = store.calibration_evidence
-    return {"task": engine.task.name, "num_layers": engine.num_layers, "n": len(evaluator.examples),
-            "n_read": len(examples), "n_unseen": int((~evaluator.view.seen).sum()), "test_file": test_file,
-            "store": str(store.path), "key": str(store.key), "calibrated_policy": engine.calibrated().name,
-            "calibration_settings": (store.manifest.calibration_settings.to_dict()
-                                     if store.manifest.calibration_settings else None),
-            "calibration_evidence": evidence.to_dict() if evidence else None,
-            "policies": {r.policy: r.to_dict() for r in results}, "_results": results}
+    return TaskFigures(task=engine.task.name, num_layers=engine.num_layers, n=len(evaluator.examples),
+                       n_read=len(examples), n_unseen=int((~evaluator.view.seen).sum()), test_file=test_file,
+                       store=str(store.path), key=str(store.key), calibrated_policy=engine.calibrated().name,
+                       calibration_settings=(store.manifest.calibration_settings.to_dict()
+                                             if store.manifest.calibration_settings else None),
+                       calibration_evidence=evidence.to_dict() if evidence else None,
+                       policies={r.policy: r.to_dict() for r in results}), results
 
 
 def row_label(name: str, key: str) -> str:
@@ -109,16 +129,16 @@ def row_label(name: str, key: str) -> str:
     return f"{name} (key {key})" if ExitPolicy.parse(name).uses_neighbours else name
 
 
-def suite_table(tasks: list[dict]) -> str:
+def suite_table(tasks: list[TaskFigures]) -> str:
     """Paper-style: policies as rows, each task's score (and unseen-only score where it differs), the averages and
     the average share of layers run."""
     names = list(tasks[0]["policies"])
     header = "| policy | " + " | ".join(t["task"] for t in tasks) + " | avg score | avg unseen only | avg layers run |"
     lines = [header, "|---|" + "---|" * (len(tasks) + 3)]
     for name in names:
-        rows = [t["policies"].get(name) for t in tasks]
-        if any(r is None for r in rows):
+        if any(name not in t["policies"] for t in tasks):
             continue
+        rows = [t["policies"][name] for t in tasks]
         cells = []
         for r in rows:
             cell = f"{100 * r['score']:.2f}"
@@ -136,11 +156,11 @@ def suite_table(tasks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cross_domain(engines: list[Engine], test_files: list[str], tasks: list[dict],
-                 args: argparse.Namespace) -> dict:
+def cross_domain(engines: list[Engine], test_files: list[str], tasks: list[TaskFigures],
+                 args: argparse.Namespace) -> Cells:
     """Every store on every other test file of a task with the same labels (a store's own file is taken from its
     task table): per policy, the score and layers run. Keys: "STORE->QUERIES"."""
-    cells = {}
+    cells: Cells = {}
     for i, engine in enumerate(engines):
         for j, owner in enumerate(engines):
             if owner.task.labels != engine.task.labels or len(_peers(engines, engine)) < 2:
@@ -162,7 +182,7 @@ def _peers(engines: list[Engine], engine: Engine) -> list[Engine]:
     return [e for e in engines if e.task.labels == engine.task.labels]
 
 
-def cross_table(engines: list[Engine], cells: dict) -> str:
+def cross_table(engines: list[Engine], cells: Cells) -> str:
     """Rows: store task; columns: query task; per policy the score minus full depth's on those queries."""
     names = [e.task.name for e in engines if len(_peers(engines, e)) >= 2]
     lines = []
@@ -183,12 +203,11 @@ def cross_table(engines: list[Engine], cells: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(task: dict, path: str) -> None:
+def plot(task: TaskFigures, results: list[PolicyResult], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results: list[PolicyResult] = task["_results"]
     num_layers = task["num_layers"]
     share = {r.policy: 100 * r.avg_layers_run / num_layers for r in results}
     fig, ax = plt.subplots(figsize=(10, 5))
@@ -226,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.store) != len(args.test):
         print("raee-eval: error: give one --test per --store, in the same order", file=sys.stderr)
         return 2
-    tasks, cells = [], None
+    tasks: list[TaskFigures] = []
+    results: list[list[PolicyResult]] = []  # per task, in its policies' order
+    cells: Cells | None = None
     quiet_progress(args)
     try:
         require_plotting(args.plot)  # before the long passes, not after them
@@ -237,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                                precision=args.precision, allow_precision_mismatch=args.allow_precision_mismatch)
                    for store_dir in args.store]
         for engine, test_file in zip(engines, args.test):
-            tasks.append(evaluate_task(engine, test_file, policy_names(args, engine.num_layers), args, timed))
+            figures, task_results = evaluate_task(engine, test_file, policy_names(args, engine.num_layers), args,
+                                                  timed)
+            tasks.append(figures)
+            results.append(task_results)
         if args.cross_domain:
             missing = [p for p in CROSS_POLICIES if p not in tasks[0]["policies"]]
             if missing:
@@ -246,16 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     except RaeeError as exc:
         print(f"raee-eval: error: {exc}", file=sys.stderr)
         return 2
-    for task in tasks:
+    for task, task_results in zip(tasks, results):
         skipped = task["n_read"] - task["n"]
         print(f"\n## {task['task']}: {task['n']} test items ({task['n_unseen']} not in the store verbatim"
               + (f"; {skipped} too long for the backbone, skipped" if skipped else "") +
               f"), {task['num_layers']} layers, key {task['key']}; calibrated = {task['calibrated_policy']}\n")
-        print(markdown_table(task["_results"]))
+        print(markdown_table(task_results))
         if args.plot:
             path = args.plot if len(tasks) == 1 else str(Path(args.plot).with_name(
                 f"{Path(args.plot).stem}-{task['task']}{Path(args.plot).suffix}"))
-            plot(task, path)
+            plot(task, task_results, path)
             print(f"\nplot written to {path}")
     if args.suite:
         print("\n## All tasks\n")
@@ -264,10 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n## Cross-domain\n")
         print(cross_table(engines, cells))
     if args.json:
-        clean = [{k: v for k, v in t.items() if k != "_results"} for t in tasks]
         Path(args.json).write_text(json.dumps(
-            clean[0] if len(clean) == 1 and not args.suite and cells is None else
-            {"tasks": clean, "suite": suite_table(clean), "cross_domain": cells}, indent=2))
+            tasks[0] if len(tasks) == 1 and not args.suite and cells is None else
+            {"tasks": tasks, "suite": suite_table(tasks), "cross_domain": cells}, indent=2))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from raee.calibration import CalibrationEvidence
 from raee.records import ExitRecords
 from raee.store import ExitStore
 
@@ -50,9 +51,10 @@ def plot_layers(records: ExitRecords, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def calibration_summary(store: ExitStore) -> str:
-    """A few lines: the calibrated policy, its gate, and what the calibration items said about it."""
-    policy, evidence = store.calibrated_policy, store.calibration_evidence
+def calibration_summary(store: ExitStore, evidence: CalibrationEvidence) -> str:
+    """A few lines: the calibrated policy, its gate, and what the calibration items (`evidence`, the store's
+    calibration_evidence) said about it."""
+    policy = store.calibrated_policy
     s = policy.settings
     goal = {"match-full": f"accuracy at most {100 * s.epsilon:g} point(s) below full depth's with probability "
                           f"{1 - s.delta:g}",
@@ -82,14 +84,13 @@ def calibration_summary(store: ExitStore) -> str:
     return "\n".join(lines)
 
 
-def plot_calibration(store: ExitStore, path: str) -> None:
+def plot_calibration(store: ExitStore, evidence: CalibrationEvidence, path: str) -> None:
     """PNG: the calibration curve, score and accuracy-loss bound against layers run, the chosen setting marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    policy, evidence = store.calibrated_policy, store.calibration_evidence
-    s = policy.settings
+    s = store.calibrated_policy.settings
     curve = evidence.curve
     layers = [100 * p.layers_run for p in curve]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})

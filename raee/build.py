@@ -27,6 +27,7 @@ from raee.tasks import TaskDefinition
 from raee.versions import check_store_root
 
 log = logging.getLogger(__name__)
+BATCH_SIZE = 64  # items per backbone batch in the calibration and scoring passes
 
 
 @dataclass
@@ -60,20 +61,20 @@ def readable_examples(backbone: Backbone, task: TaskDefinition, examples: list[E
     """The examples the backbone can read whole, with their prompt lengths in tokens; the others are skipped and
     their lines logged. A text past the character guard counts as too long, as the engine refuses it unread."""
     prompting = task.prompting(backbone.kind, backbone.mask_token)
-    guarded = [e for e in examples if len(e.text) <= backbone.max_chars]  # the rest is refused unread
-    guarded_counts = iter(backbone.token_counts(prompting.prompts([e.text for e in guarded])) if guarded else [])
-    counts = [next(guarded_counts) if len(e.text) <= backbone.max_chars else backbone.max_tokens + 1
-              for e in examples]
-    too_long = [e.line for e, c in zip(examples, counts) if c > backbone.max_tokens]
+    guarded = [i for i, e in enumerate(examples) if not backbone.refuses_unread(e.text)]  # the rest: refused unread
+    prompts = prompting.prompts([examples[i].text for i in guarded])
+    tokens = dict(zip(guarded, backbone.token_counts(prompts) if guarded else []))
+    kept = [i for i in guarded if backbone.reads_whole(tokens[i])]
+    readable = set(kept)
+    too_long = [e.line for i, e in enumerate(examples) if i not in readable]
     if too_long:
         log.warning("skipping %d %s longer than %d tokens (lines %s%s)", len(too_long), what, backbone.max_tokens,
                     ", ".join(map(str, too_long[:10])), " ..." if len(too_long) > 10 else "")
-    kept = [(e, c) for e, c in zip(examples, counts) if c <= backbone.max_tokens]
-    return [e for e, _ in kept], [c for _, c in kept]
+    return [examples[i] for i in kept], [tokens[i] for i in kept]
 
 
 def run_calibration_pass(backbone: Backbone, task: TaskDefinition, examples: list[Example], key: KeySpec,
-                         embedder: Embedder | None = None, batch_size: int = 64, progress: bool = True,
+                         embedder: Embedder | None = None, batch_size: int = BATCH_SIZE, progress: bool = True,
                          extra_pooled_layers: tuple[int, ...] = ()) -> CalibrationPass:
     """Run the backbone once over every item (label logits at all layers) and compute each item's key.
 
@@ -141,7 +142,7 @@ def store_manifest(task: TaskDefinition, backbone: Backbone, embedder: Embedder 
 def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examples: list[Example], *,
                 key: KeySpec, embedder: Embedder | None = None, index_spec: IndexSpec = IndexSpec(),
                 policy: RaeeConfig = RaeeConfig(), settings: CalibrationSettings = CalibrationSettings(),
-                batch_size: int = 64, shard: tuple[int, int] | None = None, source_file: str | None = None,
+                batch_size: int = BATCH_SIZE, shard: tuple[int, int] | None = None, source_file: str | None = None,
                 progress: bool = True, promote: bool = True) -> tuple[Path, CalibrationPass]:
     """Run the backbone over the items, index them, calibrate the served policy (not for a shard: merging does)
     and write a store version; returns (version directory, the calibration pass). The output directory is checked

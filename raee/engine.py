@@ -22,6 +22,7 @@ from raee.keys import Embedder, require_embedder
 from raee.manifest import StoreManifest
 from raee.offdomain import StreamMonitor, conformal_pvalues
 from raee.records import layers_run, softmax
+from raee.runtime import Precision, RuntimeChoice
 from raee.store import ExitStore, check_compatible, load_store
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class _Route:
 
 
 def load_backbone_for(manifest: StoreManifest, *, source: str | None = None, device: str = "cpu",
-                      runtime: str = "auto", precision: str | None = None,
+                      runtime: RuntimeChoice = "auto", precision: Precision | None = None,
                       allow_precision_mismatch: bool = False) -> Backbone:
     """The backbone a store was built with (source, kind, dtype, settings), on the runtime asked for, at the store's
     precision unless another is asked for."""
@@ -120,7 +121,8 @@ class Engine:
 
     @classmethod
     def load(cls, store_dir: str | Path, *, backbone: Backbone | None = None, embedder: Embedder | None = None,
-             device: str = "cpu", source: str | None = None, runtime: str = "auto", precision: str | None = None,
+             device: str = "cpu", source: str | None = None, runtime: RuntimeChoice = "auto",
+             precision: Precision | None = None,
              allow_precision_mismatch: bool = False) -> "Engine":
         """Load a store and the backbone (and embedder) it was built with, from the sources its manifest names.
 
@@ -145,6 +147,18 @@ class Engine:
         joins other requests' batch."""
         self.backbone.check_texts(texts)
         self.backbone.check_prompts(self.prompting.prompts(texts))
+
+    def check_prefix(self, index: int, text: str) -> None:
+        """Refuse a long text as soon as a prefix of it is too many tokens with its prompt, without tokenizing the
+        rest (an 8 KB text costs milliseconds to tokenize whole); see Backbone.prefix_to_check. index: the text's
+        place in the request, for the message."""
+        prefix = self.backbone.prefix_to_check(text)
+        if prefix is None:
+            return
+        tokens = self.backbone.token_counts(self.prompting.prompts([prefix]))[0]
+        if not self.backbone.reads_whole(tokens):
+            raise InputError(f"text {index} is over {tokens} tokens with its prompt (its first {len(prefix)} "
+                             f"characters already are); the limit is {self.backbone.max_tokens}")
 
     def calibrated(self, objective: Objective | None = None) -> CalibratedPolicy:
         """The store's calibrated policy, or the one `objective` calibrates on the store's items (computed once)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from raee.baselines import (
     head_features,
     oracle_exit_layers,
 )
-from raee.build import readable_examples
+from raee.build import BATCH_SIZE, readable_examples
 from raee.data import Example, seen_texts
 from raee.engine import Engine
 from raee.errors import InputError
@@ -86,7 +86,7 @@ class TestView:
         return self.label_logits.shape[1] - 1
 
 
-def test_view(engine: Engine, examples: list[Example], width: int, batch_size: int = 64,
+def test_view(engine: Engine, examples: list[Example], width: int, batch_size: int = BATCH_SIZE,
               progress: bool = True) -> TestView:
     """One pass over the test items: every layer's head output, the key, and `width` neighbours."""
     texts = [e.text for e in examples]
@@ -108,8 +108,8 @@ def test_view(engine: Engine, examples: list[Example], width: int, batch_size: i
 class Evaluator:
     """Scores and times policies for one engine on one test set."""
 
-    def __init__(self, engine: Engine, examples: list[Example], policies: list[ExitPolicy | str],
-                 batch_size: int = 64, progress: bool = True) -> None:
+    def __init__(self, engine: Engine, examples: list[Example], policies: Sequence[ExitPolicy | str],
+                 batch_size: int = BATCH_SIZE, progress: bool = True) -> None:
         examples, _ = readable_examples(engine.backbone, engine.task, examples, "test items")
         if not examples:
             raise InputError("no test items left to score")

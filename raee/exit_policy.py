@@ -156,7 +156,7 @@ def parse_policy_list(text: str) -> list[ExitPolicy]:
                              else ",".join(group)) for group in groups]
 
 
-def _positional(kind: str, value: str | None) -> dict[str, Any]:
+def _positional(kind: PolicyKind, value: str | None) -> dict[str, Any]:
     if value is None:
         if kind == "static":
             raise InputError("static needs a layer: static:L")
@@ -173,7 +173,7 @@ def _positional(kind: str, value: str | None) -> dict[str, Any]:
     raise InputError(f"{kind} takes no plain value {value!r}")
 
 
-def _option_value(kind: str, key: str, text: str) -> Any:
+def _option_value(kind: PolicyKind, key: str, text: str) -> Any:
     """Convert an option's text to its field's type."""
     fields = (_RULE_CONFIGS[kind].__dataclass_fields__ if kind in _RULE_CONFIGS else
               {"k": RaeeConfig.__dataclass_fields__["k"]} if kind == "calibrated" else {})

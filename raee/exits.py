@@ -7,10 +7,11 @@ to a batch's neighbours. Pure functions over arrays (no torch, no faiss).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
-from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy
+from raee.accuracy_rule import AccuracyRuleConfig, RecordValues, accuracy_exit_layers, estimated_accuracy
 from raee.calibration import CalibratedPolicy, Rule
 from raee.errors import InputError
 from raee.exit_policy import ExitPolicy
@@ -26,7 +27,7 @@ class RecordArrays:
     records: ExitRecords
     _values: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def values(self, kind: str) -> np.ndarray:
+    def values(self, kind: RecordValues | Literal["probability"]) -> np.ndarray:
         """(N, L+1): "correct", "confidence" (the accuracy rule's) or "probability" (RAEE's records)."""
         if kind not in self._values:
             self._values[kind] = (self.records.record_probability() if kind == "probability" else

@@ -26,13 +26,12 @@ from raee.index import IndexSpec
 from raee.keys import KeySpec
 from raee.kinds import KINDS, Kind
 from raee.raee_rule import RaeeConfig
-from raee.runtime import DTYPE_NAMES, PRECISIONS, DType
+from raee.runtime import BACKBONE_RUNTIMES, DTYPE_NAMES, PRECISIONS, DType, Precision, Runtime
 from raee.tasks import TaskDefinition
 
 FORMAT_VERSION = 2  # 2: manifest.sha256 beside the manifest; file entries carry their size
 VERSION_NAME = re.compile(r"v\d{8}T\d{12}Z")  # v<UTC date>T<time to microseconds>Z
 DATA_FILES = ("keys.faiss", "records.npz", "items.jsonl")
-RUNTIMES = ("torch", "onnxruntime")  # what ran the layers when the records were made
 SHA256 = re.compile(r"[0-9a-f]{64}")
 # Sense limits: far past any real store, small enough that sizes derived from them stay meaningful.
 MAX_ITEMS = 100_000_000
@@ -65,8 +64,8 @@ class BackboneIdentity:
     dtype: DType
     settings: Mapping[str, Any] = field(default_factory=dict)  # kind settings that change scores (e.g. scale)
     family: str | None = None  # model family adapter (bert, llama, ...)
-    runtime: str | None = None  # torch or onnxruntime
-    precision: str | None = None  # fp32, fp16, bf16 or int8; None in stores from before it was saved: the dtype's
+    runtime: Runtime | None = None  # what ran the layers when the records were made: torch or onnxruntime
+    precision: Precision | None = None  # fp32, fp16, bf16 or int8; None in stores from before it was saved: the dtype's
     pooling: str | None = None  # sentence encoders: how token states pool; None in older stores: mean
 
     def __post_init__(self) -> None:
@@ -75,7 +74,7 @@ class BackboneIdentity:
         _check_int("backbone num_layers", self.num_layers, 1, MAX_LAYERS)
         _check_str("backbone fingerprint", self.fingerprint)
         _check_choice("backbone dtype", self.dtype, DTYPE_NAMES)
-        for name, choices in (("runtime", RUNTIMES), ("precision", PRECISIONS)):
+        for name, choices in (("runtime", BACKBONE_RUNTIMES), ("precision", PRECISIONS)):
             if getattr(self, name) is not None:
                 _check_choice(f"backbone {name}", getattr(self, name), choices)
         for name in ("family", "pooling"):

@@ -9,10 +9,14 @@ next-token (vocabulary) softmax at every layer, which AdaInfer's features read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from raee.errors import StoreError
+
+if TYPE_CHECKING:
+    from raee.accuracy_rule import RecordValues
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class ExitRecords:
         """(N, L+1): p_l where layer l is right, else 0 -- RAEE's exit records as a dense matrix."""
         return np.where(self.correct, self.probabilities.max(axis=-1), 0.0).astype(np.float32)
 
-    def record_values(self, values: str) -> np.ndarray:
+    def record_values(self, values: RecordValues) -> np.ndarray:
         """(N, L+1) float32 records the accuracy rule averages: "correct" (1/0) or "confidence" (p_l where right)."""
         if values == "correct":
             return self.correct.astype(np.float32)

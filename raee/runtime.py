@@ -21,11 +21,19 @@ log = logging.getLogger(__name__)
 # Weight dtypes a torch backbone loads in.
 DType = Literal["float32", "float16", "bfloat16"]
 DTYPE_NAMES: tuple[DType, ...] = get_args(DType)
-RUNTIMES = ("auto", "torch", "onnxruntime")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-ONNXRUNTIME_PRECISIONS = ("fp32", "int8")
+DEFAULT_DTYPE: DType = "float32"
+# What runs a backbone's layers (recorded in a store's manifest), and what a user may ask for: auto picks one.
+Runtime = Literal["torch", "onnxruntime"]
+RuntimeChoice = Literal["auto", Runtime]
+BACKBONE_RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
+RUNTIMES: tuple[RuntimeChoice, ...] = get_args(RuntimeChoice)
+# The numbers a backbone computes in: a torch weight dtype's, or int8 (onnxruntime dynamic quantization).
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+OnnxruntimePrecision = Literal["fp32", "int8"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+ONNXRUNTIME_PRECISIONS: tuple[OnnxruntimePrecision, ...] = get_args(OnnxruntimePrecision)
 # The precision a torch backbone's weight dtype gives.
-DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+DTYPE_PRECISION: dict[DType, Precision] = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 _threads: int | None = None
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, cast, get_args
 
 from raee.errors import TaskError
-from raee.kinds import GENERATING_KINDS, KINDS, LM_KINDS
+from raee.kinds import GENERATING_KINDS, KINDS, LM_KINDS, Kind
 
 Metric = Literal["accuracy", "mcc"]  # Matthews correlation: CoLA's metric
 METRICS: tuple[Metric, ...] = get_args(Metric)
@@ -96,7 +96,7 @@ class TaskDefinition:
     def num_labels(self) -> int:
         return len(self.labels)
 
-    def template_for(self, kind: str) -> str:
+    def template_for(self, kind: Kind) -> str:
         """The prompt template for a backbone kind; the sentence-encoder kind defaults to the bare text."""
         if kind in self.templates:
             return self.templates[kind]
@@ -104,7 +104,7 @@ class TaskDefinition:
             return "{x}"
         raise TaskError(f"task {self.name} has no template for {kind} backbones; add one to the task file")
 
-    def head_spec(self, kind: str) -> HeadSpec:
+    def head_spec(self, kind: Kind) -> HeadSpec:
         """Label words for the LM kinds, verbalizations for the sentence-encoder kind."""
         if kind == "sentence-encoder":
             if not self.verbalizers:
@@ -114,7 +114,7 @@ class TaskDefinition:
             raise TaskError(f"task {self.name} has no label words for {kind} backbones; add them to the task file")
         return LabelWords(self.label_words[kind])
 
-    def prompting(self, kind: str, mask_token: str | None = None) -> Prompting:
+    def prompting(self, kind: Kind, mask_token: str | None = None) -> Prompting:
         """What a backbone of `kind` is given for this task. mask_token: the masked-LM tokenizer's mask token."""
         _check_kind(self.name, kind)
         template = self.template_for(kind)

@@ -20,6 +20,8 @@ from raee.metrics import task_score
 from raee.raee_rule import RaeeConfig, exit_layers_from_scores, layer_scores
 from raee.records import ExitRecords, layers_run, predictions_at
 
+HOLDOUT = 0.2  # share of the calibration items held out to score each setting on
+
 
 @dataclass(frozen=True)
 class TrialResult:
@@ -44,7 +46,7 @@ def split_indices(n: int, holdout: float, seed: int = 0) -> tuple[np.ndarray, np
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
-def grid_search(records: ExitRecords, keys: dict[str, np.ndarray], metric: str, *, holdout: float = 0.2,
+def grid_search(records: ExitRecords, keys: dict[str, np.ndarray], metric: str, *, holdout: float = HOLDOUT,
                 scales: Sequence[float | None] = (None,), base_scale: float | None = None, ks: Sequence[int] = (12,),
                 taus: Sequence[float] = (0.9,), ratios: Sequence[float] = (1.0,), seed: int = 0) -> list[TrialResult]:
     """Score every (key, scale, k, tau, earliest ratio) on the held-out split.

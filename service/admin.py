@@ -7,9 +7,11 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from raee.errors import InputError, RaeeError
+from raee.exit_policy import CALIBRATED
 from service.client import Client, RaeeClientError
 from service.config import DEFAULT_PORT
 from service.policy_wire import to_wire
@@ -35,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="backbone, tasks with store versions, limits (JSON)")
     c = sub.add_parser("classify", help="classify texts and print label, exit layer and latency")
     c.add_argument("--task", required=True)
-    c.add_argument("--policy", default="calibrated",
+    c.add_argument("--policy", default=str(CALIBRATED),
                    help="calibrated (the store's calibrated policy, the default), raee, full or static:L")
     c.add_argument("texts", nargs="+")
     r = sub.add_parser("reload", help="swap in a new store version for a task")
@@ -64,27 +66,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def connector(args: argparse.Namespace, token: str | None):
+Connect = Callable[[str], Client]  # a replica's address -> a client for it
+
+
+def connector(args: argparse.Namespace, token: str | None) -> Connect:
     """A function address -> Client with the command line's timeout, token and TLS settings. Certificate files are
     read here: OSError for one that cannot be read."""
     if bool(args.tls_cert) != bool(args.tls_key):
         raise InputError("--tls-cert and --tls-key go together (a client certificate and its key)")
     if args.tls_cert and not args.tls_ca:
         raise InputError("--tls-cert needs --tls-ca (the CA of the server's certificate)")
-    tls = {}
-    if args.tls_ca:
-        tls = {"root_certificates": Path(args.tls_ca).read_bytes(), "server_name": args.tls_server_name}
-        if args.tls_cert:
-            tls |= {"certificate_chain": Path(args.tls_cert).read_bytes(),
-                    "private_key": Path(args.tls_key).read_bytes()}
-    return lambda address: Client(address, timeout=args.timeout, token=token, **tls)
+    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    chain = Path(args.tls_cert).read_bytes() if args.tls_cert else None
+    key = Path(args.tls_key).read_bytes() if args.tls_cert else None
+    return lambda address: Client(address, timeout=args.timeout, token=token, root_certificates=ca,
+                                  server_name=args.tls_server_name if ca else None, certificate_chain=chain,
+                                  private_key=key)
 
 
 def every_address(address: str) -> list[str]:
     import socket
     host, _, port = address.rpartition(":")
     try:
-        found = sorted({info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)})
+        found = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)})
     except socket.gaierror as exc:
         raise InputError(f"no replica answers: {host} does not resolve ({exc.strerror}); a headless Service has "
                          "no address while no pod is ready") from None
@@ -98,7 +102,7 @@ def admin_token(args: argparse.Namespace) -> str | None:
     return os.environ.get("RAEE_ADMIN_TOKEN") or None
 
 
-def reload_everywhere(args: argparse.Namespace, connect) -> int:
+def reload_everywhere(args: argparse.Namespace, connect: Connect) -> int:
     failed = 0
     for address in every_address(args.address):
         with connect(address) as client:
@@ -111,7 +115,7 @@ def reload_everywhere(args: argparse.Namespace, connect) -> int:
     return 1 if failed else 0
 
 
-def roll(args: argparse.Namespace, connect) -> int:
+def roll(args: argparse.Namespace, connect: Connect) -> int:
     from service.rollout import rollout
     addresses = args.replicas or [args.address]
     if args.every_address:
@@ -157,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{r.label}\texit {r.exit_layer}/{r.num_layers}{gate}\t{text}")
                 print(f"{result.timings.total_ms:.1f} ms, store {result.store_version}")
             elif args.command == "reload":
-                r = client.reload(args.task, args.store)
-                print(f"{r.task}: {r.previous_version} -> {r.store_version}")
+                reloaded = client.reload(args.task, args.store)
+                print(f"{reloaded.task}: {reloaded.previous_version} -> {reloaded.store_version}")
             else:
                 client.wait_until_serving(args.wait_for)
                 print("SERVING")

@@ -30,7 +30,6 @@ from service.registry import StoreRegistry
 # Texts tokenized together while validating: the first text alone, so that a request of over-long texts is refused
 # after tokenizing one, then growing groups.
 VALIDATION_GROUPS = (1, 3, 12)
-PREFIX_CHARS_PER_TOKEN = 6  # a text longer than this many characters per allowed token has its prefix checked first
 
 
 class Admission:
@@ -44,30 +43,32 @@ class Admission:
     def ready(self, registry: StoreRegistry, batcher: MicroBatcher) -> None:
         self.registry, self.batcher = registry, batcher
 
-    def check_open(self) -> None:
+    def check_open(self) -> tuple[StoreRegistry, MicroBatcher]:
+        """The registry and batcher of a server that is ready and not draining; Draining or NotReady otherwise."""
         if self.draining:
             raise Draining("the server is shutting down; retry on another replica")
         if self.registry is None or self.batcher is None:
             raise NotReady("the server is still loading its backbone and stores; retry shortly")
+        return self.registry, self.batcher
 
     async def classify(self, call: ClassifyCall, client: str, deadline: float | None) -> BatchOutcome:
         """Admit, validate and batch one call; deadline is a time.monotonic() value or None."""
-        self.check_open()
-        engine = self.registry.get(call.task)
+        registry, batcher = self.check_open()
+        engine = registry.get(call.task)
         self._check_bounds(call, engine)
         key = self._batch_key(call, engine)
-        self._check_deadline(call, deadline)
-        reservation = self.batcher.reserve(len(call.texts), client)
+        self._check_deadline(call, deadline, batcher)
+        reservation = batcher.reserve(len(call.texts), client)
         try:
             await asyncio.get_running_loop().run_in_executor(self.executor, validate_prompts, engine, call.texts)
-            pending = self.batcher.submit(reservation, key, engine, call.texts, deadline)
+            pending = batcher.submit(reservation, key, engine, call.texts, deadline)
         except BaseException:
-            self.batcher.release(reservation)
+            batcher.release(reservation)
             raise
         try:
             return await asyncio.wrap_future(pending.future)
         except asyncio.CancelledError:
-            self.batcher.cancel(pending)
+            batcher.cancel(pending)
             raise
 
     def _check_bounds(self, call: ClassifyCall, engine: Engine) -> None:
@@ -83,11 +84,11 @@ class Admission:
         engine.resolve(call.policy)  # the engine's own rules: static:L within the layers, k within range
         return BatchKey(call.task, call.policy, call.neighbours)
 
-    def _check_deadline(self, call: ClassifyCall, deadline: float | None) -> None:
+    def _check_deadline(self, call: ClassifyCall, deadline: float | None, batcher: MicroBatcher) -> None:
         if deadline is None:
             return
         left = deadline - time.monotonic()
-        needed = self.batcher.estimated_seconds(len(call.texts))
+        needed = batcher.estimated_seconds(len(call.texts))
         if left <= 0 or (needed is not None and needed > left):
             raise DeadlineExpired(f"the deadline ({max(left, 0) * 1e3:.0f} ms left) cannot be met: about "
                                   f"{(needed or 0) * 1e3:.0f} ms of work is ahead of this request; allow more time "
@@ -98,7 +99,7 @@ def validate_prompts(engine: Engine, texts: list[str]) -> None:
     """Tokenize the texts with their prompts and refuse any the backbone cannot read whole (InputError naming the
     text by its index in the request). Stops at the first group holding a bad text."""
     for i, text in enumerate(texts):
-        check_prefix(engine, i, text)
+        engine.check_prefix(i, text)  # a long text's prefix first: raee.backbones.base's length limits
     start = 0
     for size in (*VALIDATION_GROUPS, len(texts)):
         group = texts[start:start + size]
@@ -109,20 +110,6 @@ def validate_prompts(engine: Engine, texts: list[str]) -> None:
         except InputError as exc:
             raise InputError(_renumbered(str(exc), start)) from None
         start += len(group)
-
-
-def check_prefix(engine: Engine, index: int, text: str) -> None:
-    """Refuse a long text as soon as a prefix of it is too many tokens, without tokenizing the rest (an 8 KB text
-    costs milliseconds to tokenize whole). The prefix ends at a whitespace, so its words are words of the text and
-    its tokens a part of the text's: a prefix over the limit means the text is over it."""
-    backbone = engine.backbone
-    cut = text.rfind(" ", 0, backbone.max_tokens * PREFIX_CHARS_PER_TOKEN)
-    if len(text) <= backbone.max_tokens * PREFIX_CHARS_PER_TOKEN or cut <= 0:
-        return
-    tokens = backbone.token_counts(engine.prompting.prompts([text[:cut]]))[0]
-    if tokens > backbone.max_tokens:
-        raise InputError(f"text {index} is over {tokens} tokens with its prompt (its first {cut} characters already "
-                         f"are); the limit is {backbone.max_tokens}")
 
 
 def _renumbered(message: str, offset: int) -> str:

@@ -22,11 +22,15 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from raee.engine import Classification, Engine
 from raee.errors import RaeeError
 from raee.exit_policy import ExitPolicy
 from service.errors import DeadlineExpired, Draining, QueueFull
+
+if TYPE_CHECKING:
+    from service.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,9 @@ class BatchKey:
     task: str
     policy: ExitPolicy
     neighbours: bool
+
+
+BatchIdentity = tuple[BatchKey, int]  # (key, id(engine)): rows that may run in one backbone batch
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,8 @@ class Pending:
     client: str
     reservation: Reservation
     admitted: float
-    future: Future = field(default_factory=Future)
-    results: list = field(default_factory=list)
+    future: Future[BatchOutcome] = field(default_factory=Future)
+    results: list[Classification | None] = field(default_factory=list)  # per text, None until answered
     next_row: int = 0  # rows handed to batches so far
     started: float | None = None  # when its first batch started
     failed: bool = False
@@ -85,11 +92,11 @@ class Pending:
 @dataclass(eq=False)
 class _Client:
     vtime: float = 0.0  # virtual time: texts scheduled for this client, in the shared clock
-    queue: deque = field(default_factory=deque)
+    queue: deque[Pending] = field(default_factory=deque)
 
 
 class MicroBatcher:
-    def __init__(self, max_batch: int, max_wait_ms: float, max_queue: int, metrics=None,
+    def __init__(self, max_batch: int, max_wait_ms: float, max_queue: int, metrics: ServerMetrics | None = None,
                  max_batch_ms: float = 0.0) -> None:
         """max_batch_ms: when set, batches hold at most as many rows as recent batches ran in that time, so that
         under load a batch, and so the wait of a client that sends a text now and then, stays about that long."""
@@ -238,7 +245,7 @@ class MicroBatcher:
             client.queue.popleft()
         return None
 
-    def _next_rows(self, batch_key: tuple | None, room: int, now: float,
+    def _next_rows(self, batch_key: BatchIdentity | None, room: int, now: float,
                    max_held: float = math.inf) -> tuple[Pending, int] | None:
         """(request, rows) to add to the batch, from the matching client that holds the fewest texts in the queue,
         and among equals the one with the smallest virtual time: as many rows as keep it no further ahead than the
@@ -266,7 +273,8 @@ class MicroBatcher:
         with self._cond:
             while True:
                 batch: list[tuple[Pending, range]] = []
-                size, batch_key, until, limit, max_held = 0, None, None, self._batch_rows(), math.inf
+                batch_key: BatchIdentity | None = None
+                size, until, limit, max_held = 0, math.inf, self._batch_rows(), math.inf
                 while size < limit:
                     now = time.monotonic()
                     picked = self._next_rows(batch_key, limit - size, now, max_held)
@@ -282,10 +290,10 @@ class MicroBatcher:
                     p.next_row += rows
                     p.started = p.started or now
                     size += rows
-                    if batch_key is None:  # light clients' rows run without heavy ones slowing their batch
-                        batch_key = (p.key, id(p.engine))
+                    if batch_key is None:  # the first rows: light clients' rows run without heavy ones slowing
+                        batch_key = (p.key, id(p.engine))  # their batch, and the batch waits max_wait for more
                         max_held = HEAVY_FACTOR * max(1, self._held_by.get(p.client, 0))
-                    until = until or now + self.max_wait
+                        until = now + self.max_wait
                 if batch:
                     self._busy = True
                     self._forget_idle_clients()
@@ -345,13 +353,13 @@ class MicroBatcher:
             results = _classify(engine, key, texts)
         except RaeeError as exc:
             if len({id(p) for p, _ in batch}) == 1:
-                self._settle(batch[0][0], batch[0][1], None, exc)
+                self._settle(batch[0][0], batch[0][1], exc)
                 return
             for p, rows in batch:  # one request's bad input must not fail the others: run each alone
                 try:
-                    self._settle(p, rows, _classify(engine, key, [p.texts[r] for r in rows]), None)
+                    self._settle(p, rows, _classify(engine, key, [p.texts[r] for r in rows]))
                 except RaeeError as alone:
-                    self._settle(p, rows, None, alone)
+                    self._settle(p, rows, alone)
             return
         seconds = time.perf_counter() - started
         with self._cond:
@@ -359,22 +367,22 @@ class MicroBatcher:
             self._row_seconds = _smoothed(self._row_seconds, seconds / len(texts))
         start = 0
         for p, rows in batch:
-            self._settle(p, rows, results[start:start + len(rows)], None)
+            self._settle(p, rows, results[start:start + len(rows)])
             start += len(rows)
 
-    def _settle(self, p: Pending, rows: range, results: list[Classification] | None,
-                error: BaseException | None) -> None:
+    def _settle(self, p: Pending, rows: range, results: list[Classification] | BaseException) -> None:
         """Record a batch's answers (or error) for some rows of a request; answer the request when all are in."""
         with self._cond:
             self._give_back(p.reservation, len(rows))
             if p.failed:
                 return
-            if error is not None:
-                self._fail(p, error)
+            if isinstance(results, BaseException):
+                self._fail(p, results)
                 return
             p.results[rows.start:rows.stop] = results
-            if all(r is not None for r in p.results):
-                p.future.set_result(BatchOutcome(p.results, p.engine.store.version,
+            answered = [r for r in p.results if r is not None]
+            if len(answered) == len(p.results):
+                p.future.set_result(BatchOutcome(answered, p.engine.store.version,
                                                  ((p.started or p.admitted) - p.admitted) * 1e3))
 
 

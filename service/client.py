@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import grpc
+from google.protobuf.message import Message
 
 from raee.exit_policy import ExitPolicy
 from service.api import pb, pb_grpc
@@ -77,14 +79,39 @@ class TaskInfo:
     labels: tuple[str, ...]
     store_version: str
     store_path: str
-    manifest: dict
+    manifest: dict[str, Any]  # the store's manifest as JSON (raee.manifest.StoreManifest.to_dict)
+
+
+class BackboneInfo(TypedDict):
+    """The backbone a server runs, as raee.backbones.Backbone.identity() names it."""
+
+    source: str
+    kind: str
+    num_layers: int
+    fingerprint: str
+    dtype: str
+    runtime: str
+    precision: str
+
+
+class Limits(TypedDict):
+    """A server's limits on requests (service.config.ServerConfig) and its backbone's token limit."""
+
+    max_texts: int
+    max_text_bytes: int
+    max_batch: int
+    max_wait_ms: float
+    max_queue: int
+    max_streams: int
+    stream_idle_s: float
+    max_tokens: int
 
 
 @dataclass(frozen=True)
 class ServerInfo:
-    backbone: dict
+    backbone: BackboneInfo
     tasks: tuple[TaskInfo, ...]
-    limits: dict
+    limits: Limits
     version: str
 
 
@@ -155,9 +182,10 @@ class Client:
             self._channel = grpc.secure_channel(self.address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(self.address)
-        self._stub = pb_grpc.RaeeStub(self._channel)
+        self._stub = pb_grpc.RaeeStub(self._channel)  # type: ignore[no-untyped-call]  # generated, unannotated
 
-    def _call(self, method, request, metadata=None):
+    def _call(self, method: Callable[..., Any], request: Message,
+              metadata: tuple[tuple[str, str], ...] | None = None) -> Any:
         wait = self.backoff
         for attempt in range(self.retries + 1):
             try:
@@ -189,13 +217,13 @@ class Client:
         r = self._call(self._stub.GetInfo, pb.GetInfoRequest())
         b, lim = r.backbone, r.limits
         return ServerInfo(
-            {"source": b.source, "kind": b.kind, "num_layers": b.num_layers, "fingerprint": b.fingerprint,
-             "dtype": b.dtype, "runtime": b.runtime, "precision": b.precision},
+            BackboneInfo(source=b.source, kind=b.kind, num_layers=b.num_layers, fingerprint=b.fingerprint,
+                         dtype=b.dtype, runtime=b.runtime, precision=b.precision),
             tuple(TaskInfo(t.name, tuple(t.labels), t.store_version, t.store_path, json.loads(t.manifest_json))
                   for t in r.tasks),
-            {"max_texts": lim.max_texts, "max_text_bytes": lim.max_text_bytes, "max_batch": lim.max_batch,
-             "max_wait_ms": lim.max_wait_ms, "max_queue": lim.max_queue, "max_streams": lim.max_streams,
-             "stream_idle_s": lim.stream_idle_s, "max_tokens": lim.max_tokens}, r.version)
+            Limits(max_texts=lim.max_texts, max_text_bytes=lim.max_text_bytes, max_batch=lim.max_batch,
+                   max_wait_ms=lim.max_wait_ms, max_queue=lim.max_queue, max_streams=lim.max_streams,
+                   stream_idle_s=lim.stream_idle_s, max_tokens=lim.max_tokens), r.version)
 
     def reload(self, task: str, store_path: str, version: str = "") -> ReloadResult:
         """Load the store's CURRENT version, or `version` of it, in place of the one serving."""
@@ -225,5 +253,5 @@ class Client:
     def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *_exc) -> None:
+    def __exit__(self, *_exc: object) -> None:
         self.close()

@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from raee.errors import InputError
-from raee.runtime import PRECISIONS, RUNTIMES
-from service.logs import LOG_FORMATS, LOG_LEVELS
+from raee.runtime import PRECISIONS, RUNTIMES, Precision, RuntimeChoice
+from service.logs import LOG_FORMATS, LOG_LEVELS, LogFormat
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464
+# The settings that take one of a closed set of words (log_level in any case).
+CHOICES: dict[str, tuple[str, ...]] = {"runtime": RUNTIMES, "precision": PRECISIONS, "log_format": LOG_FORMATS,
+                                       "log_level": LOG_LEVELS}
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,9 @@ class ServerConfig:
     # listener closes (at most grace_s), so probes and clients see the shutdown instead of a refused connection
     device: str = "cpu"  # cpu, cuda or cuda:N
     backbone: str | None = None  # backbone checkpoint; default: the source the stores' manifests name
-    runtime: str = "auto"  # auto (onnxruntime on the CPU where the family exports, else torch), torch, onnxruntime
-    precision: str | None = None  # fp32 or int8 (onnxruntime); default: the precision the stores were built at
+    runtime: RuntimeChoice = "auto"  # auto (onnxruntime on the CPU where the family exports, else torch), torch,
+    # onnxruntime
+    precision: Precision | None = None  # fp32 or int8 (onnxruntime); default: the precision the stores were built at
     allow_precision_mismatch: bool = False  # serve stores built at another precision (exits may differ), warning
     threads: int = 0  # threads for torch, onnxruntime and FAISS; 0 = the container's CPU quota
     cache_dir: str | None = None  # where onnxruntime exports live (default RAEE_CACHE_DIR or ~/.cache/raee)
@@ -55,7 +61,7 @@ class ServerConfig:
     # reconnect, without failing calls), 0 = never. gRPC keeps one connection open, so behind a Kubernetes
     # ClusterIP Service a client stays pinned to one replica: with an age, scaling out rebalances clients.
     max_connection_age_grace_s: float = 30.0  # calls still running when the age is reached get this long to finish
-    log_format: str = "text"  # text, or json (one object per line, for a log pipeline)
+    log_format: LogFormat = "text"  # text, or json (one object per line, for a log pipeline)
     log_level: str = "info"  # debug, info (one line per request), warning (refusals and problems only), error
 
     def __post_init__(self) -> None:
@@ -79,14 +85,10 @@ class ServerConfig:
             raise InputError("TLS needs both tls_cert and tls_key")
         if self.tls_client_ca and not self.tls_cert:
             raise InputError("tls_client_ca (mutual TLS) needs TLS: set tls_cert and tls_key too")
-        if self.log_format not in LOG_FORMATS:
-            raise InputError(f"log_format {self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
-        if self.log_level.lower() not in LOG_LEVELS:
-            raise InputError(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-        if self.runtime not in RUNTIMES:
-            raise InputError(f"runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise InputError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if value is not None and (value.lower() if name == "log_level" else value) not in choices:
+                raise InputError(f"{name} {value!r} is not one of {', '.join(choices)}")
         if self.threads < 0:
             raise InputError(f"threads must be 0 (the CPU quota) or more, got {self.threads}")
         if self.admin and self.admin_port < 0 and not self.admin_token_file:
@@ -100,12 +102,14 @@ class ServerConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(ServerConfig)}  # "int", "float", "bool", "str | None"
 BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
                  "0": False}
 
 
-def _coerce(name: str, value):
-    kind = FIELDS[name].type
+def _coerce(name: str, value: Any) -> Any:
+    """A setting's value from YAML (typed) or an environment variable or flag (text), as its field's type."""
+    kind = FIELD_TYPES[name]
     if name in ("stores", "store_roots"):
         return tuple(value.split(",") if isinstance(value, str) else value)
     if kind == "bool":
@@ -132,13 +136,14 @@ def parser() -> argparse.ArgumentParser:
         if name == "stores":
             continue
         flag = "--" + name.replace("_", "-")
-        comment = {"bool": "true/false"}.get(f.type, f.type)
+        kind = FIELD_TYPES[name]
+        comment = "|".join(CHOICES[name]) if name in CHOICES else {"bool": "true/false"}.get(kind, kind)
         default = f.default if f.default is not dataclasses.MISSING else "none"
         p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=f"({comment}, default {default})")
     return p
 
 
-def read_config_file(path: str) -> dict:
+def read_config_file(path: str) -> dict[str, Any]:
     """The settings of a YAML file; InputError (one line) for a file that is missing, unreadable or not a mapping."""
     import yaml
     try:
@@ -158,25 +163,25 @@ def read_config_file(path: str) -> dict:
     return spec
 
 
-def load_config(argv: list[str] | None = None, environ: dict | None = None) -> ServerConfig:
+def load_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
     args = parser().parse_args(argv)
-    environ = os.environ if environ is None else environ
-    values: dict = {}
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
     if args.config:
         spec = read_config_file(args.config)
         unknown = set(spec) - set(FIELDS)
         if unknown:
             raise InputError(f"{args.config}: unknown settings {sorted(unknown)}; valid: {sorted(FIELDS)}")
         values.update(spec)
-    values.update({name: environ[f"RAEE_{name.upper()}"] for name in FIELDS if f"RAEE_{name.upper()}" in environ})
+    values.update({name: env[f"RAEE_{name.upper()}"] for name in FIELDS if f"RAEE_{name.upper()}" in env})
     values.update({name: value for name, value in vars(args).items() if name in FIELDS and value is not None})
-    settings = {}
+    settings: dict[str, Any] = {}
     for name, value in values.items():
         try:
             settings[name] = _coerce(name, value)
         except InputError:
             raise
         except (TypeError, ValueError):
-            raise InputError(f"{name} must be a{'n' if FIELDS[name].type == 'int' else ''} {FIELDS[name].type}, "
+            raise InputError(f"{name} must be a{'n' if FIELD_TYPES[name] == 'int' else ''} {FIELD_TYPES[name]}, "
                              f"got {value!r}") from None
     return ServerConfig(**settings)

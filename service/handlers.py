@@ -11,17 +11,26 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import Message
 
 from service.api import pb
 from service.errors import MalformedRequest, message_for, status_for
 from service.metrics import ServerMetrics
 from service.throttle import SLOWED, RefusalThrottle
 
+if TYPE_CHECKING:
+    from service.servicer import RaeeServicer
+
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Raee"]
+# A servicer's methods: a request message (or a stream of them) and the call's context in, the response(s) out.
+UnaryMethod = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
+StreamMethod = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Message]]
 
 
 @dataclass(frozen=True)
@@ -31,8 +40,8 @@ class Malformed:
     error: MalformedRequest
 
 
-def tolerant_parser(message_type):
-    def parse(data: bytes):
+def tolerant_parser(message_type: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    def parse(data: bytes) -> Message | Malformed:
         try:
             return message_type.FromString(data)
         except Exception as exc:  # noqa: BLE001 - DecodeError and kin: the client's bytes, not our defect
@@ -47,12 +56,12 @@ def ended_by_caller(context: grpc.aio.ServicerContext) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
 
-def counted(name: str, metrics: ServerMetrics, throttle: RefusalThrottle):
+def counted(name: str, metrics: ServerMetrics, throttle: RefusalThrottle) -> Callable[[UnaryMethod], UnaryMethod]:
     """Wrap a unary method: parse failures and raised errors become statuses; every call is counted by code; a
     client that keeps sending what gets refused hears of it late (service.throttle)."""
-    def wrap(method):
+    def wrap(method: UnaryMethod) -> UnaryMethod:
         @functools.wraps(method)
-        async def handler(request, context: grpc.aio.ServicerContext):
+        async def handler(request: Any, context: grpc.aio.ServicerContext) -> Message:
             try:
                 if isinstance(request, Malformed):
                     raise request.error
@@ -72,11 +81,11 @@ def counted(name: str, metrics: ServerMetrics, throttle: RefusalThrottle):
     return wrap
 
 
-def counted_stream(name: str, metrics: ServerMetrics):
+def counted_stream(name: str, metrics: ServerMetrics) -> Callable[[StreamMethod], StreamMethod]:
     """Wrap a response-streaming method the same way; errors that end the whole stream are counted once."""
-    def wrap(method):
+    def wrap(method: StreamMethod) -> StreamMethod:
         @functools.wraps(method)
-        async def handler(requests, context: grpc.aio.ServicerContext):
+        async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
             try:
                 with metrics.in_flight.labels(name).track_inprogress():
                     async for response in method(requests, context):
@@ -112,9 +121,9 @@ def report(name: str, exc: BaseException) -> grpc.StatusCode:
     return status
 
 
-def raee_handler(servicer, metrics: ServerMetrics) -> grpc.GenericRpcHandler:
+def raee_handler(servicer: RaeeServicer, metrics: ServerMetrics) -> grpc.GenericRpcHandler:
     """The generic handler serving raee.v1.Raee with `servicer`'s async methods."""
-    def unary(name: str, request_type, response_type):
+    def unary(name: str, request_type: type[Message], response_type: type[Message]) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(
             counted(name, metrics, servicer.throttle)(getattr(servicer, name)),
             request_deserializer=tolerant_parser(request_type),

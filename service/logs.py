@@ -14,8 +14,10 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Literal, get_args
 
-LOG_FORMATS = ("text", "json")
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REQUEST_ID = "x-request-id"
 MAX_REQUEST_ID = 128  # characters of a caller's request id kept (it is logged and echoed)
@@ -35,7 +37,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
-def configure(log_format: str = "text", level: str = "info") -> None:
+def configure(log_format: LogFormat = "text", level: str = "info") -> None:
     """Route every logger to stderr in `log_format` at `level`; turn third-party progress bars off. As with
     logging.basicConfig, a process whose logging is already set up (a test runner, an embedding program) keeps it."""
     root = logging.getLogger()
@@ -48,7 +50,7 @@ def configure(log_format: str = "text", level: str = "info") -> None:
     for noisy in ("faiss.loader", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as transformers_logging
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
 
 
 def request_id(metadata: Sequence[tuple[str, str | bytes]] | None, own: str = "") -> str:

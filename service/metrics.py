@@ -5,6 +5,7 @@ and histogram and say nothing a scrape needs."""
 from __future__ import annotations
 
 import threading
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,7 +22,7 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STAGES = ("queue", "key", "search", "backbone")  # parts of a request; their sum is not the request's latency
 
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 
 class ServerMetrics:
@@ -62,12 +63,14 @@ class ServerMetrics:
         self._versions: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def depth(self, num_layers: int) -> None:
-        """Size the exit-layer histogram by the backbone: one bucket per layer, 0 (embeddings) .. num_layers."""
+    def depth(self, num_layers: int) -> Histogram:
+        """The exit-layer histogram, sized by the backbone when first asked for: one bucket per layer,
+        0 (embeddings) .. num_layers."""
         if self.exit_layer is None:
             self.exit_layer = Histogram("raee_exit_layer", "Exit layer a retrieval policy (calibrated or RAEE) "
                                         "chose for each text; FULL and STATIC overrides are not counted", ["task"],
                                         buckets=tuple(range(num_layers + 1)), registry=self.registry)
+        return self.exit_layer
 
     def serving(self, task: str, version: str) -> None:
         """raee_store_info{task, version} = 1 for the version now serving the task, its previous series gone."""
@@ -78,6 +81,6 @@ class ServerMetrics:
             self._versions[task] = version
             self.store_info.labels(task, version).set(1)
 
-    def serve(self, port: int, host: str = "0.0.0.0"):
+    def serve(self, port: int, host: str = "0.0.0.0") -> tuple[WSGIServer, threading.Thread]:
         """Start the HTTP exposition server; returns (http server, thread)."""
         return start_http_server(port, addr=host, registry=self.registry)

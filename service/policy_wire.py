@@ -3,24 +3,37 @@ the servicer alike. The wire carries the policies a server serves; the others ar
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from raee.errors import InputError
-from raee.exit_policy import ExitPolicy
+from raee.exit_policy import ExitPolicy, PolicyKind
 from service.api import pb
 
-TO_WIRE = {"calibrated": pb.POLICY_KIND_UNSPECIFIED, "raee": pb.POLICY_KIND_RAEE, "full": pb.POLICY_KIND_FULL,
-           "static": pb.POLICY_KIND_STATIC}
-FROM_WIRE = {kind: name for name, kind in TO_WIRE.items()}
+TO_WIRE: dict[PolicyKind, pb.PolicyKind] = {"calibrated": pb.POLICY_KIND_UNSPECIFIED, "raee": pb.POLICY_KIND_RAEE,
+                                            "full": pb.POLICY_KIND_FULL, "static": pb.POLICY_KIND_STATIC}
+FROM_WIRE: dict[int, PolicyKind] = {kind: name for name, kind in TO_WIRE.items()}
 WIRE_FORMS = "calibrated[:k=K] (the default), raee[:k=K], full, static:L"
 
 
-def to_wire(policy: ExitPolicy | str) -> dict:
+class _PolicyFields(TypedDict):
+    policy: pb.PolicyKind
+    k: int  # 0 = the store's
+
+
+class PolicyFields(_PolicyFields, total=False):
+    """The ClassifyRequest fields that carry a policy."""
+
+    static_layer: int  # STATIC only
+
+
+def to_wire(policy: ExitPolicy | str) -> PolicyFields:
     """Request fields for a policy: {"policy": kind, "static_layer": L, "k": K (0 = the store's)}."""
     policy = ExitPolicy.parse(policy)
     extra = [name for name, _ in policy.options if name != "k"]
     if policy.kind not in TO_WIRE or policy.objective is not None or extra:
         raise InputError(f"policy {policy} cannot be sent to a server; it serves {WIRE_FORMS}")
-    fields = {"policy": TO_WIRE[policy.kind], "k": policy.k or 0}
-    if policy.kind == "static":
+    fields = PolicyFields(policy=TO_WIRE[policy.kind], k=policy.k or 0)
+    if policy.layer is not None:  # static:L (ExitPolicy gives a layer to static alone)
         fields["static_layer"] = policy.layer
     return fields
 

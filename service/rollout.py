@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from raee.errors import RaeeError
+from raee.errors import InputError, RaeeError
 from raee.versions import current_version, latest_version, previous_version, switch_current, version_path
 from service.client import Client, RaeeClientError
 
@@ -62,6 +62,8 @@ def rollout(task: str, version: str | None, addresses: list[str], store: str | N
             version = previous_version(root)
         elif version == "latest":
             version = latest_version(root)
+        elif version is None:
+            raise InputError("a rollout needs a version (a version directory's name, or latest)")
         version_path(root, version)  # a complete version of this store, or StoreError now
         say(f"{'rollback' if rollback else 'rollout'} of task {task} to {version} (store {root}, CURRENT "
             f"{current_version(root)}) on {len(replicas)} replicas")

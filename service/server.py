@@ -18,9 +18,12 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,6 +51,7 @@ log = logging.getLogger("raee-serve")
 SERVICE_NAME = SERVICE.full_name  # "raee.v1.Raee"
 VALIDATION_THREADS = 2  # tokenize incoming requests apart from the batcher
 RPC_HEADROOM = 256  # calls beyond the queue and streams that may be in progress at once (health, info, refusals)
+T = TypeVar("T")
 
 
 class RaeeServer:
@@ -75,17 +79,19 @@ class RaeeServer:
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="raee-grpc", daemon=True)
         self._listeners: list[grpc.aio.Server] = []
-        self._http = None
-        self.health = None
+        self._http: WSGIServer | None = None
+        self.health: health.aio.HealthServicer | None = None  # made on the event loop (_listen)
         self._health_names: tuple[str, ...] = ("", SERVICE_NAME)
-        self.port = self.admin_port = self.metrics_port = None
+        self.port: int | None = None  # bound ports, once start() has bound them (0 in the config: any free one)
+        self.admin_port: int | None = None
+        self.metrics_port: int | None = None
         self.registry: StoreRegistry | None = None
         self.batcher: MicroBatcher | None = None
         self.loaded = threading.Event()
         self.load_error: BaseException | None = None
         self._stopped = threading.Event()
 
-    def _on_loop(self, coroutine):
+    def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     # -- start ----------------------------------------------------------------------------------------------------
@@ -137,7 +143,7 @@ class RaeeServer:
         address = f"{host}:{port}"
         check_port_free(host, port, "gRPC" if servicer is self.servicer else "admin")
         try:
-            if c.tls_cert:
+            if c.tls_cert and c.tls_key:  # both or neither (ServerConfig)
                 with open(c.tls_key, "rb") as key, open(c.tls_cert, "rb") as cert:
                     pair = (key.read(), cert.read())
                 client_ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None
@@ -190,8 +196,10 @@ class RaeeServer:
                                  runtime=c.runtime, precision=c.precision,
                                  allow_precision_mismatch=c.allow_precision_mismatch)
 
-    async def _set_health(self, status) -> None:
+    async def _set_health(self, status: int) -> None:
         """The server's health under "" and raee.v1.Raee, and each task's under its name (once loaded)."""
+        if self.health is None:
+            raise RuntimeError("health is set before _listen made its servicer")
         for name in self._health_names:
             await self.health.set(name, status)
 
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stopping = threading.Event()
 
-    def on_signal(signum, _frame) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: draining (notice %.0f s, grace %.0f s)", signum, config.drain_s, config.grace_s)
         stopping.set()
 

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 
 from service import convert, logs
 from service.admission import Admission
 from service.api import pb
+from service.batcher import BatchOutcome
 from service.config import ServerConfig
 from service.errors import message_for, status_for
-from service.handlers import slow_down
+from service.handlers import Malformed, slow_down
 from service.metrics import STAGES, ServerMetrics
 from service.reload import Reloader, ReloadGuard
 from service.streams import StreamSlots, answer_in_order
@@ -56,14 +58,16 @@ class RaeeServicer:
                          outcome.results[0].num_layers, total_ms, "OK")
         return convert.classify_response(call, outcome, total_ms)
 
-    async def ClassifyStream(self, requests, context: grpc.aio.ServicerContext):
+    async def ClassifyStream(self, requests: AsyncIterator[pb.ClassifyRequest | Malformed],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
         self.admission.check_open()
         async with self.streams.slot():
             async for response in answer_in_order(requests, lambda r: self._stream_answer(r, context),
                                                   window=self.config.max_batch, idle_s=self.config.stream_idle_s):
                 yield response
 
-    async def _stream_answer(self, request, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+    async def _stream_answer(self, request: pb.ClassifyRequest | Malformed,
+                             context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         """One stream request's response: its results, or its own error; the stream goes on either way."""
         request_id = getattr(request, "request_id", "")
         try:
@@ -79,14 +83,16 @@ class RaeeServicer:
             return response
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:
-        self.admission.check_open()
-        return convert.info_response(self.admission.registry, self.config)
+        registry, _ = self.admission.check_open()
+        return convert.info_response(registry, self.config)
 
     async def ReloadStore(self, request: pb.ReloadStoreRequest,
                           context: grpc.aio.ServicerContext) -> pb.ReloadStoreResponse:
         try:
             self.guard.check(context.invocation_metadata())
             self.admission.check_open()
+            if self.reloader is None:  # set before the admission opens (RaeeServer._load)
+                raise RuntimeError("the reloader is missing from an open server")
             previous, current = await self.reloader.reload(request.task, request.store_path, deadline_of(context),
                                                            request.version)
             self.metrics.serving(request.task, current)
@@ -96,15 +102,15 @@ class RaeeServicer:
             raise
         return pb.ReloadStoreResponse(task=request.task, previous_version=previous, store_version=current)
 
-    def _observe(self, call: convert.ClassifyCall, outcome, received: float) -> None:
+    def _observe(self, call: convert.ClassifyCall, outcome: BatchOutcome, received: float) -> None:
         times = outcome.results[0].times
         for stage, ms in zip(STAGES, (outcome.queue_ms, times.key_ms, times.search_ms, times.backbone_ms)):
             self.metrics.stage_seconds.labels(stage).observe(ms / 1e3)
         self.metrics.request_seconds.labels(call.task).observe(time.perf_counter() - received)
         if call.policy.uses_neighbours:  # calibrated or RAEE: the exits retrieval chose
-            self.metrics.depth(outcome.results[0].num_layers)
+            exit_layer = self.metrics.depth(outcome.results[0].num_layers)
             for r in outcome.results:
-                self.metrics.exit_layer.labels(call.task).observe(r.exit_layer)
+                exit_layer.labels(call.task).observe(r.exit_layer)
             self.metrics.retrieval_texts.labels(call.task).inc(len(outcome.results))
             self.metrics.full_depth_fallbacks.labels(call.task).inc(
                 sum(r.full_depth_fallback for r in outcome.results))

@@ -7,12 +7,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TypeVar
 
 from service.errors import StreamIdle, TooManyStreams
 
 log = logging.getLogger(__name__)
-_END = object()
+Request = TypeVar("Request")
+Answer = TypeVar("Answer")
 
 
 class StreamSlots:
@@ -33,12 +34,12 @@ class StreamSlots:
             self.open -= 1
 
 
-async def answer_in_order(requests: AsyncIterator[Any], answer: Callable[[Any], Awaitable[Any]], *, window: int,
-                          idle_s: float) -> AsyncIterator[Any]:
+async def answer_in_order(requests: AsyncIterator[Request], answer: Callable[[Request], Awaitable[Answer]], *,
+                          window: int, idle_s: float) -> AsyncIterator[Answer]:
     """Yield answer(request) for every request, in request order, while later requests are already being answered
     (at most `window` unanswered). answer() must not raise: a failed request is answered too. StreamIdle when no
     request arrives for idle_s seconds while none is waiting for its answer."""
-    answers: asyncio.Queue = asyncio.Queue(maxsize=window)
+    answers: asyncio.Queue[asyncio.Future[Answer] | None] = asyncio.Queue(maxsize=window)  # None: the end
 
     async def read() -> None:
         try:
@@ -47,7 +48,7 @@ async def answer_in_order(requests: AsyncIterator[Any], answer: Callable[[Any], 
         except Exception as exc:  # noqa: BLE001 - the client went away mid-message: the stream ends
             log.debug("stream read ended: %s", exc)
         finally:
-            await answers.put(_END)
+            await answers.put(None)
 
     reader = asyncio.create_task(read())
     try:
@@ -57,12 +58,12 @@ async def answer_in_order(requests: AsyncIterator[Any], answer: Callable[[Any], 
             except asyncio.TimeoutError:
                 raise StreamIdle(f"no request for {idle_s:g} s; the server closed this idle stream "
                                  "(stream_idle_s); open a new one when there is work") from None
-            if item is _END:
+            if item is None:
                 break
             yield await item
     finally:
         reader.cancel()
         while not answers.empty():
             item = answers.get_nowait()
-            if item is not _END:
+            if item is not None:
                 item.cancel()

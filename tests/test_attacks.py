@@ -142,7 +142,7 @@ def test_idle_streams_starve_nothing(serve):
             health_ms.append(took * 1e3)
             took, answer = timed(lambda: stub.Classify(pb.ClassifyRequest(task="sst2", texts=["good film"]),
                                                        timeout=5))
-            assert answer.results
+            assert len(answer.results) == 1
             classify_ms.append(took * 1e3)
         assert sorted(health_ms)[2] < 100 and sorted(classify_ms)[2] < 100, (health_ms, classify_ms)
     finally:

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from raee.backbones import mean_pool
+from raee.backbones.base import MAX_CHARS_PER_TOKEN, PREFIX_CHARS_PER_TOKEN
+from raee.build import readable_examples
+from raee.data import Example
 from raee.errors import InputError
 from raee.tasks import BUILTIN_TASKS
 from tests.tiny import synthetic_texts, tiny_backbone
@@ -177,6 +180,43 @@ def test_bad_texts_are_refused_with_a_reason(encoder_backbone, texts, message):
 def test_over_long_prompts_are_refused_with_a_reason(encoder_backbone):
     with pytest.raises(InputError, match="text 1 is .* tokens"):
         encoder_backbone.start(["good", "good " * 100])
+
+
+def words(n: int) -> str:
+    """n words the tiny word-level tokenizer reads as one token each ([CLS] and [SEP] make n + 2)."""
+    return " ".join(["good"] * n)
+
+
+def test_length_limits_on_both_sides_of_each_bound(encoder_backbone):
+    """The one home of the length rule: the character guard at max_tokens * MAX_CHARS_PER_TOKEN characters, the
+    token limit at max_tokens (the tiny tokenizer's 64, [CLS] and [SEP] included)."""
+    b = encoder_backbone
+    assert b.max_tokens == 64 and b.max_chars == 64 * MAX_CHARS_PER_TOKEN
+    assert not b.refuses_unread("x" * b.max_chars) and b.refuses_unread("x" * (b.max_chars + 1))
+    assert b.reads_whole(64) and not b.reads_whole(65)
+    assert b.check_prompts([words(62)]) and b.token_counts([words(62)]) == [64]
+    with pytest.raises(InputError, match="text 1 is 65 tokens with its prompt; this backbone reads at most 64"):
+        b.check_prompts(["good", words(63)])
+    with pytest.raises(InputError, match=f"text 0 has {b.max_chars + 1} characters"):
+        b.check_texts(["x" * (b.max_chars + 1)])
+
+
+def test_a_long_text_has_a_prefix_checked_first_that_ends_at_a_space(encoder_backbone):
+    reach = encoder_backbone.max_tokens * PREFIX_CHARS_PER_TOKEN  # 384 characters
+    assert len(words(77)) == reach and encoder_backbone.prefix_to_check(words(77)) is None  # tokenized whole
+    assert encoder_backbone.prefix_to_check(words(77) + "s") == words(76)  # one character past the reach
+    text = "good " * 100  # spaces at 5k + 4: the last one before 384 is at 379
+    assert encoder_backbone.prefix_to_check(text) == text[:379] == words(76)
+    assert encoder_backbone.prefix_to_check("x" * 500) is None  # no space to cut at: the whole text is tokenized
+
+
+def test_build_and_evaluation_skip_exactly_the_items_the_engine_refuses(encoder_backbone, caplog):
+    b = encoder_backbone
+    items = [Example("good film", 1, 1), Example(words(62), 1, 2), Example(words(63), 1, 3),
+             Example("x" * (b.max_chars + 1), 0, 4), Example("bad plot", 0, 5)]
+    kept, tokens = readable_examples(b, TASK, items)
+    assert [e.line for e in kept] == [1, 2, 5] and tokens == [4, 64, 4]
+    assert "skipping 2 items longer than 64 tokens (lines 3, 4)" in caplog.text
 
 
 def test_exit_layers_out_of_range_are_refused(encoder_backbone):

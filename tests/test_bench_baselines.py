@@ -27,7 +27,7 @@ def test_the_whole_model_graph_gets_the_rows_threads_not_torchs(tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # what raee does once its layers run on onnxruntime
     try:
-        session = bench._whole_graph(model, tmp_path, False, 2)
+        session = bench.whole_graph(model, tmp_path, False, 2)
     finally:
         torch.set_num_threads(before)
     assert session.get_session_options().intra_op_num_threads == 2

@@ -15,7 +15,7 @@ from indexer.cli import quiet_progress
 from indexer.evaluate import main as raee_eval
 from service.admin import main as raee_admin
 from service.server import main as raee_serve
-from tests.conftest import save_checkpoint
+from tests.tiny import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

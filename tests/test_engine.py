@@ -93,6 +93,19 @@ def test_bad_requests_are_refused_with_a_reason(engine, call, message):
         engine.classify(**call)
 
 
+def test_a_long_text_is_refused_on_its_prefix(engine):
+    """Engine.check_prefix tokenizes the prompt of a long text's prefix (Backbone.prefix_to_check) and refuses the
+    text when that is already over the limit; a text the prefix test cannot settle is left to the whole check."""
+    backbone = engine.backbone
+    prefix = backbone.prefix_to_check("good " * 100)
+    tokens = backbone.token_counts(engine.prompting.prompts([prefix]))[0]
+    with pytest.raises(InputError, match=f"text 3 is over {tokens} tokens with its prompt \\(its first "
+                                         f"{len(prefix)} characters already are\\); the limit is 64"):
+        engine.check_prefix(3, "good " * 100)
+    engine.check_prefix(0, "good " * 70)  # 350 characters: no prefix test (the whole check refuses it)
+    engine.check_prefix(0, "x" * 399 + " good")  # no space within reach: left to the whole check
+
+
 @pytest.mark.parametrize("objective", ["best", "match-full"])
 def test_the_calibrated_policy_is_served_by_default(examples, tmp_path, objective):
     backbone = tiny_backbone("bert-encoder")

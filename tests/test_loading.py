@@ -11,6 +11,8 @@ import pytest
 from indexer.cli import main as raee_index
 from indexer.evaluate import main as raee_eval
 from raee.backbones import load_backbone
+from raee.data import read_examples
+from raee.engine import Engine
 from raee.errors import BackboneError
 from raee.tasks import BUILTIN_TASKS
 from service.client import Client
@@ -44,9 +46,16 @@ def test_plain_encoder_needs_an_explicit_kind(tmp_path):
 
 
 def test_dtype_option(tmp_path):
-    backbone = load_backbone(str(save_checkpoint("llama", tmp_path / "l")), dtype="bfloat16")
-    assert backbone.identity()["dtype"] == "bfloat16"
-    assert all_layers(backbone, TASK, TEXTS).label_logits.shape == (4, 4, 2)
+    import torch
+    checkpoint = str(save_checkpoint("llama", tmp_path / "l"))
+    backbone = load_backbone(checkpoint, dtype="bfloat16")
+    assert backbone.identity()["dtype"] == "bfloat16" and backbone.precision == "bf16"
+    assert {p.dtype for p in backbone.model.parameters()} == {torch.bfloat16}
+    ours = all_layers(backbone, TASK, TEXTS).label_logits
+    float32 = all_layers(load_backbone(checkpoint), TASK, TEXTS).label_logits
+    assert ours.shape == float32.shape == (4, 4, 2)
+    np.testing.assert_allclose(ours, float32, atol=0.1)  # bfloat16 rounding, not another model
+    assert not np.array_equal(ours, float32)
 
 
 @pytest.mark.parametrize("call, message", [
@@ -76,7 +85,7 @@ def test_build_eval_and_serve_a_saved_checkpoint(name, layers, tmp_path, sst2_li
     store = tmp_path / "store"
     assert raee_index(["build", "--task", "sst2", "--train", str(sst2_like), "--out", str(store), "--backbone",
                        checkpoint, "--key", "prefix:1", "--no-progress"]) == 0
-    assert "240 items" in capsys.readouterr().out
+    assert f"{len(read_examples(sst2_like, TASK))} items" in capsys.readouterr().out
     assert raee_eval(["--store", str(store), "--test", str(sst2_like), "--policies", "raee,full,static:1",
                       "--limit", "30", "--timing-sample", "5", "--json", str(tmp_path / "eval.json"),
                       "--no-progress"]) == 0
@@ -93,5 +102,7 @@ def test_build_eval_and_serve_a_saved_checkpoint(name, layers, tmp_path, sst2_li
         server.stop(0)
     expected = all_layers(load_backbone(checkpoint), TASK, TEXTS).label_logits
     assert [r.label_index for r in full.results] == expected[:, layers].argmax(axis=1).tolist()
-    for r, logits in zip(result.results, expected):
-        assert r.label_index == int(logits[r.exit_layer].argmax()) and 0 <= r.exit_layer <= layers
+    in_process = Engine.load(store).classify(TEXTS)  # the served policy's exits, decided here the same way
+    assert [r.exit_layer for r in result.results] == [r.exit_layer for r in in_process]
+    assert [r.label_index for r in result.results] == [int(logits[r.exit_layer].argmax())
+                                                       for r, logits in zip(result.results, expected)]

@@ -21,10 +21,16 @@ from torch import nn
 from raee.backbones.family import Family, adapter_for
 from raee.backbones.layerwise import LayerwiseForward
 from raee.errors import InputError
+from raee.kinds import Kind
+from raee.runtime import Precision, Runtime
 from raee.tasks import HeadSpec
 
-# A text longer than this many characters per allowed token is refused before tokenizing (cheap guard).
+# The length limits (Backbone.refuses_unread, prefix_to_check, reads_whole), one rule for the engine, the build,
+# evaluation and the server. A text longer than MAX_CHARS_PER_TOKEN characters per allowed token is refused before
+# tokenizing (no tokenizer fits more into one token); one longer than PREFIX_CHARS_PER_TOKEN per allowed token has a
+# prefix tokenized first, so that an over-long text costs the tokenizing of its prefix, not of all of it.
 MAX_CHARS_PER_TOKEN = 32
+PREFIX_CHARS_PER_TOKEN = 6
 
 
 @dataclass
@@ -40,7 +46,7 @@ class LayerPass:
 class Backbone(ABC):
     """A transformer used zero-shot: prompts in, a layer stack run layer by layer, label scores at any layer."""
 
-    kind: ClassVar[str] = ""
+    kind: ClassVar[Kind]
     add_special_tokens: ClassVar[bool] = True  # whether prompts are wrapped in the tokenizer's special tokens
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, source: str, max_tokens: int | None = None,
@@ -125,11 +131,11 @@ class Backbone(ABC):
         return next(self.model.parameters()).dtype
 
     @property
-    def runtime(self) -> str:
+    def runtime(self) -> Runtime:
         return self.family.runtime
 
     @property
-    def precision(self) -> str:
+    def precision(self) -> Precision:
         return self.family.precision
 
     def identity(self) -> dict[str, Any]:
@@ -169,15 +175,32 @@ class Backbone(ABC):
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise InputError(f"text {i} is empty")
-            if len(text) > self.max_chars:
+            if self.refuses_unread(text):
                 raise InputError(f"text {i} has {len(text)} characters, more than this backbone reads "
                                  f"({self.max_tokens} tokens)")
 
+    # -- length limits -------------------------------------------------------------------------------------------
     @property
     def max_chars(self) -> int:
         """The character guard: a text longer than this is refused unread (never tokenized), since no tokenizer fits
         more than MAX_CHARS_PER_TOKEN characters into one token of the max_tokens this backbone reads."""
         return self.max_tokens * MAX_CHARS_PER_TOKEN
+
+    def refuses_unread(self, text: str) -> bool:
+        """Whether the character guard refuses `text` without tokenizing it."""
+        return len(text) > self.max_chars
+
+    def reads_whole(self, tokens: int) -> bool:
+        """Whether a prompt of `tokens` tokens fits the tokens this backbone reads (the exact check)."""
+        return tokens <= self.max_tokens
+
+    def prefix_to_check(self, text: str) -> str | None:
+        """A prefix of a long text to tokenize before the whole of it, or None for a text short enough to tokenize
+        at once. The prefix ends at a space, so its words are words of the text and its tokens a part of the
+        text's: a prefix over the limit (reads_whole false) means the text is over it."""
+        reach = self.max_tokens * PREFIX_CHARS_PER_TOKEN
+        cut = text.rfind(" ", 0, reach)
+        return text[:cut] if len(text) > reach and cut > 0 else None
 
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt, unpadded and untruncated. Every call uses the same tokenizer settings, so the
@@ -193,7 +216,7 @@ class Backbone(ABC):
         Returns the token ids."""
         encoded = self.tokenize(prompts)
         for i, ids in enumerate(encoded):
-            if len(ids) > self.max_tokens:
+            if not self.reads_whole(len(ids)):
                 raise InputError(f"text {i} is {len(ids)} tokens with its prompt; this backbone reads at most "
                                  f"{self.max_tokens}")
             self._check_prompt_ids(i, ids)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raee.backbones.families.t5 import T5
 from raee.backbones.family import VocabularyHead
 from raee.backbones.language_model import LanguageModelBackbone
 from raee.backbones.layerwise import LayerwiseForward
@@ -27,12 +28,18 @@ class EncoderDecoderBackbone(LanguageModelBackbone):
     def __init__(self, model: nn.Module, tokenizer: Any, **kwargs: Any) -> None:
         self._heads_by_stage: tuple[VocabularyHead, VocabularyHead] | None = None
         super().__init__(model, tokenizer, **kwargs)
-        if not hasattr(self.family, "num_encoder_layers"):
+        _ = self.stages  # a family without an encoder-decoder adapter is refused now, not at first use
+
+    @property
+    def stages(self) -> T5:
+        """The family adapter, which runs the encoder's layers and then the decoder's (T5, the one such family)."""
+        if not isinstance(self.family, T5):
             raise BackboneError(f"{self.source}: the {self.family.name} family has no encoder-decoder adapter")
+        return self.family
 
     @property
     def num_encoder_layers(self) -> int:
-        return self.family.num_encoder_layers
+        return self.stages.num_encoder_layers
 
     @property
     def max_prefix_layer(self) -> int:
@@ -40,7 +47,7 @@ class EncoderDecoderBackbone(LanguageModelBackbone):
 
     def vocabulary_head(self, layer: int) -> VocabularyHead:
         if self._heads_by_stage is None:
-            self._heads_by_stage = self.family.stage_heads()
+            self._heads_by_stage = self.stages.stage_heads()
         return self._heads_by_stage[0 if layer <= self.num_encoder_layers else 1]
 
     def answer_states(self, fwd: LayerwiseForward, rows: torch.Tensor) -> torch.Tensor:

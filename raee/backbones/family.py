@@ -23,7 +23,7 @@ from torch import nn
 
 from raee.backbones.layerwise import capture_inputs, capture_layer_inputs
 from raee.errors import BackboneError
-from raee.runtime import DTYPE_PRECISION
+from raee.runtime import DTYPE_PRECISION, DType, Precision, Runtime
 
 if TYPE_CHECKING:
     from raee.backbones.base import Backbone
@@ -77,12 +77,12 @@ class Family:
     final_norm_paths: ClassVar[tuple[str, ...]] = FINAL_NORM_PATHS  # a norm after the last layer (decoders)
     shared_inputs: ClassVar[frozenset[str]] = frozenset()  # layer inputs that are not per-row whatever their shape
 
-    runtime: str = "torch"  # what runs the layers; raee.backbones.onnx swaps in onnxruntime
+    runtime: Runtime = "torch"  # what runs the layers; raee.backbones.onnx swaps in onnxruntime
     exportable: ClassVar[bool] = False  # whether `embed` and `export_layer` give graphs onnxruntime can run
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.config = model.config
+        self.config: Any = model.config  # a transformers PretrainedConfig, read by the names each family knows
         self.base: nn.Module = getattr(model, getattr(model, "base_model_prefix", ""), model)
         self.layers: Sequence[nn.Module] = self.find_stack()
         self.final_norm: nn.Module | None = _first_module(self.base, self.final_norm_paths)
@@ -134,9 +134,10 @@ class Family:
         return None
 
     @property
-    def precision(self) -> str:
+    def precision(self) -> Precision:
         """fp32, fp16, bf16 (the torch weights' dtype) or int8 (a quantized runtime)."""
-        return DTYPE_PRECISION[str(next(self.model.parameters()).dtype).removeprefix("torch.")]
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return DTYPE_PRECISION[cast(DType, dtype)]
 
     def finalize(self, hidden: torch.Tensor) -> torch.Tensor:
         """What the model applies after its last layer before reporting it (a decoder's final norm)."""

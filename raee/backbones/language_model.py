@@ -39,6 +39,8 @@ class LanguageModelBackbone(Backbone):
 
     def answer_states(self, fwd: LayerwiseForward, rows: torch.Tensor) -> torch.Tensor:
         """(R, H) the state at each row's answer position."""
+        if fwd.answer_positions is None:  # every language-model kind reads the state at one position
+            raise BackboneError(f"this {self.kind} pass has no answer positions to read")
         hidden = fwd.hidden[rows]  # (R, T, H)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), fwd.answer_positions[rows]]
 

@@ -44,7 +44,7 @@ def capture_inputs(module: nn.Module, run: Callable[[], Any]) -> tuple[tuple[Any
     with _install_lock:
         if not getattr(module, "_raee_capture_hook", False):
             module.register_forward_pre_hook(_capture_hook, with_kwargs=True)
-            module._raee_capture_hook = True
+            module._raee_capture_hook = True  # type: ignore[assignment]  # torch types attributes Tensor | Module
     slot: dict[str, Any] = {"module": module}
     _capturing.slot = slot
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -16,8 +16,8 @@ from raee.backbones.masked_lm import MaskedLMBackbone
 from raee.backbones.pooling import checkpoint_pooling
 from raee.backbones.sentence_encoder import SentenceEncoderBackbone
 from raee.errors import BackboneError
-from raee.kinds import DEFAULT_SCALE, KINDS
-from raee.runtime import DTYPE_NAMES, PRECISIONS, RUNTIMES
+from raee.kinds import DEFAULT_SCALE, KINDS, Kind
+from raee.runtime import DEFAULT_DTYPE, DTYPE_NAMES, PRECISIONS, RUNTIMES, DType, Precision, RuntimeChoice
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def resolve_source(source: str | None) -> tuple[str, Path]:
     return str(path), path
 
 
-def detect_kind(path: Path) -> str:
+def detect_kind(path: Path) -> Kind:
     """The backbone kind, from the checkpoint's files and its declared architecture."""
     if (path / "modules.json").is_file():
         return "sentence-encoder"
@@ -81,9 +81,11 @@ def detect_kind(path: Path) -> str:
                         f"pass --kind, one of {', '.join(KINDS)}")
 
 
-def load_backbone(source: str | None = None, *, kind: str = "auto", device: str = "cpu", dtype: str = "float32",
+def load_backbone(source: str | None = None, *, kind: Kind | Literal["auto"] = "auto", device: str = "cpu",
+                  dtype: DType = DEFAULT_DTYPE,
                   scale: float = DEFAULT_SCALE, max_tokens: int | None = None, verify: bool = True,
-                  runtime: str = "auto", precision: str | None = None, threads: int | None = None) -> Backbone:
+                  runtime: RuntimeChoice = "auto", precision: Precision | None = None,
+                  threads: int | None = None) -> Backbone:
     """Load a backbone from a local checkpoint directory, or the embedded default when source is None.
 
     kind: "auto" (from the checkpoint) or one of raee.kinds.KINDS.
@@ -121,7 +123,7 @@ def load_backbone(source: str | None = None, *, kind: str = "auto", device: str 
     return backbone
 
 
-def place_on_runtime(backbone: Backbone, runtime: str = "auto", precision: str | None = None,
+def place_on_runtime(backbone: Backbone, runtime: RuntimeChoice = "auto", precision: Precision | None = None,
                      threads: int | None = None, verify: bool = True) -> None:
     """Move a torch backbone onto the runtime asked for (see load_backbone); refuse a combination that cannot run."""
     from raee.backbones.onnx import supports_onnxruntime, use_onnxruntime

@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from raee import cache
-from raee.backbones.family import Family, PrefixStates, VocabularyHead
+from raee.backbones.family import ExportableEncoder, Family, PrefixStates, VocabularyHead
 from raee.errors import BackboneError
-from raee.runtime import ONNXRUNTIME_PRECISIONS, thread_count
+from raee.runtime import ONNXRUNTIME_PRECISIONS, Precision, thread_count
 
 if TYPE_CHECKING:
     from raee.backbones.base import Backbone
@@ -104,7 +104,7 @@ class OnnxRuntimeFamily(Family):
 
     runtime = "onnxruntime"
 
-    def __init__(self, torch_family: Family, directory: Path, precision: str, threads: int | None = None) -> None:
+    def __init__(self, torch_family: Family, directory: Path, precision: Precision, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         self.torch_family = torch_family
@@ -133,7 +133,7 @@ class OnnxRuntimeFamily(Family):
         return ort.InferenceSession(str(path), self._options, providers=["CPUExecutionProvider"])
 
     @property
-    def precision(self) -> str:
+    def precision(self) -> Precision:
         return self._precision
 
     def begin(self, input_ids: torch.Tensor,
@@ -193,7 +193,7 @@ def supports_onnxruntime(backbone: Backbone) -> bool:
     return backbone.family.exportable and backbone.device.type == "cpu" and backbone.dtype == torch.float32
 
 
-def use_onnxruntime(backbone: Backbone, precision: str = "fp32", threads: int | None = None,
+def use_onnxruntime(backbone: Backbone, precision: Precision = "fp32", threads: int | None = None,
                     verify: bool = True) -> None:
     """Move a (self-checked, torch) backbone's layers onto onnxruntime: export or find the graphs, check them, and
     self-check the backbone again on the new runtime."""
@@ -214,7 +214,7 @@ def use_onnxruntime(backbone: Backbone, precision: str = "fp32", threads: int | 
         torch.set_num_threads(1)
 
 
-def ensure_export(backbone: Backbone, precision: str, prefix: int | None = None) -> Path:
+def ensure_export(backbone: Backbone, precision: Precision, prefix: int | None = None) -> Path:
     """The directory of this backbone's checked graphs at `precision`, exported now if missing or stale; with
     `prefix`, of its prefix graph to that layer instead (PREFIX_GRAPH, checked where it is loaded)."""
     key = export_key(backbone, prefix)
@@ -272,6 +272,8 @@ def _export_fp32(backbone: Backbone, staging: Path, key: str) -> dict[str, Any]:
     """Export the embeddings and every layer to staging/, check them against the torch adapter on the probe;
     returns what meta.json records beyond the checksums."""
     family = backbone.family
+    if not isinstance(family, ExportableEncoder):  # supports_onnxruntime said so before any export
+        raise BackboneError(f"the {family.name} family does not export to onnxruntime")
     started = time.perf_counter()
     hidden_size = backbone.hidden_size
     ids = torch.full((2, 8), backbone.tokenizer.pad_token_id or 0, dtype=torch.long)
@@ -299,6 +301,8 @@ def _export_prefix(backbone: Backbone, staging: Path, depth: int) -> dict[str, A
     """Export the embeddings and layers 1..depth with the keys' pooling as one graph (PrefixGraph)."""
     family = backbone.family
     torch_family = family.torch_family if isinstance(family, OnnxRuntimeFamily) else family
+    if not isinstance(torch_family, ExportableEncoder):  # supports_onnxruntime said so before any export
+        raise BackboneError(f"the {torch_family.name} family does not export to onnxruntime")
     ids = torch.full((2, 8), backbone.tokenizer.pad_token_id or 0, dtype=torch.long)
     ids[:, :6] = torch.arange(6) + 5
     mask = torch.ones(2, 8)
@@ -361,7 +365,7 @@ def _quantize_int8(backbone: Backbone, fp32: Path, staging: Path, check: bool = 
 
 
 @torch.inference_mode()
-def _compare_with_torch(backbone: Backbone, directory: Path, precision: str) -> list[float]:
+def _compare_with_torch(backbone: Backbone, directory: Path, precision: Precision) -> list[float]:
     """Run the self-check's probe through the graphs in `directory` and the torch adapter side by side; raise
     BackboneError where they part (raee.backbones.selfcheck.compare_states: float tolerance for fp32, direction
     for int8). Returns the largest difference per layer."""
@@ -429,7 +433,7 @@ def _export(module: nn.Module, args: tuple[Any, ...], path: Path, names: list[st
 
 
 class _Prefix(nn.Module):
-    def __init__(self, family: Family, depth: int) -> None:
+    def __init__(self, family: ExportableEncoder, depth: int) -> None:
         super().__init__()
         self.embeddings = _Embeddings(family)
         self.layers = nn.ModuleList(family.export_layer(i) for i in range(depth))
@@ -444,7 +448,7 @@ class _Prefix(nn.Module):
 
 
 class _Embeddings(nn.Module):
-    def __init__(self, family: Family) -> None:
+    def __init__(self, family: ExportableEncoder) -> None:
         super().__init__()
         self.family = family
         self.base = family.base  # registered, so export and eval() see the embedding weights

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from raee import cache
+from raee.runtime import Precision
 
 if TYPE_CHECKING:
     from raee.backbones.base import Backbone
@@ -113,7 +114,7 @@ def probe_prompts(backbone: Backbone) -> list[str]:
     return list(PROBE_TEXTS)
 
 
-def compare_states(ours: torch.Tensor, theirs: torch.Tensor, precision: str) -> tuple[float, bool, str]:
+def compare_states(ours: torch.Tensor, theirs: torch.Tensor, precision: Precision) -> tuple[float, bool, str]:
     """(max |difference|, whether it is past the tolerance of `precision`, the tolerance in words); rows are
     vectors (N, D)."""
     ours, theirs = ours.float(), theirs.float()
@@ -139,7 +140,7 @@ def _check_head(backbone: Backbone, input_ids: torch.Tensor, mask: torch.Tensor)
     fwd = backbone.start(probe_prompts(backbone))
     while fwd.layer < backbone.num_layers:
         fwd.advance()
-    call = {"input_ids": input_ids, "attention_mask": mask}
+    call: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
     if backbone.kind == "encoder-decoder":
         call["decoder_input_ids"] = torch.full((input_ids.shape[0], 1), backbone.model.config.decoder_start_token_id,
                                                device=input_ids.device)

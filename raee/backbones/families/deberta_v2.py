@@ -3,7 +3,7 @@ convolution applied after the first layer to its output and the embeddings: the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -44,5 +44,5 @@ class DebertaV2(Family):
         def features(hidden: torch.Tensor) -> torch.Tensor:
             return head.LayerNorm(head.transform_act_fn(head.dense(hidden)))
 
-        embeddings: nn.Embedding = self.base.embeddings.word_embeddings
+        embeddings = cast(nn.Embedding, self.base.embeddings.word_embeddings)
         return VocabularyHead(features, embeddings.weight, head.bias)

@@ -26,7 +26,9 @@ class T5(Family):
     final_norm_paths = ()
 
     def find_stack(self) -> Sequence[nn.Module]:
-        self.encoder, self.decoder = self.model.encoder, self.model.decoder
+        # transformers' T5Stack, typed by torch as Tensor | Module when reached by attribute
+        self.encoder: Any = self.model.encoder
+        self.decoder: Any = self.model.decoder
         self.num_encoder_layers = len(self.encoder.block)
         return [*self.encoder.block, *self.decoder.block]
 
