@@ -42,6 +42,7 @@ class TaskFigures(TypedDict):
     num_layers: int
     n: int  # test items scored
     n_read: int  # test items read (the rest were too long for the backbone)
+    n_truncated: int  # test items cut to fit (--truncate)
     n_unseen: int  # scored items not in the store verbatim
     test_file: str
     store: str
@@ -84,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="text", help="the test files' text field or column (text)")
     p.add_argument("--label-column", default="label", help="the test files' label field or column (label)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N test items")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut test items longer than the backbone reads to fit (counted as n_truncated) instead of "
+                        "skipping them")
     p.add_argument("--json", default=None, metavar="OUT", help="write the figures as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png",
                    help="score against layers run (one file per task in a suite: OUT-<task>.png)")
@@ -107,7 +111,7 @@ def evaluate_task(engine: Engine, test_file: str, names: list[str], args: argpar
                   timed: set[str]) -> tuple[TaskFigures, list[PolicyResult]]:
     examples = read_examples(test_file, engine.task, text_column=args.text_column, label_column=args.label_column,
                              limit=args.limit)
-    evaluator = Evaluator(engine, examples, names, args.batch_size, not args.no_progress)
+    evaluator = Evaluator(engine, examples, names, args.batch_size, not args.no_progress, args.truncate)
     results = []
     for name in names:
         result = evaluator.evaluate(name, args.timing_sample if name in timed else 0)
@@ -116,7 +120,8 @@ def evaluate_task(engine: Engine, test_file: str, names: list[str], args: argpar
     store = engine.store
     evidence = store.calibration_evidence
     return TaskFigures(task=engine.task.name, num_layers=engine.num_layers, n=len(evaluator.examples),
-                       n_read=len(examples), n_unseen=int((~evaluator.view.seen).sum()), test_file=test_file,
+                       n_read=len(examples), n_truncated=evaluator.truncated,
+                       n_unseen=int((~evaluator.view.seen).sum()), test_file=test_file,
                        store=str(store.path), key=str(store.key), calibrated_policy=engine.calibrated().name,
                        calibration_settings=(store.manifest.calibration_settings.to_dict()
                                              if store.manifest.calibration_settings else None),
@@ -171,7 +176,8 @@ def cross_domain(engines: list[Engine], test_files: list[str], tasks: list[TaskF
                 continue
             examples = read_examples(test_files[j], engine.task, text_column=args.text_column,
                                      label_column=args.label_column, limit=args.limit)
-            evaluator = Evaluator(engine, examples, list(CROSS_POLICIES), args.batch_size, not args.no_progress)
+            evaluator = Evaluator(engine, examples, list(CROSS_POLICIES), args.batch_size, not args.no_progress,
+                                  args.truncate)
             cells[f"{engine.task.name}->{owner.task.name}"] = {
                 name: evaluator.evaluate(name, 0).to_dict() for name in CROSS_POLICIES}
             log.info("cross-domain %s -> %s done", engine.task.name, owner.task.name)
@@ -271,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raee-eval: error: {exc}", file=sys.stderr)
         return 2
     for task, task_results in zip(tasks, results):
-        skipped = task["n_read"] - task["n"]
+        skipped, cut = task["n_read"] - task["n"], task["n_truncated"]
         print(f"\n## {task['task']}: {task['n']} test items ({task['n_unseen']} not in the store verbatim"
-              + (f"; {skipped} too long for the backbone, skipped" if skipped else "") +
+              + (f"; {skipped} too long for the backbone, skipped" if skipped else "")
+              + (f"; {cut} too long for the backbone, cut to fit" if cut else "") +
               f"), {task['num_layers']} layers, key {task['key']}; calibrated = {task['calibrated_policy']}\n")
         print(markdown_table(task_results))
         if args.plot:

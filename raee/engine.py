@@ -24,6 +24,7 @@ from raee.offdomain import StreamMonitor, conformal_pvalues
 from raee.records import layers_run, softmax
 from raee.runtime import Precision, RuntimeChoice
 from raee.store import ExitStore, check_compatible, load_store
+from raee.truncation import fit_texts
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Classification:
     neighbours: tuple[Neighbour, ...] = field(default=())
     full_depth_fallback: bool = False  # the rule found no neighbour with an exit record and ran every layer
     off_domain: str = ""  # the off-domain gate sent the text to full depth: far, disagree or shifted ("" = no)
+    truncated: bool = False  # the text was cut to the backbone's token limit (classify's truncate)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,11 @@ class Engine:
             raise InputError(f"text {index} is over {tokens} tokens with its prompt (its first {len(prefix)} "
                              f"characters already are); the limit is {self.backbone.max_tokens}")
 
+    def fit(self, texts: list[str]) -> tuple[list[str], list[bool]]:
+        """Each text cut to what the backbone reads with this task's prompt (raee.truncation; a text that fits is
+        left alone), and whether it was cut."""
+        return fit_texts(self.backbone, self.prompting, texts)
+
     def calibrated(self, objective: Objective | None = None) -> CalibratedPolicy:
         """The store's calibrated policy, or the one `objective` calibrates on the store's items (computed once)."""
         if objective not in self._calibrated:
@@ -176,14 +183,19 @@ class Engine:
         calibrated = self.calibrated(policy.objective) if policy.kind == "calibrated" else self._calibrated[None]
         return resolve(policy, calibrated, self.store.policy, self.num_layers)
 
-    def classify(self, texts: list[str], *, policy: ExitPolicy | str = CALIBRATED,
-                 with_neighbours: bool = False) -> list[Classification]:
+    def classify(self, texts: list[str], *, policy: ExitPolicy | str = CALIBRATED, with_neighbours: bool = False,
+                 truncate: bool = False) -> list[Classification]:
         """Classify a batch; each text leaves the backbone at its own exit layer.
 
-        policy: an ExitPolicy or its text (raee.exit_policy): by default the store's calibrated policy."""
+        policy: an ExitPolicy or its text (raee.exit_policy): by default the store's calibrated policy.
+        truncate: a text longer than the backbone reads is cut to fit (`fit`) instead of refused with InputError;
+        its result says so (`truncated`)."""
         policy = ExitPolicy.parse(policy)
         resolved = self.resolve(policy)
-        self.backbone.check_texts(texts)
+        self.backbone.check_texts(texts, truncate=truncate)
+        cut = [False] * len(texts)
+        if truncate:
+            texts, cut = self.fit(texts)
         started = time.perf_counter()
         if resolved.fixed_layer is not None:
             route = self._fixed_route(texts, resolved.fixed_layer, started)
@@ -193,7 +205,7 @@ class Engine:
         times = StageTimes((route.keyed - started) * 1e3, (route.searched - route.keyed) * 1e3,
                            (time.perf_counter() - route.searched) * 1e3)
         shown = resolved.rule.k if with_neighbours and resolved.rule is not None else 0  # the rule's, not the gate's
-        return [self._classification(i, probs, route, times, shown) for i, probs in enumerate(softmax(logits))]
+        return [self._classification(i, probs, route, times, shown, cut[i]) for i, probs in enumerate(softmax(logits))]
 
     def _fixed_route(self, texts: list[str], layer: int, started: float) -> _Route:
         """Every text to one layer: no key, no search."""
@@ -228,8 +240,8 @@ class Engine:
         nearest = np.where(ids[:, 0] >= 0, sims[:, 0], -np.inf)
         return monitor.update(conformal_pvalues(resolved.gate, nearest))
 
-    def _classification(self, i: int, probs: np.ndarray, route: _Route, times: StageTimes,
-                        shown: int) -> Classification:
+    def _classification(self, i: int, probs: np.ndarray, route: _Route, times: StageTimes, shown: int,
+                        truncated: bool) -> Classification:
         """Text i's result from its label probabilities (C,) at its exit, listing its first `shown` neighbours."""
         neighbours: tuple[Neighbour, ...] = ()
         if shown and route.ids is not None and route.sims is not None:
@@ -243,7 +255,7 @@ class Engine:
             scores=tuple(float(p) for p in probs), exit_layer=exit_layer,
             layers_run=int(layers_run(exit_layer, key_layer)), num_layers=self.num_layers, times=times,
             neighbours=neighbours, full_depth_fallback=bool(decision.no_evidence[i]) if decision is not None else False,
-            off_domain=str(decision.off_domain[i]) if decision is not None else "")
+            off_domain=str(decision.off_domain[i]) if decision is not None else "", truncated=truncated)
 
     def _run_to_exits(self, fwd: LayerwiseForward, early: list[LayerwiseForward], exits: np.ndarray) -> np.ndarray:
         """(B, C) label logits at each row's exit layer."""

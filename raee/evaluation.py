@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -106,10 +106,16 @@ def test_view(engine: Engine, examples: list[Example], width: int, batch_size: i
 
 
 class Evaluator:
-    """Scores and times policies for one engine on one test set."""
+    """Scores and times policies for one engine on one test set. Test items longer than the backbone reads are
+    skipped, or with truncate cut to fit (raee.truncation) and counted in `truncated`."""
 
     def __init__(self, engine: Engine, examples: list[Example], policies: Sequence[ExitPolicy | str],
-                 batch_size: int = BATCH_SIZE, progress: bool = True) -> None:
+                 batch_size: int = BATCH_SIZE, progress: bool = True, truncate: bool = False) -> None:
+        self.truncated = 0
+        if truncate:
+            texts, cut = engine.fit([e.text for e in examples])
+            examples = [replace(e, text=text) for e, text in zip(examples, texts)]
+            self.truncated = sum(cut)
         examples, _ = readable_examples(engine.backbone, engine.task, examples, "test items")
         if not examples:
             raise InputError("no test items left to score")

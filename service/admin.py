@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--task", required=True)
     c.add_argument("--policy", default=str(CALIBRATED),
                    help="calibrated (the store's calibrated policy, the default), raee, full or static:L")
+    c.add_argument("--truncate", action="store_true",
+                   help="cut texts past the backbone's token limit to fit instead of having them refused")
     c.add_argument("texts", nargs="+")
     r = sub.add_parser("reload", help="swap in a new store version for a task")
     r.add_argument("--task", required=True)
@@ -155,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                                   "tasks": [{"name": t.name, "labels": t.labels, "store_version": t.store_version,
                                              "store_path": t.store_path} for t in info.tasks]}, indent=2))
             elif args.command == "classify":
-                result = client.classify(args.texts, task=args.task, policy=args.policy)
+                result = client.classify(args.texts, task=args.task, policy=args.policy, truncate=args.truncate)
                 for text, r in zip(args.texts, result.results):
                     gate = f" (off-domain: {r.off_domain})" if r.off_domain else ""
-                    print(f"{r.label}\texit {r.exit_layer}/{r.num_layers}{gate}\t{text}")
+                    cut = " (cut to fit)" if r.truncated else ""
+                    print(f"{r.label}\texit {r.exit_layer}/{r.num_layers}{gate}{cut}\t{text}")
                 print(f"{result.timings.total_ms:.1f} ms, store {result.store_version}")
             elif args.command == "reload":
                 reloaded = client.reload(args.task, args.store)

@@ -6,6 +6,7 @@
     4 room in the queue, reserved: it counts from here until answered   (one lock, microseconds; a full queue
       makes room for a lighter client by pushing out the heaviest one's newest requests)
     5 every text tokenizes within the backbone's limits                 (off the event loop; stops at a bad text)
+      or, when the request asks to truncate, is first cut to fit        (a bounded prefix of each text tokenized)
     6 the batcher, awaited; a caller that goes away takes its texts out of the queue
 A refused request never reaches step 5 unless it is well-formed and has room, so floods of excess texts cost the
 server little beyond gRPC's own cost per call (about half a millisecond of CPU here), and an over-long text costs
@@ -15,6 +16,7 @@ the tokenizing of its prefix.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from concurrent.futures import Executor
@@ -60,16 +62,21 @@ class Admission:
         self._check_deadline(call, deadline, batcher)
         reservation = batcher.reserve(len(call.texts), client)
         try:
-            await asyncio.get_running_loop().run_in_executor(self.executor, validate_prompts, engine, call.texts)
-            pending = batcher.submit(reservation, key, engine, call.texts, deadline)
+            texts, cut = await asyncio.get_running_loop().run_in_executor(self.executor, admitted_texts, engine,
+                                                                          call.texts, call.truncate)
+            pending = batcher.submit(reservation, key, engine, texts, deadline)
         except BaseException:
             batcher.release(reservation)
             raise
         try:
-            return await asyncio.wrap_future(pending.future)
+            outcome = await asyncio.wrap_future(pending.future)
         except asyncio.CancelledError:
             batcher.cancel(pending)
             raise
+        if not any(cut):
+            return outcome
+        return dataclasses.replace(outcome, results=[dataclasses.replace(r, truncated=c)
+                                                     for r, c in zip(outcome.results, cut)])
 
     def _check_bounds(self, call: ClassifyCall, engine: Engine) -> None:
         limit = self.config.max_text_bytes
@@ -78,7 +85,7 @@ class Admission:
         for i, text in enumerate(call.texts):
             if len(text) > limit or len(text.encode("utf-8")) > limit:  # a character is at least one byte
                 raise InputError(f"text {i} is {len(text.encode('utf-8'))} bytes; the limit is {limit}")
-        engine.backbone.check_texts(call.texts)  # empty texts; characters past what the backbone reads
+        engine.backbone.check_texts(call.texts, truncate=call.truncate)  # empty; characters past what it reads
 
     def _batch_key(self, call: ClassifyCall, engine: Engine) -> BatchKey:
         engine.resolve(call.policy)  # the engine's own rules: static:L within the layers, k within range
@@ -93,6 +100,16 @@ class Admission:
             raise DeadlineExpired(f"the deadline ({max(left, 0) * 1e3:.0f} ms left) cannot be met: about "
                                   f"{(needed or 0) * 1e3:.0f} ms of work is ahead of this request; allow more time "
                                   "or retry later")
+
+
+def admitted_texts(engine: Engine, texts: list[str], truncate: bool) -> tuple[list[str], list[bool]]:
+    """The texts as the batcher will get them, and which were cut: with truncate each is first cut to the backbone's
+    token limit (raee.truncation, which tokenizes a bounded prefix of each, however long), then all are validated."""
+    cut = [False] * len(texts)
+    if truncate:
+        texts, cut = engine.fit(texts)
+    validate_prompts(engine, texts)
+    return texts, cut
 
 
 def validate_prompts(engine: Engine, texts: list[str]) -> None:

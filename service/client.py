@@ -45,6 +45,7 @@ class ServedClassification:
     layers_run: int
     neighbours: tuple[Neighbour, ...] = ()
     off_domain: str = ""  # "", or why the off-domain gate sent the text to full depth: far, disagree, shifted
+    truncated: bool = False  # the text was cut to the backbone's token limit (a request with truncate)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class Request:
     k: int | None = None  # neighbours, overriding the policy's
     neighbours: bool = False
     request_id: str = ""
+    truncate: bool = False  # cut texts past the backbone's token limit instead of having them refused
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ class ReloadResult:
 def _request(r: Request) -> pb.ClassifyRequest:
     policy = ExitPolicy.parse(r.policy)
     return pb.ClassifyRequest(task=r.task, texts=list(r.texts), **to_wire(policy.with_k(r.k)),
-                              return_neighbours=r.neighbours, request_id=r.request_id)
+                              return_neighbours=r.neighbours, request_id=r.request_id, truncate=r.truncate)
 
 
 def _status(number: int) -> grpc.StatusCode:
@@ -152,7 +154,8 @@ def _result(response: pb.ClassifyResponse) -> ClassifyResult:
     t = response.timings
     return ClassifyResult(
         tuple(ServedClassification(c.label, c.label_index, tuple(c.scores), c.exit_layer, c.num_layers, c.layers_run,
-                             tuple(Neighbour(n.id, n.similarity) for n in c.neighbours), c.off_domain)
+                             tuple(Neighbour(n.id, n.similarity) for n in c.neighbours), c.off_domain,
+                             c.truncated)
               for c in response.results),
         Timings(t.queue_ms, t.key_ms, t.search_ms, t.backbone_ms, t.total_ms), response.store_version,
         response.request_id)
@@ -198,9 +201,11 @@ class Client:
                 raise RaeeClientError(exc.code(), exc.details() or "") from None
 
     def classify(self, texts: list[str], task: str, *, policy: ExitPolicy | str = "calibrated",
-                 k: int | None = None, neighbours: bool = False) -> ClassifyResult:
-        """policy: calibrated (the store's, the default), raee, full or static:L; k overrides its neighbours."""
-        request = _request(Request(tuple(texts), task, policy, k, neighbours))
+                 k: int | None = None, neighbours: bool = False, truncate: bool = False) -> ClassifyResult:
+        """policy: calibrated (the store's, the default), raee, full or static:L; k overrides its neighbours.
+        truncate: texts past the backbone's token limit are cut to fit (their results say `truncated`) instead of
+        refused with INVALID_ARGUMENT."""
+        request = _request(Request(tuple(texts), task, policy, k, neighbours, truncate=truncate))
         return _result(self._call(self._stub.Classify, request))
 
     def stream(self, requests: Iterable[Request]) -> Iterator[ClassifyResult]:

@@ -24,12 +24,14 @@ class ClassifyCall:
     policy: ExitPolicy  # calibrated, raee, full or static:L, with the request's k (if any) folded in
     neighbours: bool  # return each text's neighbours
     request_id: str
+    truncate: bool = False  # cut texts past the backbone's token limit instead of refusing them
 
 
 def classify_call(request: pb.ClassifyRequest) -> ClassifyCall:
     layer = request.static_layer if request.HasField("static_layer") else None
     policy = from_wire(request.policy, layer, request.k)
-    return ClassifyCall(request.task, list(request.texts), policy, request.return_neighbours, request.request_id)
+    return ClassifyCall(request.task, list(request.texts), policy, request.return_neighbours, request.request_id,
+                        request.truncate)
 
 
 def classify_response(call: ClassifyCall, outcome: BatchOutcome, total_ms: float) -> pb.ClassifyResponse:
@@ -37,7 +39,7 @@ def classify_response(call: ClassifyCall, outcome: BatchOutcome, total_ms: float
     return pb.ClassifyResponse(
         results=[pb.Classification(
             label=r.label, label_index=r.label_index, scores=r.scores, exit_layer=r.exit_layer,
-            num_layers=r.num_layers, layers_run=r.layers_run, off_domain=r.off_domain,
+            num_layers=r.num_layers, layers_run=r.layers_run, off_domain=r.off_domain, truncated=r.truncated,
             neighbours=[pb.Neighbour(id=n.id, similarity=n.similarity) for n in r.neighbours])
             for r in outcome.results],
         timings=pb.StageTimings(queue_ms=outcome.queue_ms, key_ms=times.key_ms, search_ms=times.search_ms,

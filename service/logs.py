@@ -3,7 +3,8 @@ progress bars or gRPC's C core on the way.
 
 A request line names the request id (the caller's `x-request-id` metadata, else the request's request_id, else one
 made up; unary calls get it back in trailing metadata), the task, the number of texts, the policy, the exit layers
-(min/mean/max over the texts, of the depth), the milliseconds and the status code.
+(min/mean/max over the texts, of the depth), how many texts were cut to fit (a request with truncate), the
+milliseconds and the status code.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ def request_id(metadata: Sequence[tuple[str, str | bytes]] | None, own: str = ""
 
 
 def log_request(rid: str, task: str, texts: int, policy: str, exits: Sequence[int], num_layers: int, ms: float,
-                code: str) -> None:
+                code: str, truncated: int = 0) -> None:
     """The one line of a Classify request (or of one request of a stream)."""
     if not requests_log.isEnabledFor(logging.INFO):
         return
     summary = (f"{min(exits)}/{sum(exits) / len(exits):.1f}/{max(exits)} of {num_layers}" if exits else "-")
     fields = {"request_id": rid, "task": task[:100], "texts": texts, "policy": policy, "exit_layers": summary,
-              "ms": round(ms, 2), "code": code}
+              "truncated": truncated, "ms": round(ms, 2), "code": code}
     requests_log.info("request %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})

@@ -51,6 +51,8 @@ class ServerMetrics:
                                   ["task", "reason"], registry=r)
         self.retrieval_texts = Counter("raee_retrieval_texts", "Texts whose exit a retrieval policy (calibrated or "
                                        "RAEE) chose", ["task"], registry=r)
+        self.truncated_texts = Counter("raee_truncated_texts", "Texts cut to the backbone's token limit because "
+                                       "their request asked to truncate", ["task"], registry=r)
         self.batch_size = Histogram("raee_batch_size", "Rows per backbone batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.queue_depth = Gauge("raee_queue_depth", "Texts admitted and not yet answered (max_queue bounds it)",

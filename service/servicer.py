@@ -55,7 +55,7 @@ class RaeeServicer:
         self._observe(call, outcome, received)
         total_ms = (time.perf_counter() - received) * 1e3
         logs.log_request(rid, call.task, len(call.texts), str(call.policy), [r.exit_layer for r in outcome.results],
-                         outcome.results[0].num_layers, total_ms, "OK")
+                         outcome.results[0].num_layers, total_ms, "OK", sum(r.truncated for r in outcome.results))
         return convert.classify_response(call, outcome, total_ms)
 
     async def ClassifyStream(self, requests: AsyncIterator[pb.ClassifyRequest | Malformed],
@@ -107,6 +107,8 @@ class RaeeServicer:
         for stage, ms in zip(STAGES, (outcome.queue_ms, times.key_ms, times.search_ms, times.backbone_ms)):
             self.metrics.stage_seconds.labels(stage).observe(ms / 1e3)
         self.metrics.request_seconds.labels(call.task).observe(time.perf_counter() - received)
+        if call.truncate:
+            self.metrics.truncated_texts.labels(call.task).inc(sum(r.truncated for r in outcome.results))
         if call.policy.uses_neighbours:  # calibrated or RAEE: the exits retrieval chose
             exit_layer = self.metrics.depth(outcome.results[0].num_layers)
             for r in outcome.results:

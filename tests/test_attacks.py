@@ -203,6 +203,19 @@ def test_over_long_texts_are_refused_after_one_text_is_tokenized(serve, counted_
     assert counted_tokenizer.characters < len(text)  # refused on part of one text, not 64 texts
 
 
+def test_a_huge_text_with_truncate_is_cut_after_tokenizing_a_bounded_prefix(serve, stores, counted_tokenizer):
+    server = serve(max_text_bytes=2_000_000)
+    text = "good film " * 200_000  # 2 MB: within this server's byte limit, a thousand times the backbone's max_chars
+    counted_tokenizer.characters = 0  # the server's warm-up query
+    with Client(f"127.0.0.1:{server.port}", retries=0, timeout=30) as c:
+        with pytest.raises(RaeeClientError) as info:
+            c.classify([text], task="sst2")
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and counted_tokenizer.characters == 0  # unread
+        result = c.classify([text], task="sst2", truncate=True).results[0]
+    assert result.truncated
+    assert counted_tokenizer.characters <= 20 * stores["backbone"].max_chars  # a few windows, not 2 MB
+
+
 def test_a_client_that_keeps_sending_bad_input_is_answered_late_and_others_are_not(serve):
     server = serve()
     flooder = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}",

@@ -16,7 +16,7 @@ from raee.exit_policy import ExitPolicy
 from raee.keys import KeySpec
 from raee.store import load_store
 from raee.tasks import BUILTIN_TASKS
-from tests.tiny import tiny_backbone
+from tests.tiny import synthetic_texts, tiny_backbone
 
 TASK = BUILTIN_TASKS["sst2"]
 POLICIES = ["calibrated", "calibrated:best", "raee", "raee:k=4", "raee:earliest_ratio=0.5", "raee:use_tau=false",
@@ -125,7 +125,36 @@ def test_evaluation_skips_test_items_the_backbone_cannot_read(store_dir, sst2_li
     examples = read_examples(sst2_like, TASK)[160:170]
     unreadable = [Example("good " * 100, 1, 998), Example("x" * 10_000, 0, 999)]  # too many tokens; characters
     evaluator = Evaluator(engine, [*examples, *unreadable], ["raee"], progress=False)
-    assert evaluator.examples == examples and "998, 999" in caplog.text
+    assert evaluator.examples == examples and "998, 999" in caplog.text and evaluator.truncated == 0
+
+
+def test_evaluation_with_truncate_cuts_test_items_the_backbone_cannot_read(store_dir, sst2_like):
+    engine = Engine(load_store(store_dir), tiny_backbone("bert-encoder"))
+    examples = read_examples(sst2_like, TASK)[160:170]
+    unreadable = [Example("good " * 100, 1, 998), Example("x" * 10_000, 0, 999)]  # too many tokens; characters
+    evaluator = Evaluator(engine, [*examples, *unreadable], ["raee", "full"], progress=False, truncate=True)
+    assert evaluator.truncated == 2 and evaluator.examples[:10] == examples
+    assert [e.text for e in evaluator.examples[10:]] == engine.fit([e.text for e in unreadable])[0]
+    full = engine.classify([e.text for e in unreadable], policy="full", truncate=True)
+    assert evaluator.view.label_logits[10:, -1].argmax(axis=1).tolist() == [r.label_index for r in full]
+
+
+def test_raee_eval_truncate_flag_reports_the_items_cut(stores, tmp_path, capsys):
+    from indexer.evaluate import main
+    items = [*({"text": t, "label": y} for t, y in synthetic_texts(6, seed=5)),
+             {"text": "good film " * 100, "label": "positive"}, {"text": "dull " * 3000, "label": "negative"}]
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps(item) + "\n" for item in items))
+    args = ["--store", stores["current"], "--test", str(test_file), "--policies", "full,raee", "--timing-sample", "0",
+            "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    assert "2 too long for the backbone, skipped" in capsys.readouterr().out
+    figures = json.loads((tmp_path / "r.json").read_text())
+    assert (figures["n"], figures["n_read"], figures["n_truncated"]) == (6, 8, 0)
+    assert main([*args, "--truncate"]) == 0
+    assert "2 too long for the backbone, cut to fit" in capsys.readouterr().out
+    figures = json.loads((tmp_path / "r.json").read_text())
+    assert (figures["n"], figures["n_read"], figures["n_truncated"]) == (8, 8, 2)
 
 
 @pytest.mark.slow

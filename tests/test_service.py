@@ -3,6 +3,7 @@ under traffic, deadlines, metrics, fuzzing and SIGTERM draining. tests/test_atta
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -118,6 +119,39 @@ def test_bad_input_is_invalid_argument_with_a_reason(client, call, message):
         client.classify(**call)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert message in info.value.message
+
+
+OVER_LONG = "a dull film " + "! " * 90  # 192 bytes, within the byte limit; 95 tokens with its prompt, over 64
+
+
+def test_truncate_cuts_over_long_texts_instead_of_refusing_them(client, server, stores, caplog):
+    """Refused without truncate; with it, answered as the Engine answers with truncate (the cut text), marked
+    truncated, counted and logged; a text that fits is answered alike either way."""
+    assert code_of(lambda: client.classify([OVER_LONG], task="sst2")) == grpc.StatusCode.INVALID_ARGUMENT
+    counted = truncated_texts(server)
+    with caplog.at_level(logging.INFO, logger="raee-serve.requests"):
+        served = client.classify(["good film", OVER_LONG], task="sst2", policy="raee", truncate=True).results
+    assert [r.fields["truncated"] for r in caplog.records if r.name == "raee-serve.requests"] == [1]
+    expected = Engine(load_store(stores["current"]), stores["backbone"]).classify(["good film", OVER_LONG],
+                                                                                  policy="raee", truncate=True)
+    assert [r.truncated for r in served] == [False, True] == [e.truncated for e in expected]
+    assert [(r.label, r.exit_layer, r.layers_run) for r in served] == [(e.label, e.exit_layer, e.layers_run)
+                                                                      for e in expected]
+    for r, e in zip(served, expected):
+        assert r.scores == pytest.approx(e.scores, abs=1e-6)
+    plain = client.classify(["good film"], task="sst2", policy="raee").results[0]
+    assert (plain.label, plain.exit_layer, plain.truncated) == (served[0].label, served[0].exit_layer, False)
+    assert plain.scores == pytest.approx(served[0].scores, abs=1e-6)
+    streamed = list(client.stream([Request((OVER_LONG,), "sst2", truncate=True), Request((OVER_LONG,), "sst2")]))
+    assert streamed[0].results[0].truncated and streamed[0].results[0].label == served[1].label
+    assert streamed[1].error is not None and streamed[1].error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert truncated_texts(server) == counted + 2
+
+
+def truncated_texts(server) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    found = re.search(r'^raee_truncated_texts_total\{task="sst2"\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def test_policies_the_client_refuses_the_server_refuses_too(client, server):
@@ -391,6 +425,11 @@ def test_admin_cli_info_classify_and_reload_every_address(server, stores, capsys
     assert admin(["--address", address, "info"]) == 0 and '"name": "sst2"' in capsys.readouterr().out
     assert admin(["--address", address, "classify", "--task", "sst2", "good film"]) == 0
     assert "exit" in capsys.readouterr().out
+    assert admin(["--address", address, "classify", "--task", "sst2", OVER_LONG]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    assert admin(["--address", address, "classify", "--task", "sst2", "--truncate", "good film", OVER_LONG]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "cut to fit" not in out[0] and "(cut to fit)" in out[1]
     assert admin(["--address", admin_address, "reload", "--every-address", "--task", "sst2", "--store",
                   stores["current"]]) == 0
     assert f"{admin_address} sst2:" in capsys.readouterr().out

@@ -166,8 +166,9 @@ class Backbone(ABC):
                 self._heads[spec] = self.make_head(spec)
             return self._heads[spec]
 
-    def check_texts(self, texts: Sequence[str]) -> None:
-        """Raise InputError for an empty batch, an empty text or one too long to read; name the text's index."""
+    def check_texts(self, texts: Sequence[str], *, truncate: bool = False) -> None:
+        """Raise InputError for an empty batch, an empty text or one too long to read; name the text's index.
+        truncate: a long text is not refused here, as it will be cut to fit (raee.truncation)."""
         if isinstance(texts, (str, bytes)) or not isinstance(texts, (list, tuple)):
             raise InputError(f"texts must be a list of strings, got {type(texts).__name__}")
         if not texts:
@@ -175,7 +176,7 @@ class Backbone(ABC):
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise InputError(f"text {i} is empty")
-            if self.refuses_unread(text):
+            if self.refuses_unread(text) and not truncate:
                 raise InputError(f"text {i} has {len(text)} characters, more than this backbone reads "
                                  f"({self.max_tokens} tokens)")
 
@@ -209,6 +210,15 @@ class Backbone(ABC):
 
     def token_counts(self, prompts: Sequence[str]) -> list[int]:
         return [len(ids) for ids in self.tokenize(prompts)]
+
+    def token_spans(self, prompt: str) -> list[tuple[int, int]] | None:
+        """The (start, end) characters of `prompt` behind each of its tokens, as `tokenize` makes them ((0, 0) for
+        a special token); None from a tokenizer that cannot tell (a slow, pure-Python one). Offsets are read off
+        the same encoding under the same settings, so this too needs no lock."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return None
+        encoded = self.tokenizer([prompt], add_special_tokens=self.add_special_tokens, return_offsets_mapping=True)
+        return [(int(start), int(end)) for start, end in encoded["offset_mapping"][0]]
 
     def check_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         """Raise InputError for a prompt that would fail in a batch: too many tokens, or a kind-specific fault
