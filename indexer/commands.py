@@ -141,11 +141,10 @@ def export(args: argparse.Namespace) -> int:
                              f"(0..{backbone.max_prefix_layer})")
     print(f"exported {backbone.source} ({backbone.family.name}, {backbone.precision}) to {backbone.family.directory}")
     for depth in args.prefix_layers:
-        if backbone.prepare_prefix(depth):
-            print(f"exported its prefix graph to layer {depth}")
-        else:
-            print(f"no prefix graph to layer {depth} (the warning above says why): keys there are computed layer "
-                  "by layer")
+        if not backbone.prepare_prefix(depth):  # an image built without it would serve slower, unnoticed
+            raise BackboneError(f"no usable prefix graph to layer {depth} (the warning above says why); a server "
+                                "would compute those keys layer by layer")
+        print(f"exported its prefix graph to layer {depth}")
     return 0
 
 

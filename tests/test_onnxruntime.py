@@ -156,6 +156,35 @@ def test_a_prefix_graph_that_fails_its_check_is_not_used(monkeypatch, caplog):
     assert runs == {"embeddings": 1} and fwd.layer == 1 and len(early) == 2
 
 
+def test_a_prefix_graph_that_parts_from_the_layers_is_caught_by_its_check(monkeypatch, tmp_path, caplog):
+    import raee.backbones.onnx as onnx
+
+    backbone = on_onnxruntime("bert-encoder")
+    cache.use(tmp_path)  # the wrong graph goes to a cache of its own
+    try:
+        original = onnx._Prefix.forward
+
+        def skips_the_last_layer(self, input_ids, mask):
+            states = original(self, input_ids, mask)
+            return (*states[:-2], states[-3], states[-1])  # the state "after" layer K is layer K-1's
+
+        monkeypatch.setattr(onnx._Prefix, "forward", skips_the_last_layer)
+        with caplog.at_level(logging.WARNING):
+            assert backbone.prepare_prefix(2) is False
+    finally:
+        cache.use(None)
+    assert "parts from the per-layer graphs at layer 2" in caplog.text
+
+
+def test_the_prefix_export_key_is_the_same_on_either_runtime():
+    """Made from the torch adapter's code whichever adapter the backbone runs on, so a change to that code makes a
+    new prefix export, as it makes new per-layer graphs."""
+    from raee.backbones.onnx import export_key
+
+    assert export_key(tiny_backbone("bert-encoder"), 2) == export_key(on_onnxruntime("bert-encoder"), 2)
+    assert export_key(tiny_backbone("bert-encoder"), 2).endswith("-prefix2")
+
+
 def test_a_damaged_prefix_graph_is_exported_again():
     backbone = on_onnxruntime("bert-encoder")
     backbone.prepare_prefix(1)
@@ -168,15 +197,20 @@ def test_a_damaged_prefix_graph_is_exported_again():
 
 
 @pytest.mark.slow
-def test_engine_exits_and_labels_equal_on_both_runtimes(sst2_like, tmp_path):
+@pytest.mark.parametrize("name", ["bert-encoder", "bert-mlm"])
+def test_engine_exits_and_labels_equal_on_both_runtimes(name, sst2_like, tmp_path):
     examples = read_examples(sst2_like, TASK)
-    build_store(tmp_path / "s", TASK, tiny_backbone("bert-encoder"), examples, key=KeySpec("prefix", 1),
-                progress=False)
+    build_store(tmp_path / "s", TASK, tiny_backbone(name), examples, key=KeySpec("prefix", 1), progress=False)
     queries = [t for t, _ in synthetic_texts(24, seed=4)]
-    on_torch = Engine(load_store(tmp_path / "s"), tiny_backbone("bert-encoder")).classify(queries)
-    on_ort = Engine(load_store(tmp_path / "s"), on_onnxruntime("bert-encoder")).classify(queries)
+    on_torch = Engine(load_store(tmp_path / "s"), tiny_backbone(name)).classify(queries)
+    ort_engine = Engine(load_store(tmp_path / "s"), on_onnxruntime(name))
+    assert ort_engine.backbone.family._prefixes[1] is not None  # the key came from the prefix graph
+    on_ort = ort_engine.classify(queries)
     assert [(r.exit_layer, r.label) for r in on_ort] == [(r.exit_layer, r.label) for r in on_torch]
     np.testing.assert_allclose([r.scores for r in on_ort], [r.scores for r in on_torch], atol=1e-5)
+    one_by_one = [ort_engine.classify([q])[0] for q in queries[:6]]  # batch 1, as a lone client sends
+    assert [(r.exit_layer, r.label) for r in one_by_one] == [(r.exit_layer, r.label) for r in on_torch[:6]]
+    np.testing.assert_allclose([r.scores for r in one_by_one], [r.scores for r in on_torch[:6]], atol=1e-5)
 
 
 @pytest.mark.slow

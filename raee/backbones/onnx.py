@@ -11,6 +11,9 @@ the sha256 of every graph; an export whose files do not match is stale and rebui
 deployment ships them (`raee-index export`, at image build); where the cache cannot be written, the export goes to
 a temporary directory with a warning.
 
+A store keyed `prefix:K` also gets a prefix graph (PrefixGraph): the embeddings, layers 1..K and the key's pooling
+as one graph, exported on first use beside the per-layer graphs and checked against them wherever it is loaded.
+
 Before an export is used, its fp32 graphs are run on the self-check's probe and compared layer by layer with the
 torch adapter (float tolerance). int8 graphs (onnxruntime dynamic quantization of the checked fp32 graphs) cannot
 equal fp32, so the check there is that every layer's states stay close in direction to fp32's (mean cosine),
@@ -19,6 +22,8 @@ which catches a broken quantization, not the expected rounding.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import inspect
 import json
@@ -28,6 +33,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,8 +153,8 @@ class OnnxRuntimeFamily(Family):
     def prepare_prefix(self, backbone: Backbone, depth: int) -> bool:
         """Export (or find) the prefix graph to layer `depth` and check it on the self-check's probe against these
         per-layer graphs, which the store's records came from: states at every layer 0..depth and the keys within
-        float tolerance. A graph that fails is not used (a warning says so): keys are then computed layer by layer,
-        slower but the same."""
+        float tolerance. A graph that fails its check, or cannot be exported or loaded, is not used (a warning says
+        so): keys are then computed layer by layer, slower but the same."""
         if depth in self._prefixes:
             return self._prefixes[depth] is not None
         graph: PrefixGraph | None = None
@@ -156,8 +162,9 @@ class OnnxRuntimeFamily(Family):
             directory = ensure_export(backbone, self._precision, prefix=depth)
             graph = PrefixGraph(self._session(directory / PREFIX_GRAPH), self.layers[:depth])
             _check_prefix(backbone, self, graph, depth)
-        except BackboneError as e:
-            log.warning("%s; prefix keys at layer %d are computed layer by layer", e, depth)
+        except Exception as e:  # an export, file or session error too: the per-layer graphs still serve
+            log.warning("no prefix graph to layer %d (%s: %s); prefix keys there are computed layer by layer", depth,
+                        type(e).__name__, e)
             graph = None
         self._prefixes[depth] = graph
         return graph is not None
@@ -241,13 +248,28 @@ def ensure_export(backbone: Backbone, precision: Precision, prefix: int | None =
         log.warning("the export cache %s cannot be written; exporting to %s for this process only. Ship exports "
                     "with the deployment (raee-index export)", cache.cache_dir(), root)
         directory, fp32 = root / f"{key}-{precision}", root / f"{key}-fp32"
-    if precision == "int8" and not _is_complete(fp32, key):
-        _publish(fp32, export)
-    if precision == "fp32":
-        _publish(directory, export)
-    else:
-        _publish(directory, lambda staging: _quantize_int8(backbone, fp32, staging, check=prefix is None))
+    with _exporting(root, key):
+        if _is_complete(directory, key):  # another process exported it while this one waited
+            return directory
+        if precision == "int8" and not _is_complete(fp32, key):
+            _publish(fp32, export)
+        if precision == "fp32":
+            _publish(directory, export)
+        else:
+            _publish(directory, lambda staging: _quantize_int8(backbone, fp32, staging, check=prefix is None))
     return directory
+
+
+@contextlib.contextmanager
+def _exporting(root: Path, key: str) -> Iterator[None]:
+    """Hold the export lock of `key` in `root`: processes sharing a cache (replicas starting together) export it
+    once, and none replaces a directory another is loading."""
+    with open(root / f".{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def export_key(backbone: Backbone, prefix: int | None = None) -> str:
@@ -256,10 +278,12 @@ def export_key(backbone: Backbone, prefix: int | None = None) -> str:
     import onnxruntime
     import transformers
 
-    code = [inspect.getsource(cls) for cls in type(backbone.family).__mro__ if cls is not object]
+    family = backbone.family  # the torch adapter's code is what the graphs are made from, on either runtime
+    exported = family.torch_family if isinstance(family, OnnxRuntimeFamily) else family
+    code = [inspect.getsource(cls) for cls in type(exported).__mro__ if cls is not object]
     parts = [backbone.fingerprint(), backbone.model.config.to_json_string(), inspect.getsource(_export_fp32),
-             inspect.getsource(OnnxRuntimeFamily), *code, torch.__version__, transformers.__version__,
-             onnxruntime.__version__, str(OPSET)]
+             inspect.getsource(_Embeddings), inspect.getsource(OnnxRuntimeFamily), *code, torch.__version__,
+             transformers.__version__, onnxruntime.__version__, str(OPSET)]
     if prefix is not None:
         from raee.backbones.base import mean_pool
 
