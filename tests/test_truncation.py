@@ -8,7 +8,7 @@ import re
 
 import pytest
 import transformers as tf
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import models, pre_tokenizers
 
 from raee.backbones import MaskedLMBackbone
 from raee.engine import Engine
@@ -16,7 +16,7 @@ from raee.errors import InputError
 from raee.store import load_store
 from raee.tasks import BUILTIN_TASKS, Prompting
 from raee.truncation import fit_text, fit_texts, last_fitting
-from tests.tiny import CONTENT_WORDS, SPECIALS, tiny_backbone, tiny_model
+from tests.tiny import CONTENT_WORDS, SPECIALS, bert_style_tokenizer, tiny_backbone, tiny_model
 
 TASK = BUILTIN_TASKS["sst2"]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -35,13 +35,8 @@ def letter_tokenizer(slow_dir=None):
         vocab = slow_dir / "vocab.txt"
         vocab.write_text("\n".join(PIECES) + "\n")
         return tf.BertTokenizer(str(vocab), do_lower_case=True)
-    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(PIECES)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                      sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+    return bert_style_tokenizer(models.WordPiece({p: i for i, p in enumerate(PIECES)}, unk_token="[UNK]"),
+                                pre_tokenizers.BertPreTokenizer(), model_max_length=128)
 
 
 @pytest.fixture(scope="module", params=["words", "letters", "letters, slow"])

@@ -28,13 +28,20 @@ POSITIVE = {"good", "fine", "lovely", "bright", "funny", "warm", "clever", "bril
 
 def make_tokenizer() -> tf.PreTrainedTokenizerFast:
     """A lower-casing word-level tokenizer that wraps inputs in [CLS] ... [SEP]."""
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    return bert_style_tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"),
+                                pre_tokenizers.Whitespace(), model_max_length=64)
+
+
+def bert_style_tokenizer(model: models.Model, pre_tokenizer: pre_tokenizers.PreTokenizer,
+                         model_max_length: int) -> tf.PreTrainedTokenizerFast:
+    """A lower-casing tokenizer over `model` that wraps inputs in [CLS] ... [SEP] (ids 2 and 3), as BERT's does."""
+    tok = Tokenizer(model)
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = pre_tokenizer
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
                                                        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                      sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
+                                      sep_token="[SEP]", mask_token="[MASK]", model_max_length=model_max_length)
 
 
 SMALL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
