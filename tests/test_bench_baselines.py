@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from tests.tiny import tiny_backbone
@@ -21,6 +22,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow
 def test_the_whole_model_graph_gets_the_rows_threads_not_torchs(tmp_path):
     bench = load_bench()
     model = tiny_backbone("bert-encoder").model.eval()

@@ -49,6 +49,7 @@ def test_shards_and_merge(checkpoint, sst2_like, tmp_path, capsys):
     assert "240 items" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_tune_reports_a_choice(checkpoint, sst2_like, tmp_path, capsys):
     assert raee_index(["tune", "--task", "sst2", "--train", str(sst2_like), "--backbone", checkpoint,
                        "--keys", "prefix:0,prefix:1", "--ks", "4,12", "--taus", "0.9", "--no-progress",
@@ -82,6 +83,7 @@ def test_an_unwritable_out_fails_in_one_line_before_any_model_runs(tmp_path, sst
     assert err.count("\n") == 1 and "cannot write the store: Not a directory" in err
 
 
+@pytest.mark.slow
 def test_an_os_error_while_writing_is_one_line_and_exit_2(checkpoint, sst2_like, tmp_path, monkeypatch, capsys):
     import raee.store
 
@@ -96,6 +98,7 @@ def test_an_os_error_while_writing_is_one_line_and_exit_2(checkpoint, sst2_like,
     assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_export_writes_the_prefix_graphs_asked_for(checkpoint, capsys):
     from raee import cache
 

@@ -91,6 +91,7 @@ def test_get_info_reports_the_token_limit(server, stores):
         assert client.info().limits["max_tokens"] == stores["backbone"].max_tokens > 0
 
 
+@pytest.mark.slow
 def test_max_connection_age_closes_connections_without_failing_calls(stores):
     from service.config import ServerConfig
     from service.server import RaeeServer
@@ -120,6 +121,7 @@ def make_certificate(directory, name: str) -> tuple[str, str]:
     return str(key), str(cert)
 
 
+@pytest.mark.slow
 def test_raee_admin_speaks_tls_and_mutual_tls(stores, tmp_path, capsys):
     from service.admin import main as raee_admin
     from service.config import ServerConfig

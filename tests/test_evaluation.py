@@ -139,6 +139,7 @@ def test_evaluation_with_truncate_cuts_test_items_the_backbone_cannot_read(store
     assert evaluator.view.label_logits[10:, -1].argmax(axis=1).tolist() == [r.label_index for r in full]
 
 
+@pytest.mark.slow
 def test_raee_eval_truncate_flag_reports_the_items_cut(stores, tmp_path, capsys):
     from indexer.evaluate import main
     items = [*({"text": t, "label": y} for t, y in synthetic_texts(6, seed=5)),

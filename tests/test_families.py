@@ -150,6 +150,7 @@ def test_a_sentence_encoder_pools_as_its_checkpoint_says(tmp_path):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_sentence_transformers_module_after_pooling_is_refused(tmp_path):
     from sentence_transformers import SentenceTransformer, models
 

@@ -185,6 +185,7 @@ def test_the_prefix_export_key_is_the_same_on_either_runtime():
     assert export_key(tiny_backbone("bert-encoder"), 2).endswith("-prefix2")
 
 
+@pytest.mark.slow
 def test_a_damaged_prefix_graph_is_exported_again():
     backbone = on_onnxruntime("bert-encoder")
     backbone.prepare_prefix(1)
@@ -230,6 +231,7 @@ def test_a_store_is_refused_at_another_precision(sst2_like, tmp_path, caplog):
     Engine(store, on_onnxruntime("bert-mlm", "int8")).classify(TEXTS[:2])  # its own precision serves
 
 
+@pytest.mark.slow
 def test_the_export_is_made_once_and_a_stale_one_is_rebuilt():
     """Seen from the cache directory: a second load writes nothing; a damaged graph is exported anew, whole."""
     first = on_onnxruntime("roberta-mlm")
