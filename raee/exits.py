@@ -26,6 +26,7 @@ class RecordArrays:
 
     records: ExitRecords
     _values: dict[str, np.ndarray] = field(default_factory=dict)
+    _means: dict[str, np.ndarray] = field(default_factory=dict)
 
     def values(self, kind: RecordValues | Literal["probability"]) -> np.ndarray:
         """(N, L+1): "correct", "confidence" (the accuracy rule's) or "probability" (RAEE's records)."""
@@ -33,6 +34,12 @@ class RecordArrays:
             self._values[kind] = (self.records.record_probability() if kind == "probability" else
                                   self.records.record_values(kind))
         return self._values[kind]
+
+    def mean(self, kind: RecordValues) -> np.ndarray:
+        """(L+1,) values(kind) averaged over the store's items (what the accuracy rule shrinks to)."""
+        if kind not in self._means:
+            self._means[kind] = self.values(kind).mean(axis=0)
+        return self._means[kind]
 
     @property
     def num_layers(self) -> int:
@@ -93,7 +100,8 @@ def decide(resolved: Resolved, similarities: np.ndarray, neighbour_ids: np.ndarr
         exits = exit_layers_from_scores(scores, rule.earliest_ratio)
         no_evidence = scores.max(axis=1) <= 0
     else:
-        exits = accuracy_exit_layers(similarities, neighbour_ids, arrays.values(rule.values), rule, key_layer)
+        exits = accuracy_exit_layers(similarities, neighbour_ids, arrays.values(rule.values), rule, key_layer,
+                                     arrays.mean(rule.values))
         no_evidence = ~(neighbour_ids[:, :rule.k] >= 0).any(axis=1)
     reasons = np.full(q, "", dtype=object)
     gate = resolved.gate

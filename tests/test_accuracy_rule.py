@@ -79,6 +79,12 @@ def test_vectorised_rule_matches_the_reference(seed, k):
             ours = accuracy_exit_layers(sims, ids, values, config, key_layer)
             expected = [reference_exit_layer(sims[i], ids[i], values, config, key_layer) for i in range(q)]
             assert ours.tolist() == expected, (config, key_layer)
+            served = accuracy_exit_layers(sims, ids, values, config, key_layer, values.mean(axis=0))
+            assert served.tolist() == expected, (config, key_layer)  # the engine passes the store's mean, cached
+        plain = estimated_accuracy(sims, ids, values, config)
+        np.testing.assert_allclose(estimated_accuracy(sims, ids, values, config, store_mean=values.mean(axis=0)), plain)
+        if config.prior:  # the mean passed is the one used
+            assert not np.allclose(estimated_accuracy(sims, ids, values, config, store_mean=np.zeros(layers)), plain)
 
 
 @pytest.mark.parametrize("bad", [dict(k=0), dict(temperature=0), dict(prior=-1), dict(values="votes"),
