@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 PREFIX_GRAPH = "prefix.onnx"
+TOKEN_AXES = {0: "batch", 1: "tokens"}  # the dynamic axes of a (B, T, ...) input or output
 
 
 class OrtLayer:
@@ -225,6 +226,7 @@ def ensure_export(backbone: Backbone, precision: Precision, prefix: int | None =
     """The directory of this backbone's checked graphs at `precision`, exported now if missing or stale; with
     `prefix`, of its prefix graph to that layer instead (PREFIX_GRAPH, checked where it is loaded)."""
     key = export_key(backbone, prefix)
+    graph = "embeddings.onnx" if prefix is None else PREFIX_GRAPH  # what a complete export must hold
     if prefix is None:
         def export(staging: Path) -> dict[str, Any]:
             return _export_fp32(backbone, staging, key)
@@ -233,7 +235,7 @@ def ensure_export(backbone: Backbone, precision: Precision, prefix: int | None =
             return _export_prefix(backbone, staging, prefix)
     root = cache.cache_dir() / "onnx"
     directory = root / f"{key}-{precision}"
-    if _is_complete(directory, key):
+    if _is_complete(directory, key, graph):
         return directory
     if directory.exists():
         log.warning("onnxruntime export %s is incomplete or does not match its checksums; rebuilding it", directory)
@@ -249,9 +251,9 @@ def ensure_export(backbone: Backbone, precision: Precision, prefix: int | None =
                     "with the deployment (raee-index export)", cache.cache_dir(), root)
         directory, fp32 = root / f"{key}-{precision}", root / f"{key}-fp32"
     with _exporting(root, key):
-        if _is_complete(directory, key):  # another process exported it while this one waited
+        if _is_complete(directory, key, graph):  # another process exported it while this one waited
             return directory
-        if precision == "int8" and not _is_complete(fp32, key):
+        if precision == "int8" and not _is_complete(fp32, key, graph):
             _publish(fp32, export)
         if precision == "fp32":
             _publish(directory, export)
@@ -278,12 +280,11 @@ def export_key(backbone: Backbone, prefix: int | None = None) -> str:
     import onnxruntime
     import transformers
 
-    family = backbone.family  # the torch adapter's code is what the graphs are made from, on either runtime
-    exported = family.torch_family if isinstance(family, OnnxRuntimeFamily) else family
-    code = [inspect.getsource(cls) for cls in type(exported).__mro__ if cls is not object]
-    parts = [backbone.fingerprint(), backbone.model.config.to_json_string(), inspect.getsource(_export_fp32),
-             inspect.getsource(_Embeddings), inspect.getsource(OnnxRuntimeFamily), *code, torch.__version__,
-             transformers.__version__, onnxruntime.__version__, str(OPSET)]
+    code = [inspect.getsource(cls) for cls in type(_torch_adapter(backbone.family)).__mro__ if cls is not object]
+    exporting = [_export_fp32, _export, _tracing_batch, _Embeddings, OnnxRuntimeFamily]
+    parts = [backbone.fingerprint(), backbone.model.config.to_json_string(),
+             *(inspect.getsource(obj) for obj in exporting), *code, torch.__version__, transformers.__version__,
+             onnxruntime.__version__, str(OPSET)]
     if prefix is not None:
         from raee.backbones.base import mean_pool
 
@@ -295,23 +296,19 @@ def export_key(backbone: Backbone, prefix: int | None = None) -> str:
 def _export_fp32(backbone: Backbone, staging: Path, key: str) -> dict[str, Any]:
     """Export the embeddings and every layer to staging/, check them against the torch adapter on the probe;
     returns what meta.json records beyond the checksums."""
-    family = backbone.family
-    if not isinstance(family, ExportableEncoder):  # supports_onnxruntime said so before any export
-        raise BackboneError(f"the {family.name} family does not export to onnxruntime")
+    family = _exported_adapter(backbone)
     started = time.perf_counter()
     hidden_size = backbone.hidden_size
-    ids = torch.full((2, 8), backbone.tokenizer.pad_token_id or 0, dtype=torch.long)
-    ids[:, :6] = torch.arange(6) + 5
-    mask = torch.ones(2, 8)
-    mask[1, 6:] = 0
-    dims = {0: "batch", 1: "tokens"}
+    ids, mask = _tracing_batch(backbone)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on traced Python control flow
         try:
-            _export(_Embeddings(family), (ids,), staging / "embeddings.onnx", ["input_ids"], {"input_ids": dims})
+            _export(_Embeddings(family), (ids,), staging / "embeddings.onnx", {"input_ids": TOKEN_AXES},
+                    {"out": TOKEN_AXES})
             for i in range(family.num_layers):
                 _export(family.export_layer(i), (torch.zeros(2, 8, hidden_size), mask),
-                        staging / f"layer_{i:03d}.onnx", ["hidden", "mask"], {"hidden": dims, "mask": dims})
+                        staging / f"layer_{i:03d}.onnx", {"hidden": TOKEN_AXES, "mask": TOKEN_AXES},
+                        {"out": TOKEN_AXES})
         finally:
             backbone.model.eval()  # the exporter may leave modules in training mode: dropout would then be on
     differences = _compare_with_torch(backbone, staging, "fp32")
@@ -323,23 +320,13 @@ def _export_fp32(backbone: Backbone, staging: Path, key: str) -> dict[str, Any]:
 
 def _export_prefix(backbone: Backbone, staging: Path, depth: int) -> dict[str, Any]:
     """Export the embeddings and layers 1..depth with the keys' pooling as one graph (PrefixGraph)."""
-    family = backbone.family
-    torch_family = family.torch_family if isinstance(family, OnnxRuntimeFamily) else family
-    if not isinstance(torch_family, ExportableEncoder):  # supports_onnxruntime said so before any export
-        raise BackboneError(f"the {torch_family.name} family does not export to onnxruntime")
-    ids = torch.full((2, 8), backbone.tokenizer.pad_token_id or 0, dtype=torch.long)
-    ids[:, :6] = torch.arange(6) + 5
-    mask = torch.ones(2, 8)
-    mask[1, 6:] = 0
-    dims = {0: "batch", 1: "tokens"}
-    outputs = [f"state_{i}" for i in range(depth + 1)]
+    ids, mask = _tracing_batch(backbone)
+    states = {f"state_{i}": TOKEN_AXES for i in range(depth + 1)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(_Prefix(torch_family, depth).eval(), (ids, mask), str(staging / PREFIX_GRAPH),
-                              input_names=["input_ids", "mask"], output_names=[*outputs, "keys"],
-                              dynamic_axes={"input_ids": dims, "mask": dims, **{name: dims for name in outputs},
-                                            "keys": {0: "batch"}}, opset_version=OPSET, dynamo=False)
+            _export(_Prefix(_exported_adapter(backbone), depth), (ids, mask), staging / PREFIX_GRAPH,
+                    {"input_ids": TOKEN_AXES, "mask": TOKEN_AXES}, {**states, "keys": {0: "batch"}})
         finally:
             backbone.model.eval()
     log.info("exported the prefix graph of %s to layer %d", backbone.source, depth)
@@ -439,21 +426,44 @@ def _publish(directory: Path, build: Any) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _is_complete(directory: Path, key: str) -> bool:
-    """A finished export of this key whose graphs all match their recorded checksums."""
+def _is_complete(directory: Path, key: str, graph: str) -> bool:
+    """A finished export of this key, holding `graph`, whose graphs all match their recorded checksums."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
     except (OSError, ValueError):
         return False
     files = meta.get("files") or {}
-    if meta.get("key") != key or not files:
+    if meta.get("key") != key or graph not in files:
         return False
     return all((directory / name).is_file() and _sha256(directory / name) == digest for name, digest in files.items())
 
 
-def _export(module: nn.Module, args: tuple[Any, ...], path: Path, names: list[str], dynamic: dict[str, Any]) -> None:
-    torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=["out"],
-                      dynamic_axes={**dynamic, "out": {0: "batch", 1: "tokens"}}, opset_version=OPSET, dynamo=False)
+def _export(module: nn.Module, args: tuple[Any, ...], path: Path, inputs: dict[str, dict[int, str]],
+            outputs: dict[str, dict[int, str]]) -> None:
+    """Export `module` called on `args`; inputs and outputs: name -> its dynamic axes, in call and return order."""
+    torch.onnx.export(module.eval(), args, str(path), input_names=list(inputs), output_names=list(outputs),
+                      dynamic_axes={**inputs, **outputs}, opset_version=OPSET, dynamo=False)
+
+
+def _tracing_batch(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (2, 8), mask (2, 8)) the exports are traced on: the second row padded, so masks are exercised."""
+    ids = torch.full((2, 8), backbone.tokenizer.pad_token_id or 0, dtype=torch.long)
+    ids[:, :6] = torch.arange(6) + 5
+    mask = torch.ones(2, 8)
+    mask[1, 6:] = 0
+    return ids, mask
+
+
+def _torch_adapter(family: Family) -> Family:
+    """The torch adapter the graphs are made from, whichever runtime `family` runs on."""
+    return family.torch_family if isinstance(family, OnnxRuntimeFamily) else family
+
+
+def _exported_adapter(backbone: Backbone) -> ExportableEncoder:
+    family = _torch_adapter(backbone.family)
+    if not isinstance(family, ExportableEncoder):  # supports_onnxruntime said so before any export
+        raise BackboneError(f"the {family.name} family does not export to onnxruntime")
+    return family
 
 
 class _Prefix(nn.Module):
