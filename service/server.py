@@ -45,7 +45,7 @@ from service.registry import StoreRegistry
 from service.reload import Reloader, ReloadGuard, read_token
 from service.servicer import RaeeServicer
 from service.streams import StreamSlots
-from service.throttle import RefusalThrottle
+from service.throttle import Pushback, RefusalThrottle
 
 log = logging.getLogger("raee-serve")
 SERVICE_NAME = SERVICE.full_name  # "raee.v1.Raee"
@@ -69,11 +69,11 @@ class RaeeServer:
         on_public = config.admin and token is not None
         refusal = ("ReloadStore is off on this server (admin: false)" if not config.admin else
                    f"ReloadStore is served on the admin listener only ({config.admin_host}:{config.admin_port})")
-        throttle = RefusalThrottle()
+        throttle, pushback = RefusalThrottle(), Pushback()
         self.servicer = RaeeServicer(config, self.metrics, self.admission, streams,
-                                     ReloadGuard(on_public, token, refusal), throttle)
+                                     ReloadGuard(on_public, token, refusal), throttle, pushback)
         self.admin_servicer = (RaeeServicer(config, self.metrics, self.admission, streams, ReloadGuard(True, token),
-                                            throttle) if config.admin and config.admin_port >= 0 else None)
+                                            throttle, pushback) if config.admin and config.admin_port >= 0 else None)
         self._reloads = ThreadPoolExecutor(1, thread_name_prefix="raee-reload")
         self._backbone = backbone
         self._loop = asyncio.new_event_loop()
