@@ -34,7 +34,7 @@ from raee.engine import load_backbone_for
 from raee.errors import RaeeError
 from raee.runtime import configure_threads
 from raee.store import load_store
-from service import logs, reflection
+from service import heap, logs, reflection
 from service.admission import Admission
 from service.batcher import MicroBatcher
 from service.config import ServerConfig, load_config
@@ -179,6 +179,7 @@ class RaeeServer:
             self.metrics.depth(backbone.num_layers)
             for engine in registry.engines():
                 self.metrics.serving(engine.task.name, engine.store.version)
+            heap.freeze("loaded")
             self.admission.ready(registry, self.batcher)
             self._health_names += tuple(e.task.name for e in registry.engines())
             self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
