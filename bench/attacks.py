@@ -30,6 +30,7 @@ from load import closed_loop, own_channel
 
 from raee.store import resolve_version
 from service.api import pb, pb_grpc
+from service.client import pushback_s
 from service.launch import ServerProcess
 
 TEXTS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés.",
@@ -59,7 +60,8 @@ def valid_load(address: str, seconds: float, out: dict) -> None:
 
 class Probe:
     """One call every 50 ms on a connection of its own, latencies and answers recorded, until stopped: health
-    Check (`Probe.health`) or a one-sentence Classify (`Probe.classify`), as a prober would send them."""
+    Check (`Probe.health`) or a one-sentence Classify (`Probe.classify`), as a prober would send them. After a
+    refusal that says when to come back, it waits that long if longer, as gRPC clients with a retry policy do."""
 
     def __init__(self, call) -> None:
         self.call = call
@@ -87,12 +89,13 @@ class Probe:
                 for answer in self.answers}
 
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            started = time.perf_counter()
+        wait = 0.05
+        while not self._stop.wait(wait):
+            started, wait = time.perf_counter(), 0.05
             try:
                 answer = self.call()
             except grpc.RpcError as exc:
-                answer = exc.code().name
+                answer, wait = exc.code().name, max(wait, pushback_s(exc))  # as a refused client is told
             self.latencies.append(time.perf_counter() - started)
             self.answer_log.append(answer)
             self.answers[answer] += 1
@@ -168,7 +171,7 @@ def flood_passed(result: dict) -> bool:
 
 def attack_loop(address: str, request: pb.ClassifyRequest, clients: int, stop) -> dict:
     """`clients` attackers, each on its own connection, sending `request` back to back until stopped."""
-    calls = closed_loop(address, lambda _worker, _n: request, clients, math.inf, stop)
+    calls = closed_loop(address, lambda _worker, _n: request, clients, math.inf, stop, obey_pushback=False)
     by_code = {code: ms([s for c, s in calls if c == code]) for code in {c for c, _ in calls}}
     return {"codes": dict(Counter(c for c, _ in calls)), "latency_by_code": by_code}
 

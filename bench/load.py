@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.api import pb, pb_grpc  # noqa: E402
+from service.client import pushback_s  # noqa: E402
 from service.launch import ServerProcess  # noqa: E402
 from service.policy_wire import to_wire  # noqa: E402
 
@@ -42,9 +43,11 @@ def own_channel(address: str) -> grpc.Channel:
 
 
 def closed_loop(address: str, make_request, concurrency: int, seconds: float,
-                stop: threading.Event | None = None) -> list[tuple[str, float]]:
+                stop: threading.Event | None = None, obey_pushback: bool = True) -> list[tuple[str, float]]:
     """C threads, each with its own channel and connection, send make_request(worker, n) back to back for
-    `seconds` (or until `stop` is set, if given). Returns (status code name, seconds) for every call."""
+    `seconds` (or until `stop` is set, if given). Returns (status code name, seconds) for every call. A refused
+    client waits as long as the refusal told it to (obey_pushback, as gRPC clients with a retry policy do); an
+    attacker does not."""
     calls: list[tuple[str, float]] = []
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
@@ -55,13 +58,14 @@ def closed_loop(address: str, make_request, concurrency: int, seconds: float,
         while time.perf_counter() < stop_at and not (stop is not None and stop.is_set()):
             request = make_request(worker, n)
             n += 1
-            started = time.perf_counter()
+            started, wait = time.perf_counter(), 0.0
             try:
                 stub.Classify(request, timeout=30)
                 code = "OK"
             except grpc.RpcError as exc:
-                code = exc.code().name
+                code, wait = exc.code().name, pushback_s(exc) if obey_pushback else 0.0
             mine.append((code, time.perf_counter() - started))
+            time.sleep(wait)
         with lock:
             calls.extend(mine)
 

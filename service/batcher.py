@@ -7,8 +7,10 @@ RESOURCE_EXHAUSTED) instead of being refused itself: a flood fills the queue, bu
 Scheduling: a batch takes texts first from the clients (connections) holding the fewest texts in the queue, and
 among equals from those with the smallest virtual time, which grows by one per text scheduled (start-time fair
 queuing). A batch started for a light client takes no rows from clients holding far more (HEAVY_FACTOR), so it
-runs short; with max_batch_ms, batches shrink under load to about that long. So a client sending a few texts at a
-time waits about one batch whatever floods others send, and clients sending alike share alike. A request larger
+runs short; with max_batch_ms, while light clients are about (one sent within LIGHT_MEMORY_S), batches shrink to
+about that long, since a light client's request may arrive during any of them. So a client sending a few texts at a
+time waits about one short batch whatever floods others send, clients sending alike share alike, and a load of
+large requests alone runs in full batches. A request larger
 than max_batch is split across batches; its rows leave the backbone at their own exit layers. Work whose deadline
 has passed is dropped before any compute; a cancelled request's queued texts leave the queue at once.
 """
@@ -38,6 +40,7 @@ MAX_IDLE_CLIENTS = 4096  # fair-share records kept for clients with nothing queu
 SMOOTHING = 0.2  # weight of the newest batch in the batch and row time estimates
 MIN_BATCH_SHARE = 4  # max_batch_ms never shrinks batches below max_batch / this: throughput stays within reach
 HEAVY_FACTOR = 4  # a batch takes no rows from clients holding more than this times what its first client holds
+LIGHT_MEMORY_S = 1.0  # max_batch_ms applies while a light client (holding a shortest batch or less) sent this recently
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,9 @@ class _Client:
 class MicroBatcher:
     def __init__(self, max_batch: int, max_wait_ms: float, max_queue: int, metrics: ServerMetrics | None = None,
                  max_batch_ms: float = 0.0) -> None:
-        """max_batch_ms: when set, batches hold at most as many rows as recent batches ran in that time, so that
-        under load a batch, and so the wait of a client that sends a text now and then, stays about that long."""
+        """max_batch_ms: when set, while light clients are about, batches hold at most as many rows as recent batches
+        ran in that time, so that a batch, and so the wait of a client that sends a text now and then, stays about
+        that long."""
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
         self.max_batch_seconds = max_batch_ms / 1000.0
         self.metrics = metrics
@@ -107,6 +111,7 @@ class MicroBatcher:
         self._vtime = 0.0  # virtual start time of the last text scheduled
         self._backlog = 0  # texts admitted and not yet answered
         self._held_by: dict[str, int] = {}  # the same, per client
+        self._light_seen = -math.inf  # when a light client last sent (time.monotonic())
         self._batch_seconds: float | None = None  # smoothed time a batch takes
         self._row_seconds: float | None = None  # smoothed time per row, within a batch
         self._cond = threading.Condition()
@@ -166,6 +171,8 @@ class MicroBatcher:
                 queue_of = self._clients[client] = _Client()
             if not queue_of.queue:
                 queue_of.vtime = max(queue_of.vtime, self._vtime)  # no credit for time spent idle
+            if self._held_by.get(client, 0) <= self._shortest_batch():
+                self._light_seen = time.monotonic()
             queue_of.queue.append(pending)
             self._cond.notify()
         return pending
@@ -185,12 +192,17 @@ class MicroBatcher:
         return self._batch_seconds * batches
 
     def _batch_rows(self) -> int:
-        """Most rows in the next batch: max_batch, or fewer (down to a quarter of it) when max_batch_ms says
-        batches run too long."""
-        if not self.max_batch_seconds or self._row_seconds is None:
+        """Most rows in the next batch: max_batch, or fewer (down to a quarter of it) when light clients are about
+        and max_batch_ms says batches run too long."""
+        if (not self.max_batch_seconds or self._row_seconds is None
+                or time.monotonic() - self._light_seen > LIGHT_MEMORY_S):
             return self.max_batch
         fitting = int(self.max_batch_seconds / self._row_seconds)
-        return max(1, self.max_batch // MIN_BATCH_SHARE, min(self.max_batch, fitting))
+        return max(self._shortest_batch(), min(self.max_batch, fitting))
+
+    def _shortest_batch(self) -> int:
+        """The fewest rows max_batch_ms shrinks a batch to; a client holding no more than this is light."""
+        return max(1, self.max_batch // MIN_BATCH_SHARE)
 
     @property
     def backlog(self) -> int:

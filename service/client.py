@@ -1,5 +1,5 @@
-"""A typed Python client for raee.v1 (`service.client.Client`): plain dataclasses in and out, UNAVAILABLE retried
-with backoff."""
+"""A typed Python client for raee.v1 (`service.client.Client`): plain dataclasses in and out, UNAVAILABLE and
+RESOURCE_EXHAUSTED retried with backoff, never sooner than the server said to come back."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from google.protobuf.message import Message
 from raee.exit_policy import ExitPolicy
 from service.api import pb, pb_grpc
 from service.policy_wire import to_wire
+from service.throttle import PUSHBACK_TRAILER
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class RaeeClientError(Exception):
@@ -161,14 +162,22 @@ def _result(response: pb.ClassifyResponse) -> ClassifyResult:
         response.request_id)
 
 
+def pushback_s(exc: grpc.RpcError) -> float:
+    """The wait a refusal told its client (gRPC's grpc-retry-pushback-ms trailer, service.throttle), 0 without one."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == PUSHBACK_TRAILER:
+            return int(value) / 1e3
+    return 0.0
+
+
 @dataclass
 class Client:
     """`Client("localhost:50051").classify(["a fine film"], task="sst2")`."""
 
     address: str
     timeout: float = 10.0  # seconds per call
-    retries: int = 3  # extra attempts after UNAVAILABLE
-    backoff: float = 0.2  # first wait between attempts, doubled each time
+    retries: int = 3  # extra attempts after UNAVAILABLE or RESOURCE_EXHAUSTED
+    backoff: float = 0.2  # first wait between attempts, doubled each time; longer if the server says so
     root_certificates: bytes | None = None  # PEM; TLS when given
     private_key: bytes | None = None  # PEM; with certificate_chain, this client's certificate (mutual TLS)
     certificate_chain: bytes | None = None  # PEM
@@ -195,7 +204,7 @@ class Client:
                 return method(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as exc:
                 if exc.code() in RETRYABLE and attempt < self.retries:
-                    time.sleep(wait)
+                    time.sleep(max(wait, pushback_s(exc)))
                     wait *= 2
                     continue
                 raise RaeeClientError(exc.code(), exc.details() or "") from None

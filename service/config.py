@@ -29,8 +29,8 @@ class ServerConfig:
     metrics_port: int = DEFAULT_METRICS_PORT  # Prometheus HTTP port (0 = any free port, -1 = off)
     max_batch: int = 32  # most rows the batcher sends through the backbone together; larger requests are split
     max_wait_ms: float = 5.0  # longest the batcher waits for more rows before running a batch
-    max_batch_ms: float = 100.0  # under load, batches shrink to about this long (down to max_batch / 4; 0 = off),
-    # so that a client sending a few texts waits about two such batches whatever others send
+    max_batch_ms: float = 40.0  # while clients sending a few texts are about, batches shrink to about this long (down
+    # to max_batch / 4; 0 = off), so that such a client waits about two such batches whatever others send
     max_queue: int = 1024  # most texts admitted and not yet answered; beyond it requests get RESOURCE_EXHAUSTED
     max_texts: int = 64  # most texts in one request (at most max_queue)
     max_text_bytes: int = 8192  # most UTF-8 bytes in one text

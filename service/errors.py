@@ -20,7 +20,12 @@ class Draining(RaeeError):
 
 
 class QueueFull(RaeeError):
-    """Admitting the request would pass max_queue texts not yet answered."""
+    """Admitting the request would pass max_queue texts not yet answered. retry_after_s: when the client was told to
+    come back (service.throttle.Pushback), once the servicer has told it."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class TooManyStreams(RaeeError):

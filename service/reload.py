@@ -18,6 +18,7 @@ from pathlib import Path
 
 from raee.errors import InputError
 from raee.versions import version_path
+from service import heap
 from service.errors import AdminDisabled, OutsideStoreRoots, ReloadBusy, ReloadCancelled, Unauthenticated
 from service.registry import StoreRegistry
 
@@ -90,7 +91,9 @@ class Reloader:
         def run() -> tuple[str, str]:
             try:
                 lower_priority()
-                return self.registry.reload(task, path, check)
+                versions = self.registry.reload(task, path, check)
+                heap.freeze(f"reloaded {task}", generation=1)  # the new store's objects exempt too
+                return versions
             finally:
                 self._running.release()  # only when the work has stopped, not when the caller left
 

@@ -34,7 +34,7 @@ from raee.engine import load_backbone_for
 from raee.errors import RaeeError
 from raee.runtime import configure_threads
 from raee.store import load_store
-from service import logs, reflection
+from service import heap, logs, reflection
 from service.admission import Admission
 from service.batcher import MicroBatcher
 from service.config import ServerConfig, load_config
@@ -45,7 +45,7 @@ from service.registry import StoreRegistry
 from service.reload import Reloader, ReloadGuard, read_token
 from service.servicer import RaeeServicer
 from service.streams import StreamSlots
-from service.throttle import RefusalThrottle
+from service.throttle import Pushback, RefusalThrottle
 
 log = logging.getLogger("raee-serve")
 SERVICE_NAME = SERVICE.full_name  # "raee.v1.Raee"
@@ -69,11 +69,11 @@ class RaeeServer:
         on_public = config.admin and token is not None
         refusal = ("ReloadStore is off on this server (admin: false)" if not config.admin else
                    f"ReloadStore is served on the admin listener only ({config.admin_host}:{config.admin_port})")
-        throttle = RefusalThrottle()
+        throttle, pushback = RefusalThrottle(), Pushback()
         self.servicer = RaeeServicer(config, self.metrics, self.admission, streams,
-                                     ReloadGuard(on_public, token, refusal), throttle)
+                                     ReloadGuard(on_public, token, refusal), throttle, pushback)
         self.admin_servicer = (RaeeServicer(config, self.metrics, self.admission, streams, ReloadGuard(True, token),
-                                            throttle) if config.admin and config.admin_port >= 0 else None)
+                                            throttle, pushback) if config.admin and config.admin_port >= 0 else None)
         self._reloads = ThreadPoolExecutor(1, thread_name_prefix="raee-reload")
         self._backbone = backbone
         self._loop = asyncio.new_event_loop()
@@ -179,6 +179,7 @@ class RaeeServer:
             self.metrics.depth(backbone.num_layers)
             for engine in registry.engines():
                 self.metrics.serving(engine.task.name, engine.store.version)
+            heap.freeze("loaded")
             self.admission.ready(registry, self.batcher)
             self._health_names += tuple(e.task.name for e in registry.engines())
             self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))

@@ -15,12 +15,12 @@ from service.admission import Admission
 from service.api import pb
 from service.batcher import BatchOutcome
 from service.config import ServerConfig
-from service.errors import message_for, status_for
+from service.errors import QueueFull, message_for, status_for
 from service.handlers import Malformed, slow_down
 from service.metrics import STAGES, ServerMetrics
 from service.reload import Reloader, ReloadGuard
 from service.streams import StreamSlots, answer_in_order
-from service.throttle import RefusalThrottle
+from service.throttle import PUSHBACK_TRAILER, Pushback, RefusalThrottle
 
 log = logging.getLogger("raee-serve")
 
@@ -29,29 +29,44 @@ class RaeeServicer:
     """One listener's view of the server: the shared admission, streams and reloader, and this listener's guard."""
 
     def __init__(self, config: ServerConfig, metrics: ServerMetrics, admission: Admission, streams: StreamSlots,
-                 guard: ReloadGuard, throttle: RefusalThrottle) -> None:
+                 guard: ReloadGuard, throttle: RefusalThrottle, pushback: Pushback) -> None:
         self.config, self.metrics, self.admission, self.streams, self.guard = config, metrics, admission, streams, guard
         self.throttle = throttle  # shared by every listener: slows clients that keep getting refused
+        self.pushback = pushback  # shared too: when each client refused for a full queue may come back
         self.reloader: Reloader | None = None  # set once the stores are loaded
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         rid = logs.request_id(context.invocation_metadata(), request.request_id)
         context.set_trailing_metadata(((logs.REQUEST_ID, rid),))  # errors carry it too
-        return await self._classify(request, context, rid)
+        try:
+            return await self._classify(request, context, rid)
+        except QueueFull as exc:  # gRPC clients with a retry policy wait as told
+            if exc.retry_after_s is not None:
+                context.set_trailing_metadata(((logs.REQUEST_ID, rid),
+                                               (PUSHBACK_TRAILER, str(round(exc.retry_after_s * 1e3)))))
+            raise
 
     async def _classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext,
                         rid: str) -> pb.ClassifyResponse:
         """One request, answered and logged (one line, errors included)."""
         received = time.perf_counter()
         call = None
+        client = context.peer()
         try:
             call = convert.classify_call(request)
-            outcome = await self.admission.classify(call, context.peer(), deadline_of(context))
+            if await self.pushback.wait_turn(client):
+                self.metrics.held_calls.inc()
+            try:
+                outcome = await self.admission.classify(call, client, deadline_of(context))
+            except QueueFull as exc:
+                wait = self.pushback.refused(client)
+                raise QueueFull(f"{exc}; come back in {wait * 1e3:.0f} ms or later", retry_after_s=wait) from None
         except BaseException as exc:
             code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else status_for(exc).name
             logs.log_request(rid, request.task, len(request.texts), str(call.policy) if call else "-", [], 0,
                              (time.perf_counter() - received) * 1e3, code)
             raise
+        self.pushback.admitted(client)
         self._observe(call, outcome, received)
         total_ms = (time.perf_counter() - received) * 1e3
         logs.log_request(rid, call.task, len(call.texts), str(call.policy), [r.exit_layer for r in outcome.results],

@@ -56,7 +56,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from raee.engine import Engine
 from raee.store import load_store
 from service.api import pb, pb_grpc
-from service.client import Client, RaeeClientError, Request
+from service.client import Client, RaeeClientError, Request, pushback_s
 from service.errors import StartupError
 
 # Many servers, floods and subprocesses: CI runs these (make test); make test-fast leaves them out.
@@ -262,7 +262,11 @@ def test_the_queue_counts_the_real_backlog_and_refuses_at_once(serve, stores):
         refused = {i: took for i, (took, code) in finished.items() if code == grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert len(refused) == 36 and max(refused.values()) < 0.5, refused  # 64 admitted, the rest refused at once
         assert expiring.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
-        for _ in range(5):  # past the limit, each call is refused within milliseconds
+        for _ in range(5):  # past the limit, a client that comes back when told is refused within milliseconds
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Classify(pb.ClassifyRequest(task="sst2", texts=["x"]), timeout=5)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback_s(info.value) == 1.0
+            time.sleep(1.0)
             took, code = timed(lambda: stub.Classify(pb.ClassifyRequest(task="sst2", texts=["x"]), timeout=5))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and took < 0.05
         gate.set()
@@ -272,6 +276,68 @@ def test_the_queue_counts_the_real_backlog_and_refuses_at_once(serve, stores):
     assert sorted(code.name for _, code in finished.values()).count("OK") == 64
     assert metric(server, "raee_requests_total", code="RESOURCE_EXHAUSTED", method="Classify") >= 36
     assert server.batcher.backlog == 0
+
+
+def test_a_full_queue_says_when_to_come_back_and_holds_a_client_that_comes_sooner(serve, stores):
+    server = serve(max_queue=4, max_texts=4, max_wait_ms=1)
+    stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                                  options=[("grpc.use_local_subchannel_pool", 1)]))
+    other = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                                   options=[("grpc.use_local_subchannel_pool", 1)]))
+    request = pb.ClassifyRequest(task="sst2", texts=["dull plot"])
+
+    def refusal(client) -> tuple[float, float, str]:
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as info:
+            client.Classify(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return time.perf_counter() - started, pushback_s(info.value), info.value.details()
+
+    with held_backbone(stores["backbone"]) as gate:
+        running = stub.Classify.future(pb.ClassifyRequest(task="sst2", texts=["good film"] * 4), timeout=20)
+        time.sleep(0.3)  # its 4 texts fill the queue until answered
+        took, told, said = refusal(stub)
+        assert took < 0.05 and told == 0.025 and "come back in 25 ms" in said
+        took, told, _ = refusal(stub)  # came back at once: held until its time, then told to wait twice as long
+        assert 0.02 <= took < 0.1 and told == 0.05
+        time.sleep(told)
+        took, told, _ = refusal(stub)  # came back when told: answered at once
+        assert took < 0.05 and told == 0.1
+        took, told, _ = refusal(other)  # another connection starts at the first wait
+        assert took < 0.05 and told == 0.025
+        assert metric(server, "raee_held_calls_total") == 1
+        gate.set()
+        assert running.result().results
+    time.sleep(0.1)
+    assert stub.Classify(request, timeout=5).results  # admitted: its next refusal starts again at the first wait
+    with held_backbone(stores["backbone"]) as gate:
+        running = other.Classify.future(pb.ClassifyRequest(task="sst2", texts=["good film"] * 4), timeout=20)
+        time.sleep(0.3)
+        took, told, _ = refusal(stub)
+        assert took < 0.05 and told == 0.025
+        gate.set()
+        assert running.result().results
+
+
+def test_the_client_retries_a_full_queue_no_sooner_than_told(serve, stores):
+    server = serve(max_queue=4, max_texts=4, max_wait_ms=1)
+    stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                                  options=[("grpc.use_local_subchannel_pool", 1)]))
+    answers: list = []
+    with held_backbone(stores["backbone"]) as gate:
+        running = stub.Classify.future(pb.ClassifyRequest(task="sst2", texts=["good film"] * 4), timeout=20)
+        time.sleep(0.3)
+        with Client(f"127.0.0.1:{server.port}", retries=8, backoff=0.001, timeout=20) as patient:
+            waiting = threading.Thread(target=lambda: answers.append(patient.classify(["dull plot"], task="sst2")))
+            waiting.start()
+            time.sleep(0.5)  # refused a few times, each retry after the wait it was told (25, 50, 100, 200 ms)
+            assert not answers and metric(server, "raee_requests_total", code="RESOURCE_EXHAUSTED",
+                                          method="Classify") >= 3
+            gate.set()
+            waiting.join()
+        assert running.result().results
+    assert answers[0].results[0].label
+    assert metric(server, "raee_held_calls_total") == 0  # it never came back sooner than told
 
 
 def test_a_flood_cannot_keep_a_light_client_out_of_a_full_queue(serve, stores):

@@ -4,6 +4,7 @@ fails on one request's input the others still get answers (each request then run
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -19,14 +20,16 @@ class RecordingEngine:
     """Stands in for raee.Engine: records each batch (policy, texts) and answers each text with a tag. A text in
     `refuse` makes the whole batch raise InputError; the batch holding `blocker` waits until `release` is set."""
 
-    def __init__(self, refuse: tuple[str, ...] = ()) -> None:
+    def __init__(self, refuse: tuple[str, ...] = (), row_seconds: float = 0.0) -> None:
         self.batches: list[tuple[str, list[str]]] = []
+        self.row_seconds = row_seconds  # each batch takes this long per text
         self.store = SimpleNamespace(version="v1")
         self.refuse = set(refuse)
         self.entered, self.release = threading.Event(), threading.Event()
 
     def classify(self, texts: list[str], *, policy: ExitPolicy, with_neighbours: bool = False) -> list[str]:
         self.batches.append((str(policy), list(texts)))
+        time.sleep(self.row_seconds * len(texts))
         if "blocker" in texts:
             self.entered.set()
             assert self.release.wait(TIMEOUT)
@@ -104,3 +107,21 @@ def test_a_failed_batch_runs_its_requests_one_at_a_time(batcher):
     assert all(len({owners[t] for t in texts}) == 1 for _, texts in alone)
     assert sorted(t for _, texts in alone for t in texts) == sorted(owners)
     assert b.backlog == 0
+
+
+def test_batches_shrink_to_max_batch_ms_only_while_light_clients_are_about(batcher):
+    engine, b = RecordingEngine(row_seconds=0.002), batcher(max_batch=16, max_batch_ms=20, max_queue=256)
+    bulk = [f"b{i}" for i in range(64)]
+    submit(b, engine, "raee", bulk, "bulk").future.result(TIMEOUT)
+    assert [len(batch) for _, batch in engine.batches] == [16] * 4  # large requests alone: full batches
+    engine.batches.clear()
+    blocked = hold_worker(b, engine)
+    light = submit(b, engine, "raee", ["one text"], "light")
+    heavy = submit(b, engine, "raee", bulk, "bulk")
+    engine.release.set()
+    blocked.future.result(TIMEOUT)
+    assert light.future.result(TIMEOUT).results == ["raee|one text"]
+    heavy.future.result(TIMEOUT)
+    sizes = [len(batch) for _, batch in engine.batches[1:]]
+    assert sizes[0] == 1  # the light client's batch takes no rows from the far heavier one
+    assert sum(sizes[1:]) == 64 and 4 <= max(sizes[1:]) <= 10  # about 20 ms at 2 ms a row, never under 16 / 4

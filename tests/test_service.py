@@ -3,6 +3,7 @@ under traffic, deadlines, metrics, fuzzing and SIGTERM draining. tests/test_atta
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+import weakref
 from pathlib import Path
 
 import grpc
@@ -30,6 +32,7 @@ from raee.tasks import BUILTIN_TASKS
 from service.api import pb, pb_grpc
 from service.client import Client, RaeeClientError, Request
 from service.config import ServerConfig, load_config
+from service.registry import StoreRegistry
 from service.server import RaeeServer
 
 TASK = BUILTIN_TASKS["sst2"]
@@ -230,6 +233,18 @@ def test_reload_refuses_mismatched_or_corrupt_stores_and_keeps_serving(stores, c
     assert code_of(lambda: admin.reload("imdb", stores["next"])) == grpc.StatusCode.NOT_FOUND
     assert client.info().tasks[0].store_version == before
     assert client.classify(["good film"], task="sst2").store_version == before
+
+
+def test_the_served_heap_is_frozen_and_a_replaced_store_is_freed_without_a_collection(stores, server):
+    assert gc.get_freeze_count() > 0  # a full collection walks only what requests allocate (service/heap.py)
+    registry = StoreRegistry(stores["backbone"])
+    old = weakref.ref(registry.add(stores["current"]))
+    gc.disable()  # frozen or not, the replaced store must be freed by reference counting: no cycle may hold it
+    try:
+        registry.reload("sst2", stores["next"])
+        assert old() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.slow
