@@ -21,7 +21,7 @@ import numpy as np
 
 from raee.accuracy_rule import AccuracyRuleConfig
 from raee.build import calibrate_items
-from raee.calibration import SEARCH_WIDTH, _accuracy_path, _gate_maker  # the match-full path, setting by setting
+from raee.calibration import SEARCH_WIDTH, accuracy_path, gate_maker  # the match-full path, setting by setting
 from raee.data import text_groups
 from raee.exit_policy import ExitPolicy
 from raee.exits import RecordArrays, Resolved, decide, resolve
@@ -80,8 +80,8 @@ def one_split(store: ExitStore, keys: np.ndarray, share: float, seed: int) -> di
     chosen = evidence.curve[evidence.chosen] if evidence.chosen >= 0 else None
     sims_a, ids_a = leave_one_out_search(index, text_groups(texts_a), SEARCH_WIDTH)
     path = []
-    for c in _accuracy_path(records_a, sims_a, ids_a, AccuracyRuleConfig(), store.key_layer,
-                            _gate_maker(records_a, sims_a, ids_a, settings)):
+    for c in accuracy_path(records_a, sims_a, ids_a, AccuracyRuleConfig(), store.key_layer,
+                           gate_maker(records_a, sims_a, ids_a, settings)):
         right_c, _ = served_right(Resolved(rule=c.rule, gate=c.gate), sims_b, ids_b, arrays, store.key_layer,
                                   records_b)
         path.append((float(records_a.correct[np.arange(len(a)), c.exits].mean() - full_a.mean()),
