@@ -172,11 +172,11 @@ def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.
     n, num_layers = records.num_items, records.num_layers
     if neighbour_ids.shape[0] != n:
         raise InputError(f"{neighbour_ids.shape[0]} neighbour rows for {n} calibration items")
-    gated = _gate_maker(records, similarities, neighbour_ids, settings)
+    gated = gate_maker(records, similarities, neighbour_ids, settings)
     if settings.objective == "match-full":
-        paths = [list(_accuracy_path(records, similarities, neighbour_ids, AccuracyRuleConfig(), key_layer, gated))]
+        paths = [list(accuracy_path(records, similarities, neighbour_ids, AccuracyRuleConfig(), key_layer, gated))]
     elif settings.objective == "best":
-        paths = [list(_accuracy_path(records, similarities, neighbour_ids, s, key_layer, gated))
+        paths = [list(accuracy_path(records, similarities, neighbour_ids, s, key_layer, gated))
                  for s in BEST_STRUCTURES]
         paths.append(list(_raee_path(records, similarities, neighbour_ids, raee, gated)))
     else:
@@ -199,8 +199,8 @@ def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.
     return policy, evidence
 
 
-def _gate_maker(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
-                settings: CalibrationSettings) -> GateMaker:
+def gate_maker(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
+               settings: CalibrationSettings) -> GateMaker:
     """A function (rule, exits) -> _Candidate that applies the off-domain gate calibrated for those exits: the far
     threshold from the items' nearest similarities, the disagree threshold from their agreement at these exits."""
     n, num_layers = records.num_items, records.num_layers
@@ -258,8 +258,8 @@ def best_within_budget(scores: list[float], layers_run: list[float], budget: flo
     return min(inside, key=lambda i: (-round(scores[i], 9), layers_run[i], i))
 
 
-def _accuracy_path(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
-                   structure: AccuracyRuleConfig, key_layer: int, gated: GateMaker) -> Iterator[_Candidate]:
+def accuracy_path(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
+                  structure: AccuracyRuleConfig, key_layer: int, gated: GateMaker) -> Iterator[_Candidate]:
     """The accuracy rule at one structure, margin from 1 down to 0, then cost up from 0."""
     estimate = estimated_accuracy(similarities, neighbour_ids, records.record_values(structure.values), structure)
     found = (neighbour_ids[:, :structure.k] >= 0).any(axis=1)
