@@ -8,6 +8,8 @@ bench/attacks.py, run by `make reliability`); tests elsewhere are named with the
                                            test_refusals_count_against_the_queue_before_tokenizing,
                                            test_a_client_that_keeps_sending_bad_input_is_answered_late_and_others_..
    3 no RESOURCE_EXHAUSTED under a burst   test_the_queue_counts_the_real_backlog_and_refuses_at_once,
+                                           test_every_call_of_a_burst_is_answered_and_counted,
+                                           test_a_full_queue_says_when_to_come_back_and_holds_a_client_that_co..,
                                            test_a_flood_cannot_keep_a_light_client_out_of_a_full_queue,
                                            test_a_cancelled_call_is_counted_and_leaves_the_queue
    4 ReloadStore open to any client        test_reload_is_off_by_default_and_needs_the_admin_surface,
@@ -37,6 +39,7 @@ refused at once (test_a_deadline_that_cannot_be_met_is_refused_at_once); unwrita
 from __future__ import annotations
 
 import builtins
+import collections
 import hashlib
 import io
 import json
@@ -58,6 +61,7 @@ from raee.store import load_store
 from service.api import pb, pb_grpc
 from service.client import Client, RaeeClientError, Request, pushback_s
 from service.errors import StartupError
+from service.launch import ServerProcess
 
 # Many servers, floods and subprocesses: CI runs these (make test); make test-fast leaves them out.
 pytestmark = pytest.mark.slow
@@ -338,6 +342,24 @@ def test_the_client_retries_a_full_queue_no_sooner_than_told(serve, stores):
         assert running.result().results
     assert answers[0].results[0].label
     assert metric(server, "raee_held_calls_total") == 0  # it never came back sooner than told
+
+
+def test_every_call_of_a_burst_is_answered_and_counted(stores):
+    # A server process of its own: in this process the clients could not outrun it.
+    server = ServerProcess([stores["current"]], metrics=True)  # 1536 calls in progress, 6144 pending at most
+    try:
+        assert server.wait_serving(120)
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        stubs = [pb_grpc.RaeeStub(grpc.insecure_channel(server.address, options=own)) for _ in range(8)]
+        calls = [stubs[i % 8].Classify.future(pb.ClassifyRequest(task="sst2", texts=[f"film {i}"]), timeout=60)
+                 for i in range(3000)]
+        codes = collections.Counter(c.code().name for c in calls)
+        counted = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    finally:
+        server.stop()
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes  # gRPC's own pending limit cancelled calls unseen
+    assert sum(float(n) for n in re.findall(r'^raee_requests_total{code="\w+",method="Classify"} (\S+)$', counted,
+                                             re.M)) == 3000
 
 
 def test_a_flood_cannot_keep_a_light_client_out_of_a_full_queue(serve, stores):
