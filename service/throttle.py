@@ -5,8 +5,8 @@ Each client (connection) has a bucket of FREE_REFUSALS refusals that refills at 
 refusal takes one; once the bucket is empty, the answer waits PAUSE_S first. A closed loop of bad requests
 (malformed bytes, texts past the token limit), of token guesses or of reload attempts then costs the server a few
 calls a second per connection instead of hundreds, while a client that gets such an answer now and then gets it at
-once. RESOURCE_EXHAUSTED, UNAVAILABLE and DEADLINE_EXCEEDED are never slowed: they tell a client to back off, and
-say so at once.
+once. RESOURCE_EXHAUSTED, UNAVAILABLE and DEADLINE_EXCEEDED are never slowed this way: they tell a client to back
+off, and say so at once.
 
 A refusal for a full queue also says when to come back (`Pushback`): gRPC's `grpc-retry-pushback-ms` trailer, which
 gRPC clients with a retry policy obey, and the same figure in the message. The wait starts at FIRST_PUSHBACK_S and
@@ -78,7 +78,7 @@ class Pushback:
     def refused(self, client: str) -> float:
         """Record a full-queue refusal of `client`; the seconds it is told to wait."""
         refusals, _ = self._clients.pop(client, (0, 0.0))
-        wait = min(self.max_s, self.first_s * 2.0 ** refusals)
+        wait = min(self.max_s, self.first_s * 2.0 ** min(refusals, 64))  # 2.0 ** 1024 would overflow
         self._clients[client] = (refusals + 1, time.monotonic() + wait)
         if len(self._clients) > MAX_CLIENTS:
             self._clients.popitem(last=False)

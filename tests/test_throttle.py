@@ -15,6 +15,7 @@ def test_the_wait_doubles_with_each_refusal_in_a_row_up_to_the_cap_and_admission
     assert pushback.refused("b") == 0.01  # each client on its own
     pushback.admitted("a")
     assert pushback.refused("a") == 0.01
+    assert [pushback.refused("c") for _ in range(2000)][-1] == 0.05  # refused for ever, told the cap, no overflow
 
 
 def test_a_client_that_comes_back_sooner_waits_until_its_time_and_one_that_waited_goes_at_once():
