@@ -95,7 +95,7 @@ class Probe:
             try:
                 answer = self.call()
             except grpc.RpcError as exc:
-                answer, wait = exc.code().name, max(wait, pushback_s(exc))  # as a refused client is told
+                answer, wait = exc.code().name, max(wait, pushback_s(exc) or 0.0)  # as a refused client is told
             self.latencies.append(time.perf_counter() - started)
             self.answer_log.append(answer)
             self.answers[answer] += 1

@@ -63,7 +63,7 @@ def closed_loop(address: str, make_request, concurrency: int, seconds: float,
                 stub.Classify(request, timeout=30)
                 code = "OK"
             except grpc.RpcError as exc:
-                code, wait = exc.code().name, pushback_s(exc) if obey_pushback else 0.0
+                code, wait = exc.code().name, max(pushback_s(exc) or 0.0, 0.0) if obey_pushback else 0.0
             mine.append((code, time.perf_counter() - started))
             time.sleep(wait)
         with lock:

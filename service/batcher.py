@@ -40,7 +40,7 @@ MAX_IDLE_CLIENTS = 4096  # fair-share records kept for clients with nothing queu
 SMOOTHING = 0.2  # weight of the newest batch in the batch and row time estimates
 MIN_BATCH_SHARE = 4  # max_batch_ms never shrinks batches below max_batch / this: throughput stays within reach
 HEAVY_FACTOR = 4  # a batch takes no rows from clients holding more than this times what its first client holds
-LIGHT_MEMORY_S = 1.0  # max_batch_ms applies while a light client (holding a shortest batch or less) sent this recently
+LIGHT_MEMORY_S = 5.0  # max_batch_ms applies while a light client (holding a shortest batch or less) sent this recently
 
 
 @dataclass(frozen=True)
@@ -184,12 +184,12 @@ class MicroBatcher:
                 self._fail(pending, DeadlineExpired("the call was cancelled"))
 
     def estimated_seconds(self, texts: int) -> float | None:
-        """A low estimate of the time to answer `texts` more texts: the batch in progress (if any), then as many
-        batches as its texts need, each as long as recent batches. None before any batch has run."""
-        if self._batch_seconds is None:
+        """A low estimate of the time to answer `texts` more texts: the batch in progress (if any), then the texts at
+        recent batches' time per row (which does not depend on how batches are cut now). None before any batch has
+        run."""
+        if self._batch_seconds is None or self._row_seconds is None:
             return None
-        batches = -(-texts // self._batch_rows()) + (1 if self._busy else 0)
-        return self._batch_seconds * batches
+        return (self._batch_seconds if self._busy else 0.0) + texts * self._row_seconds
 
     def _batch_rows(self) -> int:
         """Most rows in the next batch: max_batch, or fewer (down to a quarter of it) when light clients are about

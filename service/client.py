@@ -1,5 +1,5 @@
-"""A typed Python client for raee.v1 (`service.client.Client`): plain dataclasses in and out, UNAVAILABLE and
-RESOURCE_EXHAUSTED retried with backoff, never sooner than the server said to come back."""
+"""A typed Python client for raee.v1 (`service.client.Client`): plain dataclasses in and out, UNAVAILABLE retried
+with backoff, and a full queue's RESOURCE_EXHAUSTED too, never sooner than the server said to come back."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from service.api import pb, pb_grpc
 from service.policy_wire import to_wire
 from service.throttle import PUSHBACK_TRAILER
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 
 class RaeeClientError(Exception):
@@ -162,12 +162,14 @@ def _result(response: pb.ClassifyResponse) -> ClassifyResult:
         response.request_id)
 
 
-def pushback_s(exc: grpc.RpcError) -> float:
-    """The wait a refusal told its client (gRPC's grpc-retry-pushback-ms trailer, service.throttle), 0 without one."""
+def pushback_s(exc: grpc.RpcError) -> float | None:
+    """The wait a refusal told its client (gRPC's grpc-retry-pushback-ms trailer, service.throttle): seconds, -1 for
+    "do not retry" (a negative or malformed value, as gRPC's retry design reads it), None without the trailer."""
     for key, value in exc.trailing_metadata() or ():
         if key == PUSHBACK_TRAILER:
-            return int(value) / 1e3
-    return 0.0
+            text = value.decode() if isinstance(value, bytes) else value
+            return int(text) / 1e3 if text.isdigit() else -1.0
+    return None
 
 
 @dataclass
@@ -176,7 +178,7 @@ class Client:
 
     address: str
     timeout: float = 10.0  # seconds per call
-    retries: int = 3  # extra attempts after UNAVAILABLE or RESOURCE_EXHAUSTED
+    retries: int = 3  # extra attempts after UNAVAILABLE, or RESOURCE_EXHAUSTED that says when to come back
     backoff: float = 0.2  # first wait between attempts, doubled each time; longer if the server says so
     root_certificates: bytes | None = None  # PEM; TLS when given
     private_key: bytes | None = None  # PEM; with certificate_chain, this client's certificate (mutual TLS)
@@ -203,8 +205,11 @@ class Client:
             try:
                 return method(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as exc:
-                if exc.code() in RETRYABLE and attempt < self.retries:
-                    time.sleep(max(wait, pushback_s(exc)))
+                told = pushback_s(exc)  # a full queue says when to come back; other RESOURCE_EXHAUSTED are final
+                retry = exc.code() in RETRYABLE or (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                                    and told is not None and told >= 0)
+                if retry and attempt < self.retries:
+                    time.sleep(max(wait, told or 0.0))
                     wait *= 2
                     continue
                 raise RaeeClientError(exc.code(), exc.details() or "") from None

@@ -61,8 +61,8 @@ class ServerMetrics:
                                        ["code"], registry=r)
         self.slowed_refusals = Counter("raee_slowed_refusals", "Refusals answered late because their client keeps "
                                        "sending what gets refused (service/throttle.py)", registry=r)
-        self.held_calls = Counter("raee_held_calls", "Calls that came back sooner than their client was told after a "
-                                  "full-queue refusal, and waited for that time (service/throttle.py)", registry=r)
+        self.held_calls = Counter("raee_held_calls", "Calls held until the time their connection was told to come back "
+                                  "after a full-queue refusal (service/throttle.py)", registry=r)
         self.exit_layer: Histogram | None = None  # made once the backbone's depth is known (depth)
         self._versions: dict[str, str] = {}
         self._lock = threading.Lock()

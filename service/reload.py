@@ -18,7 +18,6 @@ from pathlib import Path
 
 from raee.errors import InputError
 from raee.versions import version_path
-from service import heap
 from service.errors import AdminDisabled, OutsideStoreRoots, ReloadBusy, ReloadCancelled, Unauthenticated
 from service.registry import StoreRegistry
 
@@ -91,9 +90,7 @@ class Reloader:
         def run() -> tuple[str, str]:
             try:
                 lower_priority()
-                versions = self.registry.reload(task, path, check)
-                heap.freeze(f"reloaded {task}", generation=1)  # the new store's objects exempt too
-                return versions
+                return self.registry.reload(task, path, check)
             finally:
                 self._running.release()  # only when the work has stopped, not when the caller left
 

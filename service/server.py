@@ -72,7 +72,7 @@ class RaeeServer:
         on_public = config.admin and token is not None
         refusal = ("ReloadStore is off on this server (admin: false)" if not config.admin else
                    f"ReloadStore is served on the admin listener only ({config.admin_host}:{config.admin_port})")
-        throttle, pushback = RefusalThrottle(), Pushback()
+        throttle, pushback = RefusalThrottle(), Pushback(on_hold=self.metrics.held_calls.inc)
         self.servicer = RaeeServicer(config, self.metrics, self.admission, streams,
                                      ReloadGuard(on_public, token, refusal), throttle, pushback)
         self.admin_servicer = (RaeeServicer(config, self.metrics, self.admission, streams, ReloadGuard(True, token),

@@ -54,10 +54,10 @@ class RaeeServicer:
         client = context.peer()
         try:
             call = convert.classify_call(request)
-            if await self.pushback.wait_turn(client):
-                self.metrics.held_calls.inc()
+            deadline = deadline_of(context)
             try:
-                outcome = await self.admission.classify(call, client, deadline_of(context))
+                await self.pushback.wait_turn(client, deadline)
+                outcome = await self.admission.classify(call, client, deadline)
             except QueueFull as exc:
                 wait = self.pushback.refused(client)
                 raise QueueFull(f"{exc}; come back in {wait * 1e3:.0f} ms or later", retry_after_s=wait) from None

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import service.batcher as batcher_module
 from raee.errors import InputError
 from raee.exit_policy import ExitPolicy
 from service.batcher import BatchKey, MicroBatcher
@@ -109,19 +110,18 @@ def test_a_failed_batch_runs_its_requests_one_at_a_time(batcher):
     assert b.backlog == 0
 
 
-def test_batches_shrink_to_max_batch_ms_only_while_light_clients_are_about(batcher):
+def test_batches_shrink_to_max_batch_ms_only_while_light_clients_are_about(batcher, monkeypatch):
+    monkeypatch.setattr(batcher_module, "LIGHT_MEMORY_S", 0.5)
     engine, b = RecordingEngine(row_seconds=0.002), batcher(max_batch=16, max_batch_ms=20, max_queue=256)
     bulk = [f"b{i}" for i in range(64)]
     submit(b, engine, "raee", bulk, "bulk").future.result(TIMEOUT)
     assert [len(batch) for _, batch in engine.batches] == [16] * 4  # large requests alone: full batches
     engine.batches.clear()
-    blocked = hold_worker(b, engine)
-    light = submit(b, engine, "raee", ["one text"], "light")
-    heavy = submit(b, engine, "raee", bulk, "bulk")
-    engine.release.set()
-    blocked.future.result(TIMEOUT)
-    assert light.future.result(TIMEOUT).results == ["raee|one text"]
-    heavy.future.result(TIMEOUT)
+    assert submit(b, engine, "raee", ["one text"], "light").future.result(TIMEOUT).results == ["raee|one text"]
+    submit(b, engine, "raee", bulk, "bulk").future.result(TIMEOUT)
     sizes = [len(batch) for _, batch in engine.batches[1:]]
-    assert sizes[0] == 1  # the light client's batch takes no rows from the far heavier one
-    assert sum(sizes[1:]) == 64 and 4 <= max(sizes[1:]) <= 10  # about 20 ms at 2 ms a row, never under 16 / 4
+    assert sum(sizes) == 64 and 4 <= max(sizes) <= 10  # about 20 ms at 2 ms a row, never under 16 / 4
+    engine.batches.clear()
+    time.sleep(0.6)  # no light client for longer than LIGHT_MEMORY_S
+    submit(b, engine, "raee", bulk, "bulk").future.result(TIMEOUT)
+    assert [len(batch) for _, batch in engine.batches] == [16] * 4
