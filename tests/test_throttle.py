@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from service.client import pushback_s
 from service.errors import QueueFull
 from service.throttle import Pushback
 
@@ -90,3 +91,20 @@ def test_a_held_call_that_is_cancelled_gives_back_its_place():
         return during, pushback.held
 
     assert asyncio.run(run()) == (1, 0)
+
+
+class Refusal:
+    """Stands in for a grpc.RpcError carrying trailers."""
+
+    def __init__(self, *trailers: tuple[str, str]) -> None:
+        self.trailers = trailers
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.trailers
+
+
+def test_the_client_reads_the_trailer_as_grpc_retries_do():
+    assert pushback_s(Refusal(("x-request-id", "r1"), ("grpc-retry-pushback-ms", "250"))) == 0.25
+    assert pushback_s(Refusal(("x-request-id", "r1"))) is None  # no trailer: not a full queue's refusal
+    assert pushback_s(Refusal(("grpc-retry-pushback-ms", "-1"))) == -1.0  # negative: do not retry
+    assert pushback_s(Refusal(("grpc-retry-pushback-ms", "soon"))) == -1.0  # malformed: do not retry either
