@@ -18,10 +18,10 @@ import time
 log = logging.getLogger(__name__)
 
 
-def freeze(why: str) -> None:
+def freeze() -> None:
     """Collect, then exempt every object alive now from later collections."""
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
-    log.info("%s: %d objects exempt from garbage collection (%.0f ms)", why, gc.get_freeze_count(),
+    log.info("%d objects exempt from garbage collection (%.0f ms)", gc.get_freeze_count(),
              (time.perf_counter() - started) * 1e3)

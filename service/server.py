@@ -185,7 +185,7 @@ class RaeeServer:
             self.metrics.depth(backbone.num_layers)
             for engine in registry.engines():
                 self.metrics.serving(engine.task.name, engine.store.version)
-            heap.freeze("loaded")
+            heap.freeze()
             self.admission.ready(registry, self.batcher)
             self._health_names += tuple(e.task.name for e in registry.engines())
             self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))

@@ -354,7 +354,7 @@ def test_every_call_of_a_burst_is_answered_and_counted(stores):
         calls = [stubs[i % 8].Classify.future(pb.ClassifyRequest(task="sst2", texts=[f"film {i}"]), timeout=60)
                  for i in range(3000)]
         codes = collections.Counter(c.code().name for c in calls)
-        counted = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+        counted = metrics_text(server)
     finally:
         server.stop()
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes  # gRPC's own pending limit cancelled calls unseen
