@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from raee.backbones import Backbone  # noqa: E402
 from raee.backbones.loading import resolve_source  # noqa: E402
+from raee.backbones.onnx import session_options  # noqa: E402
 from raee.data import read_examples  # noqa: E402
 from raee.engine import Engine  # noqa: E402
 from raee.metrics import task_score  # noqa: E402
@@ -339,11 +340,10 @@ def whole_graph(model: torch.nn.Module, workdir: Path, int8: bool, threads: int)
         finally:
             logging.disable(logging.NOTSET)
         path = quantized
-    options = ort.SessionOptions()  # onnxruntime's defaults, as a user would run one graph (spinning pool included)
-    # Every thread the raee rows get. Not torch.get_num_threads(): raee sets torch to one thread once its layers
-    # move onto onnxruntime, and a baseline sized by that ran single-threaded.
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # The raee rows' pool (onnxruntime's process-wide one, spinning between calls as a lone session's pool does), of
+    # `threads` threads. Not torch.get_num_threads(): raee sets torch to one thread once its layers move onto
+    # onnxruntime, and a baseline sized by that ran single-threaded.
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

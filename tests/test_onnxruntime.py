@@ -8,11 +8,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
 from raee import cache
-from raee.backbones import load_backbone
+from raee.backbones import load_backbone, onnx
 from raee.backbones.loading import place_on_runtime
 from raee.build import build_store
 from raee.data import read_examples
@@ -73,6 +74,19 @@ def test_layers_past_the_exit_never_run_on_onnxruntime():
     for i, text in enumerate(TEXTS):  # and a mixed batch answers as one row at a time
         alone = backbone.finish(backbone.start(prompting.prompts([text])), exits[i:i + 1], head)
         torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_every_session_runs_on_one_pool_for_the_process():
+    """Per-session pools had to sleep between calls (spinning pools took the cores from each other), and each graph
+    call then paid for waking them: the layers' sessions, the embeddings' and the prefix graph share one pool."""
+    backbone = on_onnxruntime("bert-encoder")
+    family = backbone.family
+    assert family.prepare_prefix(backbone, 1)
+    sessions = [family.embeddings, family._prefixes[1].session] + [layer.session for layer in family.layers]
+    assert not any(s.get_session_options().use_per_session_threads for s in sessions)
+    assert onnx._shared_pool is not None
+    with pytest.raises(Exception, match="global thread pool"):  # onnxruntime's own word that the pool is global
+        ort.InferenceSession(str(family.directory / "embeddings.onnx"), providers=["CPUExecutionProvider"])
 
 
 def test_rows_that_stay_run_at_their_own_width_once_the_longest_leaves():

@@ -14,6 +14,14 @@ a temporary directory with a warning.
 A store keyed `prefix:K` also gets a prefix graph (PrefixGraph): the embeddings, layers 1..K and the key's pooling
 as one graph, exported on first use beside the per-layer graphs and checked against them wherever it is loaded.
 
+Threads: every session raee makes runs on one intra-op pool for the whole process (onnxruntime's global thread
+pool, made on first use with the configured thread count and spinning between calls as a lone session's pool
+does). With a pool per session, spinning had to be off (seven spinning pools on two cores ran 7x slower), and then
+each graph call woke sleeping threads: 0.49 ms per call. On the shared pool, the per-layer graphs at full depth
+ran mr at batch 1 in 5.40 ms against 7.62 ms, with the whole model at 4.33 ms (docs/PERFORMANCE.md). Once the
+global pool exists, onnxruntime refuses sessions that ask for a pool of their own in this process: other code
+sharing the process makes its sessions with `session_options()`.
+
 Before an export is used, its fp32 graphs are run on the self-check's probe and compared layer by layer with the
 torch adapter (float tolerance). int8 graphs (onnxruntime dynamic quantization of the checked fp32 graphs) cannot
 equal fp32, so the check there is that every layer's states stay close in direction to fp32's (mean cosine),
@@ -55,6 +63,33 @@ log = logging.getLogger(__name__)
 OPSET = 17
 PREFIX_GRAPH = "prefix.onnx"
 TOKEN_AXES = {0: "batch", 1: "tokens"}  # the dynamic axes of a (B, T, ...) input or output
+_shared_pool: int | None = None  # threads of onnxruntime's process-wide pool, once raee has made or found it
+
+
+def session_options(threads: int | None = None) -> Any:
+    """Options for an onnxruntime session in this process: on the process-wide pool (made now, on first use, with
+    `threads` threads, default raee.runtime.thread_count(); a later, different count is logged and not applied),
+    with the graph optimizations on."""
+    import onnxruntime as ort
+
+    global _shared_pool
+    wanted = threads or thread_count()
+    if _shared_pool is None:
+        from onnxruntime.capi import _pybind_state
+
+        try:
+            _pybind_state.set_global_thread_pool_sizes(wanted, 1)
+            log.info("onnxruntime: one pool of %d threads for every session, spinning between calls", wanted)
+        except _pybind_state.Fail as e:  # made already in this process (by other code): share it as it is
+            log.info("onnxruntime: sharing the process's existing thread pool (%s)", e)
+        _shared_pool = wanted
+    elif wanted != _shared_pool:
+        log.info("onnxruntime: %d threads asked for, but the process's pool keeps the %d it was made with",
+                 wanted, _shared_pool)
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
 
 
 class OrtLayer:
@@ -112,7 +147,6 @@ class OnnxRuntimeFamily(Family):
     runtime = "onnxruntime"
 
     def __init__(self, torch_family: Family, directory: Path, precision: Precision, threads: int | None = None) -> None:
-        import onnxruntime as ort
 
         self.torch_family = torch_family
         self.name = torch_family.name
@@ -120,15 +154,7 @@ class OnnxRuntimeFamily(Family):
         self.final_norm = torch_family.final_norm
         self.shared_inputs = torch_family.shared_inputs
         self.directory, self._precision = directory, precision
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or thread_count()
-        options.inter_op_num_threads = 1
-        # A spinning pool per session would keep every core busy between calls: seven sessions on two cores ran 7x
-        # slower than one graph until spinning was turned off.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._options = options
+        self._options = session_options(threads)
         self.embeddings = self._session(directory / "embeddings.onnx")
         self.layers = [OrtLayer(self._session(directory / f"layer_{i:03d}.onnx"), i)
                        for i in range(torch_family.num_layers)]
