@@ -114,7 +114,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--key", default="prefix:2", metavar="embedder|prefix:K",
                    help="retrieval key: a sentence embedding, or the backbone's mean-pooled layer-K state, which "
                         "the serving pass reuses (default prefix:2; README: 'Why the default key')")
-    b.add_argument("--index", default=INDEX.type, choices=INDEX_TYPES, help=f"FAISS index (default {INDEX.type})")
+    b.add_argument("--index", default=INDEX.type, choices=INDEX_TYPES,
+                   help=f"FAISS index (default {INDEX.type}: exact search over float16 keys, half the memory a "
+                   "search reads; flat: over float32 keys; hnsw, ivf: approximate). The build calibrates with the "
+                   "index it serves")
     b.add_argument("--like", default=None, metavar="STORE",
                    help="build as STORE (the one serving) was: its task, backbone, key, index, exit-rule and "
                         "calibration settings, runtime and precision, so that replicas accept the new version "

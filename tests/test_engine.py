@@ -232,15 +232,16 @@ def test_label_ids_follow_the_task_definition_not_just_its_name():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
-def test_the_engine_over_hnsw_and_ivf_stores(examples, tmp_path, index_type):
-    """Stores on approximate indexes serve through the same engine: the index loads as built, the engine's exits
-    are RAEE's on that index's own neighbours, and on a store this small (IVF probes every list, HNSW's beam spans
-    the graph) they are the exact search's."""
+@pytest.mark.parametrize("index_type", ["flat-fp16", "hnsw", "ivf"])
+def test_the_engine_over_hnsw_ivf_and_fp16_stores(examples, tmp_path, index_type):
+    """Stores on approximate or float16 indexes serve through the same engine: the index loads as built, the
+    engine's exits are RAEE's on that index's own neighbours, and on a store this small (IVF probes every list,
+    HNSW's beam spans the graph) they are the exact search's; float16 keys swap a few near-ties."""
     backbone = tiny_backbone("bert-encoder")
     build_store(tmp_path / "s", TASK, backbone, examples, key=KeySpec("prefix", 1), index_spec=IndexSpec(index_type),
                 progress=False)
-    build_store(tmp_path / "flat", TASK, backbone, examples, key=KeySpec("prefix", 1), progress=False)
+    build_store(tmp_path / "flat", TASK, backbone, examples, key=KeySpec("prefix", 1), index_spec=IndexSpec("flat"),
+                progress=False)
     engine = Engine(load_store(tmp_path / "s"), backbone)
     assert index_type_of(engine.store.index) == index_type and engine.store.index.ntotal == len(examples)
     every = all_layers(backbone, TASK, QUERIES, pooled_layers=(1,))
@@ -250,4 +251,9 @@ def test_the_engine_over_hnsw_and_ivf_stores(examples, tmp_path, index_type):
     assert [r.exit_layer for r in results] == expected.tolist()
     assert [[n.id for n in r.neighbours] for r in results] == ids.tolist()
     exact = Engine(load_store(tmp_path / "flat"), backbone).classify(QUERIES, policy="raee", with_neighbours=True)
-    assert [[n.id for n in r.neighbours] for r in results] == [[n.id for n in r.neighbours] for r in exact]
+    found, wanted = ([[n.id for n in r.neighbours] for r in rs] for rs in (results, exact))
+    if index_type == "flat-fp16":  # the tiny model's keys lie close together: rounding swaps near-ties within them
+        assert [set(a) for a in found] == [set(b) for b in wanted]
+        assert [a[0] for a in found] == [b[0] for b in wanted]
+    else:
+        assert found == wanted

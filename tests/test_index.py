@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
 from raee.errors import InputError
-from raee.index import IndexSpec, build_index, keys_of, search
+from raee.index import IndexSpec, build_index, index_type_of, keys_of, search
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,16 @@ def test_flat_is_exact(keys):
     np.testing.assert_allclose(D, D_ref, rtol=1e-5)
 
 
+def test_flat_fp16_finds_the_exact_neighbours_at_half_the_memory(keys):
+    xb, xq = keys
+    index = build_index(xb, IndexSpec("flat-fp16"))
+    D, I = search(index, xq, 12)
+    D_ref, I_ref = brute_force(xb, xq, 12)
+    np.testing.assert_allclose(D, D_ref, atol=2e-3)  # float16 keys: similarities within rounding
+    assert np.mean([len(set(a) & set(b)) / 12 for a, b in zip(I, I_ref)]) >= 0.98
+    assert index_type_of(index) == "flat-fp16" and faiss.serialize_index(index).nbytes < xb.nbytes * 0.6
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_approximate_indexes_have_high_recall(kind, keys):
     xb, xq = keys
@@ -42,15 +53,16 @@ def test_approximate_indexes_have_high_recall(kind, keys):
     assert recall >= 0.9
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "flat-fp16", "hnsw", "ivf"])
 def test_keys_come_back_in_id_order(kind, keys):
     xb, _ = keys
-    np.testing.assert_allclose(keys_of(build_index(xb, IndexSpec(kind))), xb, atol=1e-6)
+    tolerance = 1e-3 if kind == "flat-fp16" else 1e-6
+    np.testing.assert_allclose(keys_of(build_index(xb, IndexSpec(kind))), xb, atol=tolerance)
 
 
 def test_wrong_query_shape_and_unknown_type_are_refused(keys):
     xb, xq = keys
     with pytest.raises(InputError, match=r"\(Q, 32\)"):
         search(build_index(xb, IndexSpec()), xq[:, :16], 3)
-    with pytest.raises(InputError, match="flat, hnsw, ivf"):
+    with pytest.raises(InputError, match="flat, flat-fp16, hnsw, ivf"):
         IndexSpec("lsh")
