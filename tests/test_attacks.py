@@ -81,12 +81,22 @@ def timed(call) -> tuple[float, object]:
         return time.perf_counter() - started, exc.code()
 
 
+class Gate(threading.Event):
+    """Set to let held batches go on; `entered` is set once a batch has reached the held layer (its texts are then
+    admitted, tokenized and counted in the queue until answered)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+
+
 @contextmanager
 def held_backbone(backbone, seconds_per_layer: float = 0.0):
     """Hold every batch at its first layer until the yielded event is set (or slow each layer down)."""
-    gate = threading.Event()
+    gate = Gate()
 
     def hold(_module, _args):
+        gate.entered.set()
         if seconds_per_layer:
             time.sleep(seconds_per_layer)
         else:
@@ -104,6 +114,15 @@ def held_backbone(backbone, seconds_per_layer: float = 0.0):
 
 def metrics_text(server) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+
+
+def wait_until(condition, timeout: float = 20.0, every: float = 0.01) -> bool:
+    """Poll `condition` until it is true or `timeout` seconds pass; its last value. Instead of a fixed sleep: a loaded
+    2-core CI machine can take ten times longer than expected to get there."""
+    deadline = time.monotonic() + timeout
+    while not (ok := condition()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return ok
 
 
 def metric(server, name: str, **labels) -> float:
@@ -241,7 +260,9 @@ def test_refusals_count_against_the_queue_before_tokenizing(serve, stores, count
     stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
     with held_backbone(stores["backbone"]) as gate:
         running = stub.Classify.future(pb.ClassifyRequest(task="sst2", texts=["good film"] * 4), timeout=20)
-        time.sleep(0.3)  # its batch now holds the backbone; its 4 texts fill the queue until answered
+        # its batch now holds the backbone (tokenized, so the count below is the refused call's alone); its 4 texts
+        # fill the queue until answered. Waited for, not slept on: a slow machine may take longer than any sleep.
+        assert gate.entered.wait(20) and server.batcher.backlog == 4
         counted_tokenizer.characters = 0
         took, code = timed(lambda: stub.Classify(pb.ClassifyRequest(task="sst2", texts=["good film " * 40] * 4),
                                                  timeout=5))
