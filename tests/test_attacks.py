@@ -282,7 +282,8 @@ def test_the_queue_counts_the_real_backlog_and_refuses_at_once(serve, stores):
             future = stub.Classify.future(pb.ClassifyRequest(task="sst2", texts=[f"good film {i}"]), timeout=20)
             future.add_done_callback(lambda f, i=i: finished.__setitem__(
                 i, (time.perf_counter() - sent[i], f.code())))
-        time.sleep(1.0)
+        # every call admitted (held in the queue) or settled; a fixed sleep could end before the last refusals came
+        assert wait_until(lambda: len(finished) + server.batcher.backlog >= 100), (finished, server.batcher.backlog)
         refused = {i: took for i, (took, code) in finished.items() if code == grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert len(refused) == 36 and max(refused.values()) < 0.5, refused  # 64 admitted, the rest refused at once
         # sent only now: the server admits concurrent calls in any order, so sent with the 100 it could take a place
