@@ -309,8 +309,9 @@ def test_a_full_queue_says_when_to_come_back_and_holds_a_client_that_comes_soone
     server = serve(max_queue=4, max_texts=4, max_wait_ms=1)
     stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}",
                                                   options=[("grpc.use_local_subchannel_pool", 1)]))
-    other = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}",
-                                                   options=[("grpc.use_local_subchannel_pool", 1)]))
+    other_channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+    other = pb_grpc.RaeeStub(other_channel)
+    grpc.channel_ready_future(other_channel).result(timeout=20)  # connected now: its refusal below is timed alone
     request = pb.ClassifyRequest(task="sst2", texts=["dull plot"])
 
     def refusal(client) -> tuple[float, float, str]:
@@ -322,7 +323,7 @@ def test_a_full_queue_says_when_to_come_back_and_holds_a_client_that_comes_soone
 
     with held_backbone(stores["backbone"]) as gate:
         running = stub.Classify.future(pb.ClassifyRequest(task="sst2", texts=["good film"] * 4), timeout=20)
-        time.sleep(0.3)  # its 4 texts fill the queue until answered
+        assert gate.entered.wait(20) and server.batcher.backlog == 4  # its 4 texts fill the queue until answered
         took, told, said = refusal(stub)
         assert took < 0.05 and told == 0.025 and "come back in 25 ms" in said
         took, told, _ = refusal(stub)  # came back at once: held until its time, then told to wait twice as long
@@ -339,7 +340,7 @@ def test_a_full_queue_says_when_to_come_back_and_holds_a_client_that_comes_soone
     assert stub.Classify(request, timeout=5).results  # admitted: its next refusal starts again at the first wait
     with held_backbone(stores["backbone"]) as gate:
         running = other.Classify.future(pb.ClassifyRequest(task="sst2", texts=["good film"] * 4), timeout=20)
-        time.sleep(0.3)
+        assert gate.entered.wait(20) and server.batcher.backlog == 4
         took, told, _ = refusal(stub)
         assert took < 0.05 and told == 0.025
         gate.set()
