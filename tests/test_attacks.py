@@ -354,13 +354,15 @@ def test_the_client_retries_a_full_queue_no_sooner_than_told(serve, stores):
     answers: list = []
     with held_backbone(stores["backbone"]) as gate:
         running = stub.Classify.future(pb.ClassifyRequest(task="sst2", texts=["good film"] * 4), timeout=20)
-        time.sleep(0.3)
+        assert gate.entered.wait(20) and server.batcher.backlog == 4
         with Client(f"127.0.0.1:{server.port}", retries=8, backoff=0.001, timeout=20) as patient:
             waiting = threading.Thread(target=lambda: answers.append(patient.classify(["dull plot"], task="sst2")))
             waiting.start()
-            time.sleep(0.5)  # refused a few times, each retry after the wait it was told (25, 50, 100, 200 ms)
-            assert not answers and metric(server, "raee_requests_total", code="RESOURCE_EXHAUSTED",
-                                          method="Classify") >= 3
+            # refused a few times, each retry after the wait it was told (25, 50, 100, 200 ms); waited for rather
+            # than slept on, since a loaded machine may not get 3 tries in within 0.5 s (8 retries: 3.6 s of waits)
+            assert wait_until(lambda: metric(server, "raee_requests_total", code="RESOURCE_EXHAUSTED",
+                                             method="Classify") >= 3, every=0.02)
+            assert not answers
             gate.set()
             waiting.join()
         assert running.result().results
