@@ -395,10 +395,12 @@ def test_a_flood_cannot_keep_a_light_client_out_of_a_full_queue(serve, stores):
                                                    options=[("grpc.use_local_subchannel_pool", 1)]))
     with held_backbone(stores["backbone"]) as gate:
         flood = []
-        for _ in range(2):  # the heavy client holds the whole queue: one batch running, one request queued
-            flood.append(heavy.Classify.future(pb.ClassifyRequest(task="sst2", texts=["dull plot"] * 4), timeout=20))
-            time.sleep(0.2)
-        assert server.batcher.backlog == 8
+        # the heavy client holds the whole queue: one batch running, one request queued. The second is sent only once
+        # the first runs: sent after a fixed sleep, a slow machine could admit it first, and flood[0] be pushed out
+        flood.append(heavy.Classify.future(pb.ClassifyRequest(task="sst2", texts=["dull plot"] * 4), timeout=20))
+        assert gate.entered.wait(20)
+        flood.append(heavy.Classify.future(pb.ClassifyRequest(task="sst2", texts=["dull plot"] * 4), timeout=20))
+        assert wait_until(lambda: server.batcher.backlog == 8), server.batcher.backlog
         with Client(f"127.0.0.1:{server.port}", retries=0, timeout=20) as light:
             answer = threading.Thread(target=lambda: flood.append(light.classify(["good film"], task="sst2")))
             answer.start()
