@@ -417,16 +417,17 @@ def test_a_cancelled_call_is_counted_and_leaves_the_queue(serve, stores):
     stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
     with held_backbone(stores["backbone"]) as gate:
         first = stub.Classify.future(pb.ClassifyRequest(task="sst2", texts=["good"]), timeout=20)
-        time.sleep(0.2)
+        assert gate.entered.wait(20)  # the first runs (held): the second can only queue
         second = stub.Classify.future(pb.ClassifyRequest(task="sst2", texts=["good", "fine"]), timeout=20)
-        time.sleep(0.2)
-        assert server.batcher.backlog == 3
+        assert wait_until(lambda: server.batcher.backlog == 3), server.batcher.backlog
         second.cancel()
-        time.sleep(0.2)
-        assert server.batcher.backlog == 1  # the cancelled request's texts left the queue at once
+        # the cancelled request's texts left the queue while the batch ahead of it is still held: not when it ends
+        assert wait_until(lambda: server.batcher.backlog == 1), server.batcher.backlog
         gate.set()
         assert first.result().results
-    time.sleep(0.1)
+    # the server counts a cancelled call when its handler sees the cancellation, on its own schedule
+    assert wait_until(lambda: metric(server, "raee_requests_total", code="CANCELLED", method="Classify") >= 1,
+                      every=0.02)
     assert metric(server, "raee_requests_total", code="CANCELLED", method="Classify") == 1
 
 
