@@ -175,10 +175,12 @@ def test_idle_streams_starve_nothing(serve):
 
 
 def test_streams_are_bounded_and_idle_ones_closed(serve):
-    server = serve(max_streams=3, stream_idle_s=0.5)
+    # idle 2 s, not 0.5: the three streams must all still be open when the extra one comes, and on a slow machine
+    # opening them and seeing them open can take a good part of a second
+    server = serve(max_streams=3, stream_idle_s=2.0)
     calls, quiet = open_idle_streams(f"127.0.0.1:{server.port}", 3)
     try:
-        time.sleep(0.2)
+        assert wait_until(lambda: server.servicer.streams.open == 3), server.servicer.streams.open
         started = time.perf_counter()
         extra, _ = open_idle_streams(f"127.0.0.1:{server.port}", 1)
         with pytest.raises(grpc.RpcError) as info:
