@@ -243,16 +243,18 @@ def test_a_huge_text_with_truncate_is_cut_after_tokenizing_a_bounded_prefix(serv
 
 def test_a_client_that_keeps_sending_bad_input_is_answered_late_and_others_are_not(serve):
     server = serve()
-    flooder = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}",
-                                                     options=[("grpc.use_local_subchannel_pool", 1)]))
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    flooder_channel, other_channel = (grpc.insecure_channel(f"127.0.0.1:{server.port}", options=own) for _ in "ab")
+    for channel in (flooder_channel, other_channel):  # connected first: the bounds below time answers, not connects
+        grpc.channel_ready_future(channel).result(timeout=20)
+    flooder = pb_grpc.RaeeStub(flooder_channel)
     bad = pb.ClassifyRequest(task="sst2", texts=[""])
     started = time.perf_counter()
     took = [timed(lambda: flooder.Classify(bad, timeout=5)) for _ in range(30)]
     assert {code for _, code in took} == {grpc.StatusCode.INVALID_ARGUMENT}
     assert max(t for t, _ in took[:4]) < 0.1  # a few bad requests are answered at once ...
     assert time.perf_counter() - started > 2.5  # ... a closed loop of them is held to a few a second
-    other = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}",
-                                                   options=[("grpc.use_local_subchannel_pool", 1)]))
+    other = pb_grpc.RaeeStub(other_channel)
     assert timed(lambda: other.Classify(bad, timeout=5))[0] < 0.1  # another connection is answered at once
     assert metric(server, "raee_slowed_refusals_total") >= 5
 
