@@ -519,45 +519,62 @@ def test_reload_paths_stay_inside_the_store_roots(serve, stores, tmp_path):
         assert admin.reload("sst2", stores["current"]).store_version
 
 
-def slow_loads(monkeypatch, seconds: float):
-    """Reloads spend `seconds` checking for cancellation before loading, as a big store would reading."""
-    import service.registry
-    real = service.registry.load_store
+class HeldLoads:
+    """Reloads hold before loading, checking for cancellation every 10 ms as a big store would while reading, until
+    `release` is set (or `seconds` pass); `entered` counts the loads that have started holding."""
 
-    def slow(path, check=None):
-        until = time.monotonic() + seconds
-        while time.monotonic() < until:
-            if check is not None:
-                check()
-            time.sleep(0.01)
-        return real(path, check)
+    def __init__(self, monkeypatch, seconds: float = 30.0) -> None:
+        import service.registry
+        self.release, self.entered = threading.Event(), threading.Semaphore(0)
+        real = service.registry.load_store
 
-    monkeypatch.setattr(service.registry, "load_store", slow)
+        def held(path, check=None):
+            self.entered.release()
+            until = time.monotonic() + seconds
+            while time.monotonic() < until and not self.release.is_set():
+                if check is not None:
+                    check()
+                time.sleep(0.01)
+            return real(path, check)
+
+        monkeypatch.setattr(service.registry, "load_store", held)
 
 
 def test_one_reload_at_a_time_and_abandoned_with_its_deadline(serve, stores, monkeypatch):
     server = serve()
-    slow_loads(monkeypatch, 1.0)
+    loads = HeldLoads(monkeypatch)  # held until released: the calls below come while it runs, however slow they are
     stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.admin_port}"))
     request = pb.ReloadStoreRequest(task="sst2", store_path=stores["next"])
     first = stub.ReloadStore.future(request, timeout=30)
-    time.sleep(0.2)
+    assert loads.entered.acquire(timeout=20)  # the first reload runs
     codes = []
     for _ in range(4):  # within the attempts a client gets answered at once (service/throttle.py)
         took, code = timed(lambda: stub.ReloadStore(request, timeout=30))
         codes.append(code)
         assert took < 0.1
     assert set(codes) == {grpc.StatusCode.ABORTED}
+    loads.release.set()
     assert first.result().store_version == load_store(stores["next"]).version
+    monkeypatch.undo()
+    HeldLoads(monkeypatch)  # never released: only its deadline can end this reload within 30 s
     took, code = timed(lambda: stub.ReloadStore(pb.ReloadStoreRequest(task="sst2", store_path=stores["current"]),
                                                 timeout=0.3))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    time.sleep(0.2)  # the abandoned reload notices and lets go
     monkeypatch.undo()
     with Client(f"127.0.0.1:{server.port}") as c:
         assert c.classify(["good film"], task="sst2").store_version == load_store(stores["next"]).version
+    # the abandoned reload notices and lets go: a reload is taken again well before its 30 s hold would end (polled,
+    # since the deadline check and the lock's release come on the server's schedule)
     with Client(f"127.0.0.1:{server.admin_port}", retries=0) as admin:
-        assert admin.reload("sst2", stores["current"]).store_version == load_store(stores["current"]).version
+        deadline, codes = time.monotonic() + 10, []
+        while True:
+            try:
+                assert admin.reload("sst2", stores["current"]).store_version == load_store(stores["current"]).version
+                break
+            except RaeeClientError as exc:
+                codes.append(exc.code)
+                assert exc.code == grpc.StatusCode.ABORTED and time.monotonic() < deadline, codes
+                time.sleep(0.05)
 
 
 # -- 5, 6, 13: stores a reload must refuse -------------------------------------------------------------------------
