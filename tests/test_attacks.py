@@ -709,9 +709,9 @@ def test_shutdown_says_not_serving_before_the_listener_closes(serve, stores):
     stopping = threading.Thread(target=server.stop, args=(5,))
     started = time.monotonic()
     stopping.start()
-    time.sleep(0.3)
-    assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-        health_pb2.HealthCheckResponse.NOT_SERVING
+    # not a fixed sleep: the stopping thread may start late on a loaded machine; the listener stays up 1.5 s from then
+    assert wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2).status ==
+                      health_pb2.HealthCheckResponse.NOT_SERVING, timeout=5)
     with pytest.raises(grpc.RpcError) as info:
         stub.Classify(pb.ClassifyRequest(task="sst2", texts=["good film"]), timeout=2)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details()
