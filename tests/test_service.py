@@ -187,7 +187,10 @@ def test_queue_full_is_resource_exhausted_at_once(stores):
     try:
         stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         waiting = stub.Classify.future(pb.ClassifyRequest(task="sst2", texts=["good film", "dull plot"]), timeout=10)
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10  # admitted: waited for, as a fixed sleep may end first on a slow machine
+        while server.batcher.backlog != 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.batcher.backlog == 2
         with Client(f"127.0.0.1:{server.port}", retries=0) as c:
             started = time.perf_counter()
             assert code_of(lambda: c.classify(["a", "b"], task="sst2")) == grpc.StatusCode.RESOURCE_EXHAUSTED
