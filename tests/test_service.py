@@ -282,27 +282,51 @@ def test_stream_answers_in_order(client):
     assert results[5].results[0].exit_layer == 3
 
 
-def test_concurrent_requests_share_batches_and_metrics_say_so(server):
-    barrier = threading.Barrier(8)
+def test_concurrent_requests_share_batches_and_metrics_say_so(server, stores):
+    """Eight concurrent requests: the batcher puts more than one in a batch. The first batch is held in the backbone
+    until all eight are queued, so that the rest must share one whatever the scheduling (unheld, calls spread over
+    more than max_wait_ms by a slow machine would each run alone), and the counts are this test's own (before,
+    it read INVALID_ARGUMENT and shared batches left by earlier tests of the module: alone it failed)."""
+    def batch_counts() -> tuple[float, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+        found = [re.search(rf"^raee_batch_size_{part} (\S+)", text, re.M) for part in ("count", "sum")]
+        return tuple(float(f.group(1)) if f else 0.0 for f in found)  # type: ignore[return-value]
+
+    with Client(f"127.0.0.1:{server.port}", retries=0) as c:  # an INVALID_ARGUMENT of this test's own
+        assert code_of(lambda: c.classify([""], task="sst2")) == grpc.StatusCode.INVALID_ARGUMENT
+    batches_before, rows_before = batch_counts()
+    barrier, gate, entered = threading.Barrier(8), threading.Event(), threading.Event()
+
+    def hold(_module, _args):
+        entered.set()
+        gate.wait(20)
 
     def one():
         with Client(f"127.0.0.1:{server.port}") as c:
             barrier.wait()
             c.classify(["good film"], task="sst2")
 
+    hook = stores["backbone"].layers[0].register_forward_pre_hook(hold)
     threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while not (entered.is_set() and server.batcher.backlog == 8) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert entered.is_set() and server.batcher.backlog == 8, server.batcher.backlog
+    finally:
+        gate.set()
+        hook.remove()
+        for t in threads:
+            t.join()
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
     for name in ("raee_requests_total", "raee_stage_seconds_bucket", "raee_exit_layer_bucket", "raee_batch_size",
                  "raee_queue_depth", "raee_full_depth_fallbacks_total", "raee_retrieval_texts_total"):
         assert name in text
     assert 'raee_requests_total{code="INVALID_ARGUMENT",method="Classify"}' in text
-    batches = float(re.search(r"^raee_batch_size_count (\S+)", text, re.M).group(1))
-    rows = float(re.search(r"^raee_batch_size_sum (\S+)", text, re.M).group(1))
-    assert rows > batches  # some batch carried more than one row
+    batches, rows = (after - before for after, before in zip(batch_counts(), (batches_before, rows_before)))
+    assert rows == 8 and rows > batches  # some batch carried more than one row
 
 
 @pytest.mark.slow
