@@ -248,30 +248,41 @@ def test_a_loaded_server_exempts_its_objects_from_garbage_collection(stores):
 
 @pytest.mark.slow
 def test_reload_under_concurrent_traffic_fails_no_request(stores, server):
-    failures, versions, stop = [], set(), threading.Event()
+    failures, versions, stop = [], [], threading.Event()  # versions: each answer's, in order (list.append is atomic)
 
     def traffic():
         with Client(f"127.0.0.1:{server.port}", timeout=10) as c:
             while not stop.is_set():
                 try:
-                    versions.add(c.classify(["good film", "dull plot"], task="sst2").store_version)
+                    versions.append(c.classify(["good film", "dull plot"], task="sst2").store_version)
                 except Exception as exc:  # noqa: BLE001
                     failures.append(exc)
+
+    def answered_after(mark: int, version: str) -> bool:
+        """Whether traffic got an answer from `version` since it had `mark` answers (polled up to 20 s: a fixed
+        sleep between reloads could end before a loaded machine's traffic saw the new version)."""
+        deadline = time.monotonic() + 20
+        while version not in versions[mark:] and time.monotonic() < deadline and not failures:
+            time.sleep(0.01)
+        return version in versions[mark:]
 
     threads = [threading.Thread(target=traffic) for _ in range(4)]
     for t in threads:
         t.start()
-    with Client(f"127.0.0.1:{server.admin_port}") as admin:
-        seen = []
-        for path in (stores["next"], stores["current"], stores["next"], stores["current"]):
-            time.sleep(0.15)
-            seen.append(admin.reload("sst2", path).store_version)
-    time.sleep(0.15)
-    stop.set()
-    for t in threads:
-        t.join()
+    try:
+        assert answered_after(0, load_store(stores["current"]).version)  # traffic flows before the first reload
+        with Client(f"127.0.0.1:{server.admin_port}") as admin:
+            seen = []
+            for path in (stores["next"], stores["current"], stores["next"], stores["current"]):
+                mark = len(versions)
+                seen.append(admin.reload("sst2", path).store_version)
+                assert answered_after(mark, seen[-1]), (seen, failures)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
     assert failures == []
-    assert len(set(seen)) == 2 and set(seen) <= versions
+    assert len(set(seen)) == 2 and set(seen) <= set(versions)
 
 
 def test_stream_answers_in_order(client):
