@@ -435,13 +435,15 @@ def test_config_sources_layer_yaml_env_flags(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_work_then_exits(stores, tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAEE_MAX_WAIT_MS": "300"}
+    from service.launch import free_port
+    port, metrics_port = free_port(), free_port()
+    # max_wait 5 s (within the 5 s notice period): the four calls still wait for company when SIGTERM comes. With
+    # 300 ms and a fixed 0.1 s sleep, a slow machine could send SIGTERM before they arrived (UNAVAILABLE, counted as
+    # errors) or after they had been answered (nothing drained)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAEE_MAX_WAIT_MS": "5000"}
     process = subprocess.Popen([sys.executable, "-m", "service.server", "--store", stores["current"], "--host",
-                                "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--grace-s", "10"],
+                                "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), "--grace-s",
+                                "10"],
                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with Client(f"127.0.0.1:{port}", timeout=20, retries=0) as c:
@@ -457,7 +459,11 @@ def test_sigterm_drains_in_flight_work_then_exits(stores, tmp_path):
             in_flight = [threading.Thread(target=one) for _ in range(4)]
             for t in in_flight:
                 t.start()
-            time.sleep(0.1)  # they now wait in the batcher (max_wait 300 ms)
+            deadline, page = time.monotonic() + 20, ""
+            while "raee_queue_depth 4.0" not in page and time.monotonic() < deadline:  # all four wait in the batcher
+                time.sleep(0.02)
+                page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+            assert "raee_queue_depth 4.0" in page
             process.send_signal(signal.SIGTERM)
             for t in in_flight:
                 t.join()
