@@ -48,8 +48,8 @@ def test_a_client_that_comes_back_sooner_waits_until_its_time_and_one_that_waite
 
     async def run() -> tuple[bool, float, bool, bool]:
         pushback = Pushback(first_s=0.1, on_hold=lambda: holds.append(1))
+        started = time.monotonic()  # before the refusal: a stall between the two cannot shorten `waited` below 0.1
         pushback.refused("eager")
-        started = time.monotonic()
         held = await pushback.wait_turn("eager")
         waited = time.monotonic() - started
         return held, waited, await pushback.wait_turn("eager"), await pushback.wait_turn("never refused")
