@@ -29,14 +29,14 @@ def test_the_wait_doubles_with_each_refusal_in_a_row_up_to_the_cap_and_an_answer
 
 
 def test_refusals_before_the_time_told_get_the_time_left_and_do_not_double_it():
-    pushback = Pushback(first_s=10.0)  # not 0.2 with min > 0.15: a 50 ms stall of a loaded machine failed that
+    pushback = Pushback(first_s=10.0, max_s=20.0)  # 0.2 with min > 0.15 failed on a 50 ms stall
     first = pushback.refused("a")
     together = [pushback.refused("a") for _ in range(40)]  # calls in flight together, refused together
     assert first == 10.0 and max(together) <= 10.0 and min(together) > 9.0
 
 
 def test_an_answer_keeps_a_time_still_ahead():
-    pushback = Pushback(first_s=10.0)  # long enough that no stall of the test reaches the time told
+    pushback = Pushback(first_s=10.0, max_s=20.0)  # long enough that no stall of the test reaches the time told
     pushback.refused("a")
     pushback.admitted("a")  # a call that was in flight before the refusal is answered
     assert 9.0 < pushback.wait_s("a") <= 10.0
