@@ -111,7 +111,9 @@ def test_a_failed_batch_runs_its_requests_one_at_a_time(batcher):
 
 
 def test_batches_shrink_to_max_batch_ms_only_while_light_clients_are_about(batcher, monkeypatch):
-    monkeypatch.setattr(batcher_module, "LIGHT_MEMORY_S", 0.5)
+    # a long memory while the light client must count: at 0.5 s a loaded machine could run the 64 rows after it
+    # (16 batches of sleeps, each overshooting) past it, and late batches went back to 16 rows
+    monkeypatch.setattr(batcher_module, "LIGHT_MEMORY_S", 30.0)
     engine, b = RecordingEngine(row_seconds=0.002), batcher(max_batch=16, max_batch_ms=20, max_queue=256)
     bulk = [f"b{i}" for i in range(64)]
     submit(b, engine, "raee", bulk, "bulk").future.result(TIMEOUT)
@@ -122,6 +124,7 @@ def test_batches_shrink_to_max_batch_ms_only_while_light_clients_are_about(batch
     sizes = [len(batch) for _, batch in engine.batches[1:]]
     assert sum(sizes) == 64 and 4 <= max(sizes) <= 10  # about 20 ms at 2 ms a row, never under 16 / 4
     engine.batches.clear()
+    monkeypatch.setattr(batcher_module, "LIGHT_MEMORY_S", 0.5)  # read at each batch: from now on a short memory
     time.sleep(0.6)  # no light client for longer than LIGHT_MEMORY_S
     submit(b, engine, "raee", bulk, "bulk").future.result(TIMEOUT)
     assert [len(batch) for _, batch in engine.batches] == [16] * 4
