@@ -57,7 +57,9 @@ def test_store_info_follows_a_reload_and_in_flight_counts_calls(serve, stores):
         future = pb_grpc.RaeeStub(channel).Classify.future(pb.ClassifyRequest(task="sst2", texts=["good"]),
                                                            timeout=10)
         seen = threading.Event()
-        for _ in range(50):
+        # polled while the call is unanswered (it waits 800 ms for company), not 50 times: on a loaded machine 50
+        # scrapes could all come before the call reached the server
+        while not future.done():
             if 'raee_in_flight_requests{method="Classify"} 1.0' in scrape(server):
                 seen.set()
                 break
