@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 IndexType = Literal["flat", "flat-fp16", "hnsw", "ivf"]
 INDEX_TYPES: tuple[IndexType, ...] = get_args(IndexType)
-FEW_QUERIES = 20  # below this many queries FAISS's flat search does not use BLAS
+# Up to this many queries (a served batch) FAISS searches on one thread; more (a build's or an evaluation's
+# leave-one-out search) on every configured thread.
+FEW_QUERIES = 256
 TIE_DECIMALS = 5  # similarities equal to this many decimals count as tied; ties go to the lower item id
 TIE_MARGIN = 8  # extra neighbours fetched so that ties at the k-th place are settled by id
 
@@ -101,9 +103,11 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     if queries.ndim != 2 or queries.shape[1] != index.d:
         raise InputError(f"queries must be (Q, {index.d}), got {queries.shape}")
     if hasattr(faiss, "omp_set_num_threads"):
-        # A few queries are searched on one thread: waking (and then spinning) an OpenMP pool costs more than it
-        # saves, and the spinning slows onnxruntime's own pool. Many queries use every configured thread.
-        faiss.omp_set_num_threads(1 if len(queries) < FEW_QUERIES else thread_count())
+        # A served batch is searched on one thread: waking (and then spinning) an OpenMP pool costs more than it
+        # saves, and its threads and onnxruntime's spinning pool take the cores from each other. mr's served policy
+        # at batch 32 ran 416 texts/s so against 378-384 on two threads (docs/PERFORMANCE.md). Bulk searches use
+        # every configured thread.
+        faiss.omp_set_num_threads(1 if len(queries) <= FEW_QUERIES else thread_count())
     width = min(k, index.ntotal)
     sims, ids = index.search(queries, min(width + TIE_MARGIN, index.ntotal))
     order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max),
