@@ -80,3 +80,22 @@ def test_a_served_batch_searches_on_one_thread_and_a_bulk_search_on_all(monkeypa
     assert faiss.omp_get_max_threads() == 1
     search(index, xb, 4)
     assert faiss.omp_get_max_threads() == 2
+
+
+def test_a_flat_fp16_index_goes_to_the_gpu_as_a_flat_index_of_its_stored_keys(monkeypatch, keys):
+    """faiss's GPU code takes flat and IVF indexes, not a scalar quantizer without lists (no GPU here: the move is
+    faked, the conversion is real)."""
+    import raee.index
+    moved = []
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: moved.append(index) or index, raising=False)
+    xb, xq = keys
+    fp16 = build_index(xb, IndexSpec("flat-fp16"))
+    on_gpu = raee.index.on_best_device(fp16)
+    assert isinstance(moved[0], faiss.IndexFlatIP) and on_gpu is moved[0]
+    D, I = search(on_gpu, xq, 12)
+    D16, I16 = search(fp16, xq, 12)
+    np.testing.assert_array_equal(I, I16)
+    np.testing.assert_allclose(D, D16, atol=1e-5)
+    hnsw = build_index(xb, IndexSpec("hnsw"))
+    assert raee.index.on_best_device(hnsw) is hnsw and len(moved) == 1  # HNSW stays on the CPU

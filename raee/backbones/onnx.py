@@ -147,7 +147,6 @@ class OnnxRuntimeFamily(Family):
     runtime = "onnxruntime"
 
     def __init__(self, torch_family: Family, directory: Path, precision: Precision, threads: int | None = None) -> None:
-
         self.torch_family = torch_family
         self.name = torch_family.name
         self.model, self.config, self.base = torch_family.model, torch_family.config, torch_family.base
