@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from raee import runtime  # noqa: E402
 from raee.backbones import Backbone  # noqa: E402
 from raee.backbones.loading import resolve_source  # noqa: E402
 from raee.backbones.onnx import session_options  # noqa: E402
@@ -343,7 +344,12 @@ def whole_graph(model: torch.nn.Module, workdir: Path, int8: bool, threads: int)
     # The raee rows' pool (onnxruntime's process-wide one, spinning between calls as a lone session's pool does), of
     # `threads` threads. Not torch.get_num_threads(): raee sets torch to one thread once its layers move onto
     # onnxruntime, and a baseline sized by that ran single-threaded.
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    options = session_options(threads)
+    if runtime.onnxruntime_pool not in (None, threads):
+        made = runtime.onnxruntime_pool or "an unknown number of"
+        raise SystemExit(f"baselines: onnxruntime's pool was made with {made} threads, the rows are measured on "
+                         f"{threads}")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

@@ -36,6 +36,9 @@ ONNXRUNTIME_PRECISIONS: tuple[OnnxruntimePrecision, ...] = get_args(OnnxruntimeP
 DTYPE_PRECISION: dict[DType, Precision] = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 _threads: int | None = None
+# Threads of onnxruntime's process-wide pool once raee has made it (raee.backbones.onnx.session_options): fixed for
+# the life of the process. 0: raee found the pool made by other code, its size unknown.
+onnxruntime_pool: int | None = None
 
 
 def cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> tuple[int, str]:
@@ -78,6 +81,10 @@ def configure_threads(threads: int | None = None) -> int:
         faiss.omp_set_num_threads(threads)
     if _threads != threads:
         log.info("using %d threads for torch, onnxruntime and FAISS (from %s)", threads, source)
+    if onnxruntime_pool is not None and onnxruntime_pool != threads:
+        log.warning("onnxruntime's pool keeps the %s threads it was made with before this call; %d apply to torch "
+                    "and FAISS only (set the thread count before loading a backbone, or restart)",
+                    onnxruntime_pool or "unknown number of", threads)
     _threads = threads
     return threads
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from raee.backbones import onnx
+from raee import runtime
 from tests.tiny import tiny_backbone
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "baselines.py"
@@ -27,14 +27,17 @@ def load_bench():
 def test_the_whole_model_graph_runs_on_the_rows_pool_not_torchs_threads(tmp_path):
     bench = load_bench()
     model = tiny_backbone("bert-encoder").model.eval()
-    before, pool = torch.get_num_threads(), onnx._shared_pool
+    threads = runtime.onnxruntime_pool or 2  # the pool raee's rows run on (made now if this test runs first)
+    before = torch.get_num_threads()
     torch.set_num_threads(1)  # what raee does once its layers run on onnxruntime
     try:
-        session = bench.whole_graph(model, tmp_path, False, 2)
+        session = bench.whole_graph(model, tmp_path, False, threads)
+        with pytest.raises(SystemExit, match="pool was made with"):  # a baseline on other threads is refused
+            bench.whole_graph(model, tmp_path, False, threads + 1)
     finally:
         torch.set_num_threads(before)
     assert not session.get_session_options().use_per_session_threads  # onnxruntime's process-wide pool
-    assert onnx._shared_pool == (pool or 2)  # the one raee's sessions run on, made with the rows' count if new
+    assert runtime.onnxruntime_pool == threads
     ids = torch.tensor([[2, 7, 9, 11, 3, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
     out = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]

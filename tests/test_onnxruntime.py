@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from raee import cache
+from raee import cache, runtime
 from raee.backbones import load_backbone, onnx
 from raee.backbones.loading import place_on_runtime
 from raee.build import build_store
@@ -84,9 +84,31 @@ def test_every_session_runs_on_one_pool_for_the_process():
     assert family.prepare_prefix(backbone, 1)
     sessions = [family.embeddings, family._prefixes[1].session] + [layer.session for layer in family.layers]
     assert not any(s.get_session_options().use_per_session_threads for s in sessions)
-    assert onnx._shared_pool is not None
+    assert runtime.onnxruntime_pool is not None
     with pytest.raises(Exception, match="global thread pool"):  # onnxruntime's own word that the pool is global
         ort.InferenceSession(str(family.directory / "embeddings.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_a_process_can_keep_a_pool_per_session(monkeypatch):
+    """RAEE_ONNXRUNTIME_POOL=per-session, for a process whose other code makes sessions of its own: raee's sessions
+    then keep pools of their own, sleeping between calls. (The options only: this test process's pool exists.)"""
+    monkeypatch.setattr(runtime, "onnxruntime_pool", None)
+    monkeypatch.setenv("RAEE_ONNXRUNTIME_POOL", "per-session")
+    options = onnx.session_options(3)
+    assert options.use_per_session_threads and options.intra_op_num_threads == 3
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert runtime.onnxruntime_pool is None  # no global pool made
+
+
+def test_threads_set_after_the_pool_exists_say_the_pool_keeps_its_own(monkeypatch, caplog):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(runtime, "onnxruntime_pool", 3)
+    try:
+        with caplog.at_level(logging.WARNING, logger="raee.runtime"):
+            configure_threads(1)
+    finally:
+        configure_threads(before)
+    assert "onnxruntime's pool keeps the 3 threads it was made with" in caplog.text
 
 
 def test_rows_that_stay_run_at_their_own_width_once_the_longest_leaves():

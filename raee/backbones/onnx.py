@@ -17,10 +17,12 @@ as one graph, exported on first use beside the per-layer graphs and checked agai
 Threads: every session raee makes runs on one intra-op pool for the whole process (onnxruntime's global thread
 pool, made on first use with the configured thread count and spinning between calls as a lone session's pool
 does). With a pool per session, spinning had to be off (seven spinning pools on two cores ran 7x slower), and then
-each graph call woke sleeping threads: 0.49 ms per call. On the shared pool, the per-layer graphs at full depth
-ran mr at batch 1 in 5.40 ms against 7.62 ms, with the whole model at 4.33 ms (docs/PERFORMANCE.md). Once the
-global pool exists, onnxruntime refuses sessions that ask for a pool of their own in this process: other code
-sharing the process makes its sessions with `session_options()`.
+each graph call woke sleeping threads: 0.43-0.61 ms per call. On the shared pool a call costs 0.13-0.15 ms, and
+the per-layer graphs at full depth ran mr at batch 1 in 5.11 ms against 7.62 (docs/PERFORMANCE.md). Once the
+global pool exists, onnxruntime refuses sessions that ask for a pool of their own in this process ("use_per_
+session_threads must be false when using a global thread pool"): other code sharing the process makes its
+sessions with `session_options()`, or the process sets RAEE_ONNXRUNTIME_POOL=per-session before raee loads a
+backbone, to have raee's sessions keep pools of their own (sleeping between calls: slower at small batches).
 
 Before an export is used, its fp32 graphs are run on the self-check's probe and compared layer by layer with the
 torch adapter (float tolerance). int8 graphs (onnxruntime dynamic quantization of the checked fp32 graphs) cannot
@@ -49,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raee import cache
+from raee import cache, runtime
 from raee.backbones.family import ExportableEncoder, Family, PrefixStates, VocabularyHead
 from raee.errors import BackboneError
 from raee.runtime import ONNXRUNTIME_PRECISIONS, Precision, thread_count
@@ -63,32 +65,40 @@ log = logging.getLogger(__name__)
 OPSET = 17
 PREFIX_GRAPH = "prefix.onnx"
 TOKEN_AXES = {0: "batch", 1: "tokens"}  # the dynamic axes of a (B, T, ...) input or output
-_shared_pool: int | None = None  # threads of onnxruntime's process-wide pool, once raee has made or found it
+POOL_ENV = "RAEE_ONNXRUNTIME_POOL"  # "per-session": every session keeps a pool of its own (default: one shared)
 
 
 def session_options(threads: int | None = None) -> Any:
-    """Options for an onnxruntime session in this process: on the process-wide pool (made now, on first use, with
-    `threads` threads, default raee.runtime.thread_count(); a later, different count is logged and not applied),
-    with the graph optimizations on."""
+    """Options for an onnxruntime session in this process, with the graph optimizations on: on the process-wide
+    pool (made now, on first use, with `threads` threads, default raee.runtime.thread_count(); a later, different
+    count is not applied, with a warning), or, with RAEE_ONNXRUNTIME_POOL=per-session, on a pool of its own that
+    sleeps between calls."""
     import onnxruntime as ort
 
-    global _shared_pool
     wanted = threads or thread_count()
-    if _shared_pool is None:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if runtime.onnxruntime_pool is None and os.environ.get(POOL_ENV, "").strip().lower() == "per-session":
+        # Spinning off: seven spinning pools on two cores ran 7x slower than one graph.
+        options.intra_op_num_threads, options.inter_op_num_threads = wanted, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        return options
+    if runtime.onnxruntime_pool is None:
         from onnxruntime.capi import _pybind_state
 
         try:
             _pybind_state.set_global_thread_pool_sizes(wanted, 1)
+            runtime.onnxruntime_pool = wanted
             log.info("onnxruntime: one pool of %d threads for every session, spinning between calls", wanted)
-        except _pybind_state.Fail as e:  # made already in this process (by other code): share it as it is
-            log.info("onnxruntime: sharing the process's existing thread pool (%s)", e)
-        _shared_pool = wanted
-    elif wanted != _shared_pool:
-        log.info("onnxruntime: %d threads asked for, but the process's pool keeps the %d it was made with",
-                 wanted, _shared_pool)
-    options = ort.SessionOptions()
+        except _pybind_state.Fail as e:  # made already in this process, by other code: shared as it is
+            runtime.onnxruntime_pool = 0
+            log.warning("onnxruntime: the process's thread pool was made by other code, with a size raee does not "
+                        "know; sharing it (%s)", e)
+    elif runtime.onnxruntime_pool and wanted != runtime.onnxruntime_pool:
+        log.warning("onnxruntime: %d threads asked for, but the process's pool keeps the %d it was made with",
+                    wanted, runtime.onnxruntime_pool)
     options.use_per_session_threads = False
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
 
 
