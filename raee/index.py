@@ -1,7 +1,11 @@
 """FAISS indexes over unit-length keys, searched by inner product (cosine similarity).
 
 flat: exact search. flat-fp16: exact search over the keys stored in float16 (half the memory a search reads; the
-similarities move by about 1e-3, so a store is calibrated with the index it serves). hnsw: graph search, efSearch
+similarities move by about 1e-3, so a store is calibrated with the index it serves). faiss scans float16 keys
+without BLAS, so a bulk search (a build's leave-one-out) is slower than flat's: 1.58 against 0.50 s over mr's 8,662
+keys on 2 cores, and the gap grows with the square of the store; large stores may prefer flat. It is not routed
+through a flat copy of the same keys: BLAS sums in another order, similarities differ by up to 1e-5, and near-ties
+would fall differently in calibration and in service. hnsw: graph search, efSearch
 sets recall. ivf: inverted lists, nprobe sets recall. The reference code never set nprobe and so often found fewer
 than k neighbours; here nprobe has a real default and is saved.
 """
@@ -23,9 +27,10 @@ log = logging.getLogger(__name__)
 
 IndexType = Literal["flat", "flat-fp16", "hnsw", "ivf"]
 INDEX_TYPES: tuple[IndexType, ...] = get_args(IndexType)
-# Up to this many queries (a served batch) FAISS searches on one thread; more (a build's or an evaluation's
-# leave-one-out search) on every configured thread.
-FEW_QUERIES = 256
+FEW_QUERIES = 20  # below this many queries FAISS searches one at a time (no BLAS), on one thread
+# A search of at most this many query-key pairs (a served batch of 32 over a store of 10,000 items) runs on one
+# thread; a bigger one (a build's or an evaluation's bulk search, a big store) on every configured thread.
+ONE_THREAD_PAIRS = 32 * 10_000
 TIE_DECIMALS = 5  # similarities equal to this many decimals count as tied; ties go to the lower item id
 TIE_MARGIN = 8  # extra neighbours fetched so that ties at the k-th place are settled by id
 
@@ -86,14 +91,13 @@ def keys_of(index: faiss.Index) -> np.ndarray:
 def on_best_device(index: faiss.Index) -> faiss.Index:
     """The index moved to every GPU the installed faiss sees (flat, flat-fp16 and IVF); unchanged on CPU builds and
     for HNSW. faiss's GPU code does not take a scalar quantizer without lists, so flat-fp16 goes as a flat index of its
-    keys as stored (float16 values held in float32): the same neighbours, with the memory saving left on the CPU."""
+    keys as stored (float16 values held in float32): similarities within 1e-5 of the CPU's, which can order a
+    near-tie differently; the memory saving stays on the CPU."""
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if not gpus or isinstance(index, faiss.IndexHNSW):
         return index
     if isinstance(index, faiss.IndexScalarQuantizer):
-        flat = faiss.IndexFlatIP(index.d)
-        flat.add(keys_of(index))
-        index = flat
+        index = _flat_of(index)
     log.info("searching on %d GPU(s)", gpus)
     return faiss.index_cpu_to_all_gpus(index)
 
@@ -107,18 +111,25 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != index.d:
         raise InputError(f"queries must be (Q, {index.d}), got {queries.shape}")
+    small = len(queries) < FEW_QUERIES or len(queries) * index.ntotal <= ONE_THREAD_PAIRS
     if hasattr(faiss, "omp_set_num_threads"):
-        # A served batch is searched on one thread: waking (and then spinning) an OpenMP pool costs more than it
-        # saves, and its threads and onnxruntime's spinning pool take the cores from each other. mr's served policy
-        # at batch 32 ran 416 texts/s so against 378-384 on two threads (docs/PERFORMANCE.md). Bulk searches use
-        # every configured thread.
-        faiss.omp_set_num_threads(1 if len(queries) <= FEW_QUERIES else thread_count())
+        # A small search runs on one thread: waking (and then spinning) an OpenMP pool costs more than it saves,
+        # and its threads and onnxruntime's spinning pool take the cores from each other. mr's served policy at
+        # batch 32 ran 416 texts/s on one thread against 378-384 on two (docs/PERFORMANCE.md).
+        faiss.omp_set_num_threads(1 if small else thread_count())
     width = min(k, index.ntotal)
     sims, ids = index.search(queries, min(width + TIE_MARGIN, index.ntotal))
     order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max),
                         -np.round(sims.astype(np.float64), TIE_DECIMALS)), axis=-1)
     return (np.take_along_axis(sims, order, axis=1)[:, :width],
             np.take_along_axis(ids, order, axis=1)[:, :width])
+
+
+def _flat_of(index: faiss.Index) -> faiss.IndexFlatIP:
+    """A flat inner-product index over the keys `index` holds, as stored."""
+    flat = faiss.IndexFlatIP(index.d)
+    flat.add(keys_of(index))
+    return flat
 
 
 def leave_one_out_search(index: faiss.Index, groups: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
