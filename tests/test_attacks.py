@@ -290,9 +290,6 @@ def test_the_queue_counts_the_real_backlog_and_refuses_at_once(serve, stores):
         assert wait_until(lambda: len(finished) + server.batcher.backlog >= 100), (finished, server.batcher.backlog)
         refused = {i: took for i, (took, code) in finished.items() if code == grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert len(refused) == 36 and max(refused.values()) < 0.5, refused  # 64 admitted, the rest refused at once
-        # sent only now: the server admits concurrent calls in any order, so sent with the 100 it could take a place
-        expiring = stub.Classify.future(pb.ClassifyRequest(task="sst2", texts=["dull"]), timeout=0.3)
-        assert expiring.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
         for _ in range(5):  # past the limit, a client that comes back when told is refused within milliseconds
             with pytest.raises(grpc.RpcError) as info:
                 stub.Classify(pb.ClassifyRequest(task="sst2", texts=["x"]), timeout=5)

@@ -306,7 +306,7 @@ def test_concurrent_requests_share_batches_and_metrics_say_so(server, stores):
     with Client(f"127.0.0.1:{server.port}", retries=0) as c:  # an INVALID_ARGUMENT of this test's own
         assert code_of(lambda: c.classify([""], task="sst2")) == grpc.StatusCode.INVALID_ARGUMENT
     batches_before, rows_before = batch_counts()
-    barrier, gate, entered = threading.Barrier(8), threading.Event(), threading.Event()
+    barrier, gate, entered = threading.Barrier(8, timeout=20), threading.Event(), threading.Event()
 
     def hold(_module, _args):
         entered.set()
@@ -462,7 +462,7 @@ def test_sigterm_drains_in_flight_work_then_exits(stores, tmp_path):
             deadline, page = time.monotonic() + 20, ""
             while "raee_queue_depth 4.0" not in page and time.monotonic() < deadline:  # all four wait in the batcher
                 time.sleep(0.02)
-                page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+                page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
             assert "raee_queue_depth 4.0" in page
             process.send_signal(signal.SIGTERM)
             for t in in_flight:
