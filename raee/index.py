@@ -1,13 +1,13 @@
 """FAISS indexes over unit-length keys, searched by inner product (cosine similarity).
 
 flat: exact search. flat-fp16: exact search over the keys stored in float16 (half the memory a search reads; the
-similarities move by about 1e-3, so a store is calibrated with the index it serves). faiss scans float16 keys
-without BLAS, so a bulk search (a build's leave-one-out) is slower than flat's: 1.58 against 0.50 s over mr's 8,662
-keys on 2 cores, and the gap grows with the square of the store; large stores may prefer flat. It is not routed
-through a flat copy of the same keys: BLAS sums in another order, similarities differ by up to 1e-5, and near-ties
-would fall differently in calibration and in service. hnsw: graph search, efSearch
-sets recall. ivf: inverted lists, nprobe sets recall. The reference code never set nprobe and so often found fewer
-than k neighbours; here nprobe has a real default and is saved.
+similarities move by about 1e-3, so a store is calibrated with the index it serves). faiss scans float16 keys without
+BLAS, so a bulk search (a build's leave-one-out) is slower than flat's: 1.58 against 0.50 s over mr's 8,662 keys on 2
+cores, and the gap grows with the square of the store; large stores may prefer flat. It is not routed through a flat
+copy of the same keys: BLAS sums in another order, similarities differ by up to 1e-5, and near-ties would fall
+differently in calibration and in service. hnsw: graph search, efSearch sets recall. ivf: inverted lists, nprobe sets
+recall. The reference code never set nprobe and so often found fewer than k neighbours; here nprobe has a real default
+and is saved.
 """
 
 from __future__ import annotations
