@@ -62,6 +62,7 @@ from service.api import pb, pb_grpc
 from service.client import Client, RaeeClientError, Request, pushback_s
 from service.errors import StartupError
 from service.launch import ServerProcess
+from tests.waiting import wait_until
 
 # Many servers, floods and subprocesses: CI runs these (make test); make test-fast leaves them out.
 pytestmark = pytest.mark.slow
@@ -116,15 +117,6 @@ def metrics_text(server) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
 
 
-def wait_until(condition, timeout: float = 20.0, every: float = 0.01) -> bool:
-    """Poll `condition` until it is true or `timeout` seconds pass; its last value. Instead of a fixed sleep: a loaded
-    2-core CI machine can take ten times longer than expected to get there."""
-    deadline = time.monotonic() + timeout
-    while not (ok := condition()) and time.monotonic() < deadline:
-        time.sleep(every)
-    return ok
-
-
 def metric(server, name: str, **labels) -> float:
     wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     selector = re.escape(f"{{{wanted}}}") if labels else ""
@@ -151,9 +143,7 @@ def test_idle_streams_starve_nothing(serve):
     server = serve(max_streams=256)
     calls, quiet = open_idle_streams(f"127.0.0.1:{server.port}", 200)
     try:
-        deadline = time.monotonic() + 30
-        while server.servicer.streams.open < 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: server.servicer.streams.open >= 200, timeout=30, every=0.05)
         assert server.servicer.streams.open == 200
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         health = health_pb2_grpc.HealthStub(channel)
@@ -298,9 +288,7 @@ def test_the_queue_counts_the_real_backlog_and_refuses_at_once(serve, stores):
             took, code = timed(lambda: stub.Classify(pb.ClassifyRequest(task="sst2", texts=["x"]), timeout=5))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and took < 0.05
         gate.set()
-    deadline = time.monotonic() + 20
-    while len(finished) < 100 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(finished) >= 100, every=0.05)
     assert sorted(code.name for _, code in finished.values()).count("OK") == 64
     assert metric(server, "raee_requests_total", code="RESOURCE_EXHAUSTED", method="Classify") >= 36
     assert server.batcher.backlog == 0

@@ -18,6 +18,7 @@ from raee.versions import current_version
 from service.admin import main as raee_admin
 from service.client import Client, RaeeClientError
 from service.launch import ServerProcess, free_port
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # real raee-serve processes: tens of seconds
 
@@ -91,17 +92,14 @@ def test_build_like_merge_rollout_refused_rollout_rollback(stores, sst2_like, tm
                            *admins]) == 0
         assert f"every replica serves {new}; CURRENT {old} -> {new}" in capsys.readouterr().out
         assert [serving(r.address) for r in replicas] == [new] * 3 and current_version(store) == new
-        deadline = time.monotonic() + 30  # traffic answered by the new version before the rollback: a fixed window
-        while new not in traffic.versions and time.monotonic() < deadline:  # (three info calls) may be too short
-            time.sleep(0.01)
+        # traffic answered by the new version before the rollback: a fixed window (three info calls) may be too short
+        wait_until(lambda: new in traffic.versions, timeout=30)
 
         assert raee_admin(["--token-file", str(token_file), "rollback", "--task", "sst2", *admins]) == 0
         assert f"CURRENT {new} -> {old}" in capsys.readouterr().out
         assert [serving(r.address) for r in replicas] == [old] * 3 and current_version(store) == old
-        deadline = time.monotonic() + 30  # calls after the rollback too, and enough calls overall, however slow
-        mark = traffic.calls
-        while traffic.calls <= max(20, mark) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        mark = traffic.calls  # calls after the rollback too, and enough calls overall, however slow
+        wait_until(lambda: traffic.calls > max(20, mark), timeout=30)
         traffic.stop()
         assert traffic.failures == [] and traffic.calls > 20 and traffic.versions == {old, new}
     finally:

@@ -32,6 +32,7 @@ from service.api import pb, pb_grpc
 from service.client import Client, RaeeClientError, Request
 from service.config import ServerConfig, load_config
 from service.server import RaeeServer
+from tests.waiting import wait_until
 
 TASK = BUILTIN_TASKS["sst2"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,10 +188,8 @@ def test_queue_full_is_resource_exhausted_at_once(stores):
     try:
         stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         waiting = stub.Classify.future(pb.ClassifyRequest(task="sst2", texts=["good film", "dull plot"]), timeout=10)
-        deadline = time.monotonic() + 10  # admitted: waited for, as a fixed sleep may end first on a slow machine
-        while server.batcher.backlog != 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server.batcher.backlog == 2
+        # admitted: waited for, as a fixed sleep may end first on a slow machine
+        assert wait_until(lambda: server.batcher.backlog == 2, timeout=10), server.batcher.backlog
         with Client(f"127.0.0.1:{server.port}", retries=0) as c:
             started = time.perf_counter()
             assert code_of(lambda: c.classify(["a", "b"], task="sst2")) == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -261,9 +260,7 @@ def test_reload_under_concurrent_traffic_fails_no_request(stores, server):
     def answered_after(mark: int, version: str) -> bool:
         """Whether traffic got an answer from `version` since it had `mark` answers (polled up to 20 s: a fixed
         sleep between reloads could end before a loaded machine's traffic saw the new version)."""
-        deadline = time.monotonic() + 20
-        while version not in versions[mark:] and time.monotonic() < deadline and not failures:
-            time.sleep(0.01)
+        wait_until(lambda: version in versions[mark:] or failures)
         return version in versions[mark:]
 
     threads = [threading.Thread(target=traffic) for _ in range(4)]
@@ -322,10 +319,7 @@ def test_concurrent_requests_share_batches_and_metrics_say_so(server, stores):
     try:
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 20
-        while not (entered.is_set() and server.batcher.backlog == 8) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert entered.is_set() and server.batcher.backlog == 8, server.batcher.backlog
+        assert wait_until(lambda: entered.is_set() and server.batcher.backlog == 8), server.batcher.backlog
     finally:
         gate.set()
         hook.remove()
@@ -459,11 +453,9 @@ def test_sigterm_drains_in_flight_work_then_exits(stores, tmp_path):
             in_flight = [threading.Thread(target=one) for _ in range(4)]
             for t in in_flight:
                 t.start()
-            deadline, page = time.monotonic() + 20, ""
-            while "raee_queue_depth 4.0" not in page and time.monotonic() < deadline:  # all four wait in the batcher
-                time.sleep(0.02)
-                page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-            assert "raee_queue_depth 4.0" in page
+            metrics_page = f"http://127.0.0.1:{metrics_port}/metrics"
+            assert wait_until(lambda: "raee_queue_depth 4.0" in  # all four wait in the batcher
+                              urllib.request.urlopen(metrics_page, timeout=10).read().decode(), every=0.02)
             process.send_signal(signal.SIGTERM)
             for t in in_flight:
                 t.join()
