@@ -97,7 +97,9 @@ def on_best_device(index: faiss.Index) -> faiss.Index:
     if not gpus or isinstance(index, faiss.IndexHNSW):
         return index
     if isinstance(index, faiss.IndexScalarQuantizer):
-        index = _flat_of(index)
+        flat = faiss.IndexFlatIP(index.d)
+        flat.add(keys_of(index))
+        index = flat
     log.info("searching on %d GPU(s)", gpus)
     return faiss.index_cpu_to_all_gpus(index)
 
@@ -111,8 +113,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != index.d:
         raise InputError(f"queries must be (Q, {index.d}), got {queries.shape}")
-    small = len(queries) < FEW_QUERIES or len(queries) * index.ntotal <= ONE_THREAD_PAIRS
     if hasattr(faiss, "omp_set_num_threads"):
+        small = len(queries) < FEW_QUERIES or len(queries) * index.ntotal <= ONE_THREAD_PAIRS
         # A small search runs on one thread: waking (and then spinning) an OpenMP pool costs more than it saves,
         # and its threads and onnxruntime's spinning pool take the cores from each other. mr's served policy at
         # batch 32 ran 416 texts/s on one thread against 378-384 on two (docs/PERFORMANCE.md).
@@ -123,13 +125,6 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
                         -np.round(sims.astype(np.float64), TIE_DECIMALS)), axis=-1)
     return (np.take_along_axis(sims, order, axis=1)[:, :width],
             np.take_along_axis(ids, order, axis=1)[:, :width])
-
-
-def _flat_of(index: faiss.Index) -> faiss.IndexFlatIP:
-    """A flat inner-product index over the keys `index` holds, as stored."""
-    flat = faiss.IndexFlatIP(index.d)
-    flat.add(keys_of(index))
-    return flat
 
 
 def leave_one_out_search(index: faiss.Index, groups: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
