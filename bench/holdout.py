@@ -23,10 +23,10 @@ from raee.accuracy_rule import AccuracyRuleConfig
 from raee.build import calibrate_items
 from raee.calibration import SEARCH_WIDTH, accuracy_path, gate_maker  # the match-full path, setting by setting
 from raee.data import text_groups
+from raee.evaluation import served_exits
 from raee.exit_policy import ExitPolicy
-from raee.exits import RecordArrays, Resolved, decide, resolve
+from raee.exits import RecordArrays, Resolved, resolve
 from raee.index import build_index, keys_of, leave_one_out_search, search
-from raee.offdomain import conformal_pvalues, cusum_alarms
 from raee.records import ExitRecords
 from raee.store import ExitStore, load_store
 
@@ -48,19 +48,10 @@ def subset(records: ExitRecords, rows: np.ndarray) -> ExitRecords:
 
 def served_right(resolved: Resolved, sims: np.ndarray, ids: np.ndarray, arrays: RecordArrays, key_layer: int,
                  queries: ExitRecords) -> tuple[np.ndarray, np.ndarray]:
-    """(right (Q,), off-domain (Q,)) for queries served in order from their neighbours (Q, >= the policy's search
-    width), as raee-eval serves a file: the stream test runs over them in order from a fresh state."""
-    n = queries.num_items
-    if resolved.rule is None:
-        exits, off = np.full(n, resolved.fixed_layer), np.zeros(n, dtype=bool)
-    else:
-        alarms = None
-        if resolved.gate is not None:
-            nearest = np.where(ids[:, 0] >= 0, sims[:, 0], -np.inf)
-            alarms, _ = cusum_alarms(conformal_pvalues(resolved.gate, nearest), 0.0, resolved.gate)
-        decision = decide(resolved, sims, ids, arrays, key_layer, alarms)
-        exits, off = decision.exits, decision.off_domain != ""
-    return queries.correct[np.arange(n), exits], off
+    """(right (Q,), off-domain (Q,)) for queries served in order from their neighbours, as raee-eval serves a
+    file (raee.evaluation.served_exits)."""
+    exits, reasons = served_exits(resolved, sims, ids, arrays, key_layer)
+    return queries.correct[np.arange(queries.num_items), exits], reasons != ""
 
 
 def one_split(store: ExitStore, keys: np.ndarray, share: float, seed: int) -> dict:

@@ -38,7 +38,7 @@ from raee.data import Example, seen_texts
 from raee.engine import Engine
 from raee.errors import InputError
 from raee.exit_policy import ExitPolicy
-from raee.exits import decide
+from raee.exits import RecordArrays, Resolved, decide
 from raee.guarantee import harms_and_helps
 from raee.index import search
 from raee.keys import require_embedder
@@ -137,16 +137,8 @@ class Evaluator:
             return adainfer_exit_layers(self.adainfer(), view.label_logits, view.vocab_top2), none
         if policy.kind == "confidence":
             return confidence_exit_layers(self.thresholds(policy.rate or DEFAULT_AGREEMENT), view.label_logits), none
-        resolved = self.engine.resolve(policy)
-        if resolved.fixed_layer is not None:
-            return np.full(q, resolved.fixed_layer), none
-        alarms = None
-        if resolved.gate is not None:  # the stream test over the file, in order, from a fresh state
-            nearest = np.where(view.neighbour_ids[:, 0] >= 0, view.similarities[:, 0], -np.inf)
-            alarms, _ = cusum_alarms(conformal_pvalues(resolved.gate, nearest), 0.0, resolved.gate)
-        decision = decide(resolved, view.similarities, view.neighbour_ids, self.engine.arrays,
-                          self.engine.store.key_layer, alarms)
-        return decision.exits, decision.off_domain
+        return served_exits(self.engine.resolve(policy), view.similarities, view.neighbour_ids, self.engine.arrays,
+                            self.engine.store.key_layer)
 
     def adainfer(self) -> LinearSVM:
         if self._adainfer is None:
@@ -231,6 +223,22 @@ class Evaluator:
     def timeable(self, policy: ExitPolicy) -> bool:
         """AdaInfer over full-vocabulary features cannot run online here (the head run reads label words only)."""
         return not (policy.kind == "adainfer" and self.engine.store.records.vocab_top2 is not None)
+
+
+def served_exits(resolved: Resolved, similarities: np.ndarray, neighbour_ids: np.ndarray, arrays: RecordArrays,
+                 key_layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(exit layers (Q,), off-domain reasons (Q,), "" where none) of a resolved policy for queries served in order
+    from their neighbours (Q, >= its search width), as a file is served: the stream test runs over them in order
+    from a fresh state."""
+    if resolved.fixed_layer is not None:
+        q = len(neighbour_ids)
+        return np.full(q, resolved.fixed_layer), np.full(q, "")
+    alarms = None
+    if resolved.gate is not None:
+        nearest = np.where(neighbour_ids[:, 0] >= 0, similarities[:, 0], -np.inf)
+        alarms, _ = cusum_alarms(conformal_pvalues(resolved.gate, nearest), 0.0, resolved.gate)
+    decision = decide(resolved, similarities, neighbour_ids, arrays, key_layer, alarms)
+    return decision.exits, decision.off_domain
 
 
 def markdown_table(results: list[PolicyResult]) -> str:
