@@ -130,12 +130,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--objective", default=SETTINGS.objective, choices=OBJECTIVES,
                    help="match-full: the fewest layers whose accuracy is at most --epsilon below full depth's, "
                         "with probability 1 - --delta (exact test, fixed-sequence over the rule's settings); "
-                        "best: the highest calibration score within --depth-budget; raee: faithful RAEE "
+                        "best: the highest calibration score among settings that run at most --depth-budget of "
+                        "the layers on average with probability 1 - --delta (exact betting test, fixed-sequence "
+                        "over each path); raee: faithful RAEE "
                         f"(default {SETTINGS.objective})")
     c.add_argument("--epsilon", type=float, default=SETTINGS.epsilon,
                    help=f"match-full: accuracy loss allowed, a share (default {SETTINGS.epsilon} = 0.5 point)")
     c.add_argument("--delta", type=float, default=SETTINGS.delta,
-                   help=f"match-full: chance the guarantee may fail (default {SETTINGS.delta})")
+                   help=f"match-full, best: chance the guarantee may fail (default {SETTINGS.delta})")
     c.add_argument("--depth-budget", type=float, default=SETTINGS.depth_budget, metavar="F",
                    help=f"best: share of layers run allowed on average (default {SETTINGS.depth_budget})")
     c.add_argument("--gate-alpha", type=float, default=SETTINGS.gate_alpha,
@@ -190,8 +192,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--ratios", default="1,0.9,0.8,0.7,0.6,0.5", help="earliest ratios A to try (1 = RAEE)")
     t.add_argument("--show", type=int, default=25, help="table rows to print, best first (25)")
     t.add_argument("--depth-budget", type=float, default=SETTINGS.depth_budget,
-                   help="choose the best score among settings running at most this share of layers "
-                        f"(default {SETTINGS.depth_budget}, as build's)")
+                   help="choose the best score among settings certified to run at most this share of layers "
+                        f"on the held-out items (default {SETTINGS.depth_budget}, as build's)")
+    t.add_argument("--delta", type=float, default=SETTINGS.delta,
+                   help=f"chance the depth budget's certificate may fail (default {SETTINGS.delta}, as build's)")
     t.add_argument("--json", default=None, metavar="OUT", help="write every trial as JSON")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")

@@ -196,7 +196,7 @@ def tune(args: argparse.Namespace) -> int:
                           base_scale=encoder.scale if encoder else None,
                           ks=[int(k) for k in args.ks.split(",")], taus=[float(t) for t in args.taus.split(",")],
                           ratios=[float(a) for a in args.ratios.split(",")],
-                          seed=args.seed)
+                          seed=args.seed, depth_budget=args.depth_budget, delta=args.delta)
     print(f"\nheld-out {task.metric} on {int(round(args.holdout * len(calibration.texts)))} of "
           f"{len(calibration.texts)} calibration items ({backbone.num_layers} layers)\n")
     print("| key | scale | k | tau | earliest ratio | score | full depth | avg exit | avg layers run |")
@@ -204,7 +204,7 @@ def tune(args: argparse.Namespace) -> int:
     for r in sorted(results, key=lambda r: (-r.score, r.avg_layers_run))[:args.show]:
         print(f"| {r.key} | {r.scale} | {r.k} | {r.tau} | {r.earliest_ratio} | {r.score:.4f} | {r.full_score:.4f} | "
               f"{r.avg_exit_layer:.2f} | {r.avg_layers_run:.2f} |")
-    best = choose(results, backbone.num_layers, args.depth_budget)
+    best = choose(results, backbone.num_layers)
     scale_flag = f" --scale {best.scale:g}" if best.scale is not None else ""
     print(f"\nchosen (best score within {args.depth_budget:.0%} of the layers): key {best.key}, scale {best.scale}, "
           f"k {best.k}, tau {best.tau}, earliest ratio {best.earliest_ratio}: score {best.score:.4f} vs full depth "

@@ -58,7 +58,8 @@ def calibration_summary(store: ExitStore, evidence: CalibrationEvidence) -> str:
     s = policy.settings
     goal = {"match-full": f"accuracy at most {100 * s.epsilon:g} point(s) below full depth's with probability "
                           f"{1 - s.delta:g}",
-            "best": f"the best calibration score within {s.depth_budget:.0%} of the layers",
+            "best": f"the best calibration score within {s.depth_budget:.0%} of the layers, the budget held with "
+                    f"probability {1 - s.delta:g}",
             "raee": "faithful RAEE"}[s.objective]
     lines = [f"\ncalibrated policy (objective {s.objective}: {goal}; {evidence.num_items} items, leave-one-out):",
              f"  {policy.name}"]
@@ -81,6 +82,11 @@ def calibration_summary(store: ExitStore, evidence: CalibrationEvidence) -> str:
         lines.append(f"  {tested} settings in a fixed sequence, cautious to aggressive; accepted up to "
                      f"#{evidence.chosen + 1}" + (f", first rejection at #{evidence.chosen + 2}"
                                                    if evidence.chosen + 1 < tested else ""))
+    if s.objective == "best":
+        certified = sum(bool(p.accepted) for p in evidence.curve)
+        lines.append(f"  the served path: {certified} of {len(evidence.curve)} settings certified within the budget "
+                     f"(betting test, fixed sequence from the cheapest; {evidence.candidates} settings tried on all "
+                     "paths)")
     return "\n".join(lines)
 
 
@@ -97,13 +103,18 @@ def plot_calibration(store: ExitStore, evidence: CalibrationEvidence, path: str)
     accepted = [p.accepted is not False for p in curve]
     top.plot(layers, [100 * p.score for p in curve], "-", color="#bdbdbd", zorder=1)
     top.scatter([x for x, a in zip(layers, accepted) if a], [100 * p.score for p, a in zip(curve, accepted) if a],
-                s=14, color="#3182bd", label="setting (accepted)" if s.objective == "match-full" else "setting",
+                s=14, color="#3182bd", label={"match-full": "setting (accepted)",
+                                              "best": "setting (certified within the budget)"}.get(s.objective,
+                                                                                                     "setting"),
                 zorder=2)
     if not all(accepted):
         top.scatter([x for x, a in zip(layers, accepted) if not a],
                     [100 * p.score for p, a in zip(curve, accepted) if not a], s=14, color="#de2d26",
-                    label="setting (not tested or rejected)", zorder=2)
+                    label="setting (not tested or rejected)" if s.objective == "match-full" else
+                    "setting (not certified within the budget)", zorder=2)
     top.axhline(100 * evidence.full_score, color="#636363", linestyle="--", label="full depth")
+    if s.objective == "best":
+        top.axvline(100 * s.depth_budget, color="#e6550d", linestyle=":", label=f"depth budget {s.depth_budget:.0%}")
     if evidence.chosen >= 0:
         chosen = curve[evidence.chosen]
         top.scatter([100 * chosen.layers_run], [100 * chosen.score], marker="*", s=250, color="#e6550d",

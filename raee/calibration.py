@@ -10,8 +10,12 @@ losses against full depth. The objective picks one setting:
   margin from 1 down to 0, then cost up; each setting is tested in turn (raee/guarantee.py) and the last one
   accepted before the first rejection is served (fixed-sequence testing, Learn then Test). The rule's structure (k,
   temperature, prior, values) is not chosen here: choosing it on the same items would spend the guarantee.
-- best: the highest calibration score whose layers run stay within a depth budget, over several structures of the
-  accuracy rule and the raee-earliest path. No guarantee: the score is an estimate.
+- best: the highest calibration score among settings certified to stay within a depth budget, over several
+  structures of the accuracy rule and the raee-earliest path. The budget is a guarantee: along each path, from the
+  cheapest setting up, H0 "layers run exceed the budget on average" is tested by betting (raee/guarantee.py) at
+  level delta / (number of paths) and the settings before the first one not rejected are certified (fixed-sequence
+  testing, Bonferroni over paths), so the served setting runs at most the budget on average with probability at
+  least 1 - delta. The score is an estimate, with no guarantee.
 - raee: faithful RAEE, the store's RAEE settings.
 match-full and best also calibrate the off-domain gate (raee/offdomain.py); its per-query tests are part of every
 setting the path tries, so the guarantee covers them. Pure functions over arrays; the search is raee/index.py's.
@@ -31,7 +35,7 @@ import numpy as np
 from raee.accuracy_rule import AccuracyRuleConfig, RecordValues, estimated_accuracy, exit_layers_from_estimate
 from raee.errors import InputError, StoreError
 from raee.exit_policy import OBJECTIVES, ExitPolicy, Objective, PolicyKind
-from raee.guarantee import GAMMA_SHARE, PairedRiskTest, fixed_sequence, harms_and_helps
+from raee.guarantee import GAMMA_SHARE, PairedRiskTest, certified_within_budget, fixed_sequence, harms_and_helps
 from raee.metrics import task_score
 from raee.offdomain import OffDomainGate, agreement_threshold, fit_similarity, off_domain_reasons
 from raee.raee_rule import RaeeConfig, exit_layers_from_scores, layer_scores
@@ -91,7 +95,8 @@ class CurvePoint:
     harms: int  # right at full depth, wrong at this setting's exit
     helps: int  # wrong at full depth, right at the exit
     risk_bound: float  # 1 - delta upper confidence bound on (full depth's accuracy - this accuracy)
-    accepted: bool | None = None  # match-full: rejected "more than epsilon below full depth" in sequence
+    accepted: bool | None = None  # in sequence, match-full: rejected "more than epsilon below full depth";
+    # best: rejected "more than the depth budget" (certified within it)
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,9 @@ def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.
         paths = [list(_raee_path(records, similarities, neighbour_ids, raee, lambda rule, exits: _Candidate(
             rule, exits, np.zeros(n, dtype=bool), None)))]
     curves = [[_point(c, records, metric, key_layer) for c in path] for path in paths]
+    if settings.objective == "best":
+        curves = [_certify_budget(path, curve, records.num_layers, key_layer, settings.depth_budget,
+                                  settings.delta / len(paths)) for path, curve in zip(paths, curves)]
     chosen_path, chosen, curve = _choose(curves, n, settings)
     gamma = GAMMA_SHARE * settings.delta
     curve = [dataclasses.replace(p, risk_bound=PairedRiskTest.of(p.harms, p.helps, n, gamma).upper_bound(
@@ -220,15 +228,29 @@ def gate_maker(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np
     return gated
 
 
+def _layers_share(c: _Candidate, num_layers: int, key_layer: int) -> np.ndarray:
+    """(N,) each item's share of the layers run at this setting: the prefix key's counted, a gated item all."""
+    return np.where(c.gated, num_layers, layers_run(c.exits, key_layer)) / num_layers
+
+
 def _point(c: _Candidate, records: ExitRecords, metric: str, key_layer: int) -> CurvePoint:
     """One setting's calibration figures."""
     n, num_layers = records.num_items, records.num_layers
     exit_right = records.correct[np.arange(n), c.exits]
     harms, helps = harms_and_helps(records.correct[:, num_layers], exit_right)
-    layers = np.where(c.gated, num_layers, layers_run(c.exits, key_layer)).mean() / num_layers
+    layers = _layers_share(c, num_layers, key_layer).mean()
     score = task_score(metric, predictions_at(records.label_logits, c.exits), records.gold)
     return CurvePoint(_rule_name(c.rule), score, float(exit_right.mean()), float(layers), float(c.gated.mean()),
                       harms, helps, float("nan"))
+
+
+def _certify_budget(path: list[_Candidate], curve: list[CurvePoint], num_layers: int, key_layer: int, budget: float,
+                    alpha: float) -> list[CurvePoint]:
+    """The curve with `accepted` set: True for the settings certified to run at most `budget` of the layers on
+    average, tested at level alpha from the path's cheapest end (its last setting) until the first not rejected."""
+    certified = certified_within_budget((_layers_share(c, num_layers, key_layer) for c in reversed(path)), budget,
+                                        alpha)
+    return [dataclasses.replace(p, accepted=i >= len(curve) - certified) for i, p in enumerate(curve)]
 
 
 def _choose(curves: list[list[CurvePoint]], n: int,
@@ -243,16 +265,17 @@ def _choose(curves: list[list[CurvePoint]], n: int,
     if settings.objective == "best":
         flat = [(i, j) for i, curve in enumerate(curves) for j in range(len(curve))]
         path, chosen = flat[best_within_budget([curves[i][j].score for i, j in flat],
-                                               [curves[i][j].layers_run for i, j in flat], settings.depth_budget)]
+                                               [curves[i][j].layers_run for i, j in flat],
+                                               [bool(curves[i][j].accepted) for i, j in flat])]
         return path, chosen, curves[path]
     return 0, 0, curves[0]
 
 
-def best_within_budget(scores: list[float], layers_run: list[float], budget: float) -> int:
-    """Index of the highest score among settings whose layers run (a share) stay within `budget`; ties go to fewer
-    layers, then to the earlier setting. With none inside the budget, the setting running the fewest layers."""
+def best_within_budget(scores: list[float], layers_run: list[float], within: list[bool]) -> int:
+    """Index of the highest score among settings certified within the depth budget (`within`); ties go to fewer
+    layers run (a share), then to the earlier setting. With none certified, the setting running the fewest layers."""
     candidates = range(len(scores))
-    inside = [i for i in candidates if layers_run[i] <= budget + 1e-9]
+    inside = [i for i in candidates if within[i]]
     if not inside:
         return min(candidates, key=lambda i: (layers_run[i], -scores[i], i))
     return min(inside, key=lambda i: (-round(scores[i], 9), layers_run[i], i))

@@ -17,6 +17,7 @@ normal approximation would, instead of the whole [-1, 1] range that Hoeffding's 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,12 +142,74 @@ def harms_and_helps(full_right: np.ndarray, exit_right: np.ndarray) -> tuple[int
     return int((full_right & ~exit_right).sum()), int((~full_right & exit_right).sum())
 
 
-def fixed_sequence(pvalues: list[float], delta: float) -> int:
+def fixed_sequence(pvalues: Iterable[float], delta: float) -> int:
     """Index of the last hypothesis rejected before the first one that is not (-1: none): fixed-sequence testing,
-    family-wise error at most delta for a sequence ordered before seeing the data."""
+    family-wise error at most delta for a sequence ordered before seeing the data. `pvalues` may be lazy: none
+    after the first not rejected is computed."""
     last = -1
     for i, p in enumerate(pvalues):
         if p > delta:
             break
         last = i
     return last
+
+
+BETTING_CAP = 0.5  # the largest bet, as a share of what keeps the capital positive (Waudby-Smith and Ramdas: 1/2)
+BETTING_SEED = 0  # the fixed order the items are bet on
+
+
+def mean_below_pvalue(values: np.ndarray, bound: float, alpha: float) -> float:
+    """p-value of H0: E[x] >= bound, for values x in [0, 1] drawn independently: an exact test by betting
+    (Waudby-Smith and Ramdas 2023, "Estimating means of bounded random variables by betting").
+
+    A gambler starts with capital 1 and, item by item in a fixed seeded order, stakes lambda_i on x_i falling below
+    the bound: capital *= 1 + lambda_i (bound - x_i). Under H0 the capital is a nonnegative supermartingale, so by
+    Ville's inequality it reaches 1/alpha with probability at most alpha; the p-value is 1 / (the largest capital).
+    The bets are predictable plug-ins tuned for level alpha over n items: lambda_i = sqrt(2 log(1/alpha) / (n
+    var_{i-1})), capped at BETTING_CAP / (1 - bound), where var_{i-1} is a running variance of the items before.
+    Its width is about sqrt(2 log(1/alpha)) standard errors, and, unlike Hoeffding's, it follows the variance."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        return 1.0
+    if not (np.all(x >= -1e-12) and np.all(x <= 1 + 1e-12)):
+        raise InputError("the betting test needs values in [0, 1]")
+    if not 0 < alpha < 1:
+        raise InputError(f"alpha must lie in (0, 1), got {alpha}")
+    if bound >= 1:
+        return 1.0  # nothing in [0, 1] has a mean above 1: H0 holds only at E[x] = 1, which no data can reject
+    if bound <= 0:
+        return 1.0
+    x = x[np.random.default_rng(BETTING_SEED).permutation(x.size)]
+    n = x.size
+    t = np.arange(1, n + 1)
+    means = (0.5 + np.cumsum(x)) / (t + 1)  # mean after item i, with a prior of 1/2
+    previous = np.concatenate([[0.5], means[:-1]])  # the mean before item i
+    variances = (0.25 + np.cumsum((x - previous) ** 2)) / (t + 1)
+    before = np.concatenate([[0.25], variances[:-1]])  # the variance before item i: predictable
+    bets = np.minimum(np.sqrt(2 * math.log(1 / alpha) / (n * before)), BETTING_CAP / (1 - bound))
+    log_capital = np.cumsum(np.log1p(bets * (bound - x)))
+    return float(min(1.0, math.exp(-max(0.0, float(log_capital.max())))))
+
+
+def certified_within_budget(shares: Iterable[np.ndarray], budget: float, alpha: float) -> int:
+    """How many settings of a path, taken from its cheapest, are certified to run at most `budget` of the layers
+    on average: each setting's per-item shares of layers run (in [0, 1]) test H0 "mean above the budget" by
+    betting at level alpha, in turn, until the first not rejected (fixed-sequence testing: with probability at
+    least 1 - alpha, every certified setting is within the budget). `shares` may be lazy."""
+    return 1 + fixed_sequence((mean_below_pvalue(x, budget, alpha) for x in shares), alpha)
+
+
+def mean_upper_bound(values: np.ndarray, alpha: float) -> float:
+    """The smallest bound whose H0 (E[x] >= bound) mean_below_pvalue rejects at level alpha: a 1 - alpha upper
+    confidence bound on the mean of values in [0, 1] (reported as evidence)."""
+    x = np.asarray(values, dtype=np.float64)
+    low, high = float(x.mean()) if x.size else 0.0, 1.0
+    if mean_below_pvalue(x, high - 1e-9, alpha) > alpha:
+        return 1.0
+    for _ in range(_BISECTIONS):
+        middle = (low + high) / 2
+        if mean_below_pvalue(x, middle, alpha) <= alpha:
+            high = middle
+        else:
+            low = middle
+    return high

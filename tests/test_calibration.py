@@ -10,6 +10,7 @@ import pytest
 
 from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy
 from raee.calibration import (
+    BEST_STRUCTURES,
     COSTS,
     EARLIEST_RATIOS,
     MARGINS,
@@ -21,7 +22,7 @@ from raee.calibration import (
 )
 from raee.data import text_groups
 from raee.errors import InputError
-from raee.guarantee import GAMMA_SHARE, risk_pvalue
+from raee.guarantee import GAMMA_SHARE, certified_within_budget, risk_pvalue
 from raee.index import IndexSpec, build_index, leave_one_out_search, search
 from raee.metrics import task_score
 from raee.raee_rule import RaeeConfig, raee_exit_layers
@@ -136,24 +137,33 @@ def test_best_takes_the_top_calibration_score_within_the_budget(store):
     policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
                                  settings=settings)
     chosen = evidence.curve[evidence.chosen]
-    assert chosen.layers_run <= 0.5
+    assert chosen.layers_run <= 0.5 and chosen.accepted
+    certified = [p.accepted for p in evidence.curve]
+    assert any(certified) and not all(certified), "the served path should hold both kinds of setting"
+    first = certified.index(True)  # the certified settings are the path's cheap end, from the first certified on
+    assert all(certified[first:]) and not any(certified[:first])
     rule = policy.rule
     exits = (accuracy_exit_layers(sims, ids, records.record_values(rule.values), rule, 1)
              if isinstance(rule, AccuracyRuleConfig) else raee_exit_layers(sims, ids, records.record_probability(),
                                                                            rule))
     assert chosen.score == pytest.approx(task_score("accuracy", records.predicted[np.arange(len(exits)), exits],
                                                     records.gold))
-    # no point of the raee-earliest path inside the budget scores higher
+    # no point of the raee-earliest path certified within the budget (tested from its cheapest end at delta over
+    # the number of paths) scores higher
     probability = records.record_probability()
     path = [raee_exit_layers(sims, ids, probability, RaeeConfig(earliest_ratio=ratio)) for ratio in EARLIEST_RATIOS]
-    inside = [e for e in path if np.maximum(e, 1).mean() / records.num_layers <= 0.5]
+    shares = [np.maximum(e, 1) / records.num_layers for e in path]
+    count = certified_within_budget(reversed(shares), 0.5, settings.delta / (len(BEST_STRUCTURES) + 1))
+    inside = path[len(path) - count:]
     assert inside, "no raee-earliest point within the budget: the comparison below would check nothing"
+    assert all(s.mean() <= 0.5 for s in shares[len(path) - count:])
     assert max(np.mean(records.correct[np.arange(len(e)), e]) for e in inside) <= chosen.score + 1e-12
 
 
 def test_best_within_budget_rule():
-    assert best_within_budget([0.7, 0.8, 0.8, 0.9], [0.3, 0.5, 0.4, 0.7], 0.6) == 2  # tie: fewer layers
-    assert best_within_budget([0.7, 0.9], [0.8, 0.9], 0.5) == 0  # none inside: the fewest layers
+    certified = [True, True, True, False]
+    assert best_within_budget([0.7, 0.8, 0.8, 0.9], [0.3, 0.5, 0.4, 0.55], certified) == 2  # tie: fewer layers
+    assert best_within_budget([0.7, 0.9], [0.8, 0.9], [False, False]) == 0  # none certified: the fewest layers
 
 
 def test_raee_objective_serves_faithful_raee(store):

@@ -1,6 +1,7 @@
 """match-full's statistics against brute force: binomial tails summed term by term, the exact size of the test by
 enumerating every outcome, fixed-sequence testing against a slow loop, and the whole procedure's error rate on
-synthetic records."""
+synthetic records. best's depth budget: the betting test against a slow loop of its capital, its size at the
+boundary, its power, and the certified prefix of a path."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ import pytest
 
 from raee.errors import InputError
 from raee.guarantee import (
+    BETTING_CAP,
+    BETTING_SEED,
     PairedRiskTest,
     binomial_cdf,
+    certified_within_budget,
     clopper_pearson_lower,
     clopper_pearson_upper,
     fixed_sequence,
     harms_and_helps,
+    mean_below_pvalue,
+    mean_upper_bound,
     risk_pvalue,
 )
 
@@ -127,3 +133,69 @@ def test_the_procedure_keeps_its_promise_on_synthetic_records():
                                 delta)
         failures += chosen >= 0 and p_harm[chosen] - p_help[chosen] > epsilon
     assert failures / runs <= delta + 3 * math.sqrt(delta * (1 - delta) / runs)
+
+
+def slow_betting_pvalue(values, bound, alpha):
+    """The capital process written out item by item (Waudby-Smith and Ramdas, predictable plug-in bets)."""
+    x = list(np.asarray(values, dtype=float)[np.random.default_rng(BETTING_SEED).permutation(len(values))])
+    n = len(x)
+    capital, best, mean, variance, total, squares = 1.0, 1.0, 0.5, 0.25, 0.0, 0.0
+    for i, value in enumerate(x, start=1):
+        bet = min(math.sqrt(2 * math.log(1 / alpha) / (n * variance)), BETTING_CAP / (1 - bound))
+        capital *= 1 + bet * (bound - value)
+        best = max(best, capital)
+        squares += (value - mean) ** 2  # against the mean before this item
+        total += value
+        mean = (0.5 + total) / (i + 1)
+        variance = (0.25 + squares) / (i + 1)
+    return min(1.0, 1 / best)
+
+
+@pytest.mark.parametrize("seed, n, bound", [(0, 50, 0.5), (1, 300, 0.6), (2, 1000, 0.45), (3, 20, 0.9)])
+def test_betting_pvalue_equals_a_slow_loop_of_its_capital(seed, n, bound):
+    values = np.random.default_rng(seed).choice([1 / 3, 1 / 2, 2 / 3, 5 / 6, 1.0], size=n)
+    for alpha in (0.1, 0.011):
+        assert mean_below_pvalue(values, bound, alpha) == pytest.approx(slow_betting_pvalue(values, bound, alpha),
+                                                                        rel=1e-9)
+
+
+@pytest.mark.parametrize("levels, weights", [((0.0, 1.0), (0.4, 0.6)),
+                                             ((1 / 3, 1 / 2, 2 / 3, 1.0), (0.4, 0.2, 0.1, 0.3)),
+                                             ((0.58, 0.62), (0.5, 0.5))])
+def test_betting_test_rejects_a_true_null_at_most_alpha_of_the_time(levels, weights):
+    """Values drawn with mean exactly at the bound (the hardest case of H0): rejections stay within alpha, with
+    three standard errors of slack for the simulation."""
+    rng = np.random.default_rng(7)
+    bound, alpha, runs = float(np.dot(levels, weights)), 0.1, 1500
+    rejections = sum(mean_below_pvalue(rng.choice(levels, size=400, p=weights), bound, alpha) <= alpha
+                     for _ in range(runs))
+    assert rejections / runs <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / runs)
+
+
+def test_betting_test_has_power_and_its_bound_covers_the_mean():
+    rng = np.random.default_rng(3)
+    values = rng.choice([1 / 3, 2 / 3, 1.0], size=5000, p=[0.5, 0.3, 0.2])  # mean 0.567, sd 0.26
+    assert mean_below_pvalue(values, 0.6, 0.01) <= 0.01  # 3.3 points of slack, 9 standard errors at n 5000
+    assert mean_below_pvalue(values, 0.56, 0.1) > 0.1  # below the sample mean: never rejected
+    upper = mean_upper_bound(values, 0.05)
+    assert values.mean() < upper < values.mean() + 4 * values.std() / math.sqrt(len(values))
+    assert mean_below_pvalue(values, upper + 1e-6, 0.05) <= 0.05 < mean_below_pvalue(values, upper - 1e-3, 0.05)
+    assert mean_below_pvalue(values, 1.0, 0.1) == 1.0 and mean_below_pvalue([], 0.5, 0.1) == 1.0
+    with pytest.raises(InputError):
+        mean_below_pvalue([0.2, 1.5], 0.5, 0.1)
+
+
+def test_certified_within_budget_stops_at_the_first_setting_not_certified():
+    rng = np.random.default_rng(5)
+    shares = [rng.choice([1 / 3, 1.0], size=2000, p=[1 - p, p]) for p in (0.1, 0.3, 0.4, 0.5, 0.1)]
+    # means about 0.40, 0.53, 0.60, 0.67, 0.40: the fourth fails a 0.6 budget, and the fifth is never tested
+    tested = []
+
+    def lazy():
+        for x in shares:
+            tested.append(len(x))
+            yield x
+    assert certified_within_budget(lazy(), 0.6, 0.05) in (2, 3)
+    assert len(tested) <= 4
+    assert certified_within_budget(iter(shares[3:]), 0.6, 0.05) == 0
+    assert certified_within_budget(iter([]), 0.6, 0.05) == 0

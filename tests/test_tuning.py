@@ -9,6 +9,7 @@ import pytest
 
 from raee.build import run_calibration_pass
 from raee.data import Example
+from raee.errors import InputError
 from raee.keys import KeySpec
 from raee.tasks import BUILTIN_TASKS
 from raee.tuning import choose, grid_search
@@ -46,9 +47,11 @@ def test_scaling_the_recorded_logits_is_rebuilding_at_that_scale(examples):
 
 def test_choose_takes_the_best_score_within_the_depth_budget(examples):
     base = calibration(examples, 20.0)
-    results = grid_search(base.records, {"prefix:1": base.keys}, TASK.metric, **GRID)
     budget = 0.8
-    chosen = choose(results, 3, budget)
-    inside = [r for r in results if r.avg_layers_run / 3 <= budget + 1e-9]
-    assert inside and chosen in inside
+    results = grid_search(base.records, {"prefix:1": base.keys}, TASK.metric, **GRID, depth_budget=budget)
+    chosen = choose(results, 3)
+    inside = [r for r in results if r.within_budget]
+    assert inside and chosen in inside and all(r.avg_layers_run / 3 <= budget for r in inside)
     assert chosen.score == max(r.score for r in inside)
+    with pytest.raises(InputError):
+        choose(grid_search(base.records, {"prefix:1": base.keys}, TASK.metric, **GRID), 3)  # nothing certified
