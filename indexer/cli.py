@@ -196,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
                         f"on the held-out items (default {SETTINGS.depth_budget}, as build's)")
     t.add_argument("--delta", type=float, default=SETTINGS.delta,
                    help=f"chance the depth budget's certificate may fail (default {SETTINGS.delta}, as build's)")
+    t.add_argument("--index", default=INDEX.type, choices=INDEX_TYPES,
+                   help=f"FAISS index the trials search (default {INDEX.type}, as build's)")
     t.add_argument("--json", default=None, metavar="OUT", help="write every trial as JSON")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")

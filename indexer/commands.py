@@ -196,7 +196,8 @@ def tune(args: argparse.Namespace) -> int:
                           base_scale=encoder.scale if encoder else None,
                           ks=[int(k) for k in args.ks.split(",")], taus=[float(t) for t in args.taus.split(",")],
                           ratios=[float(a) for a in args.ratios.split(",")],
-                          seed=args.seed, depth_budget=args.depth_budget, delta=args.delta)
+                          seed=args.seed, depth_budget=args.depth_budget, delta=args.delta,
+                          index_spec=IndexSpec(args.index))
     print(f"\nheld-out {task.metric} on {int(round(args.holdout * len(calibration.texts)))} of "
           f"{len(calibration.texts)} calibration items ({backbone.num_layers} layers)\n")
     print("| key | scale | k | tau | earliest ratio | score | full depth | avg exit | avg layers run |")

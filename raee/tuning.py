@@ -53,18 +53,21 @@ def split_indices(n: int, holdout: float, seed: int = 0) -> tuple[np.ndarray, np
 def grid_search(records: ExitRecords, keys: dict[str, np.ndarray], metric: str, *, holdout: float = HOLDOUT,
                 scales: Sequence[float | None] = (None,), base_scale: float | None = None, ks: Sequence[int] = (12,),
                 taus: Sequence[float] = (0.9,), ratios: Sequence[float] = (1.0,), seed: int = 0,
-                depth_budget: float | None = None, delta: float = 0.1) -> list[TrialResult]:
+                depth_budget: float | None = None, delta: float = 0.1,
+                index_spec: IndexSpec = IndexSpec()) -> list[TrialResult]:
     """Score every (key, scale, k, tau, earliest ratio) on the held-out split.
 
-    keys: key name ("prefix:1", "embedder") -> (N, D). With depth_budget, each trial says whether it is certified to
-    run at most that share of the layers on average, as build's `best` certifies (raee.guarantee): each (key, scale,
-    k, tau) is a path over the earliest ratios, tested from the lowest ratio up at level delta / (paths)."""
+    keys: key name ("prefix:1", "embedder") -> (N, D); the store part is searched with index_spec (default: the
+    build's default index, so a trial sees the neighbours a store built the same way would serve). With
+    depth_budget, each trial says whether it is certified to run at most that share of the layers on average, as
+    build's `best` certifies (raee.guarantee): each (key, scale, k, tau) is a path over the earliest ratios, tested
+    from the lowest ratio up at level delta / (paths)."""
     store_rows, held_rows = split_indices(records.num_items, holdout, seed)
     gold = records.gold[held_rows]
     results: list[TrialResult] = []
     paths = len(keys) * len(scales) * len(ks) * len(taus)
     for key_name, key_matrix in keys.items():
-        index = build_index(key_matrix[store_rows], IndexSpec("flat"))
+        index = build_index(key_matrix[store_rows], index_spec)
         sims, ids = search(index, key_matrix[held_rows], max(ks))
         key_layer = int(key_name.split(":")[1]) if key_name.startswith("prefix:") else 0
         for scale in scales:

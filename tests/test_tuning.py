@@ -55,3 +55,15 @@ def test_choose_takes_the_best_score_within_the_depth_budget(examples):
     assert chosen.score == max(r.score for r in inside)
     with pytest.raises(InputError):
         choose(grid_search(base.records, {"prefix:1": base.keys}, TASK.metric, **GRID), 3)  # nothing certified
+
+
+def test_trials_search_the_index_a_build_would_serve(examples, monkeypatch):
+    import raee.tuning
+    from raee.index import IndexSpec
+    seen = []
+    real = raee.tuning.build_index
+    monkeypatch.setattr(raee.tuning, "build_index", lambda keys, spec: seen.append(spec.type) or real(keys, spec))
+    base = calibration(examples, 20.0)
+    grid_search(base.records, {"prefix:1": base.keys}, TASK.metric, **GRID)
+    grid_search(base.records, {"prefix:1": base.keys}, TASK.metric, **GRID, index_spec=IndexSpec("flat"))
+    assert seen == [IndexSpec().type, "flat"]
