@@ -10,13 +10,13 @@ from pathlib import Path
 
 from indexer.summary import calibration_summary, layer_table, plot_calibration, plot_layers
 from raee.backbones import Backbone, SentenceEncoderBackbone, load_backbone
-from raee.build import build_store, merge_stores, run_calibration_pass
+from raee.build import build_store, check_key_choice, merge_stores, run_calibration_pass
 from raee.calibration import CalibrationSettings
 from raee.data import Example, read_examples
 from raee.engine import load_backbone_for
 from raee.errors import BackboneError, InputError
 from raee.index import IndexSpec
-from raee.keys import Embedder, KeySpec
+from raee.keys import Embedder, KeySpec, parse_key_choice
 from raee.raee_rule import RaeeConfig
 from raee.runtime import DEFAULT_DTYPE
 from raee.store import load_store, read_manifest
@@ -65,10 +65,12 @@ def build(args: argparse.Namespace) -> int:
                                    args.stream_p)  # bad settings are refused before anything is loaded
     policy = RaeeConfig(k=args.k, tau=args.tau)
     check_store_root(args.out)  # a wrong --out fails now, not after loading the model and the calibration pass
-    key = KeySpec.parse(args.key)
+    keys = parse_key_choice(args.key)
+    check_key_choice(keys, args.shard)  # before the model loads
     task, examples, backbone = _load(args)
-    embedder = Embedder(args.embedder, device=args.device) if key.source == "embedder" else None
-    return _build_and_report(args, task, examples, backbone, key, embedder, IndexSpec(args.index), policy, settings)
+    embedder = Embedder(args.embedder, device=args.device) if keys[0].source == "embedder" else None
+    return _build_and_report(args, task, examples, backbone, keys, embedder, IndexSpec(args.index), policy,
+                             settings)
 
 
 def build_like(args: argparse.Namespace) -> int:
@@ -103,14 +105,14 @@ def build_like(args: argparse.Namespace) -> int:
 
 
 def _build_and_report(args: argparse.Namespace, task: TaskDefinition, examples: list[Example], backbone: Backbone,
-                      key: KeySpec, embedder: Embedder | None, index_spec: IndexSpec, policy: RaeeConfig,
-                      settings: CalibrationSettings) -> int:
+                      key: KeySpec | tuple[KeySpec, ...], embedder: Embedder | None, index_spec: IndexSpec,
+                      policy: RaeeConfig, settings: CalibrationSettings) -> int:
     version, calibration = build_store(
         args.out, task, backbone, examples, key=key, embedder=embedder, index_spec=index_spec,
         policy=policy, settings=settings, batch_size=args.batch_size, shard=args.shard,
         source_file=str(args.train), progress=not args.no_progress, promote=not args.no_promote)
     print(f"\nexit store {version}  (task {task.name}, {backbone.kind} {backbone.source} on {backbone.runtime} "
-          f"{backbone.precision}, key {key}, index {index_spec.type})")
+          f"{backbone.precision}, key {read_manifest(version).key}, index {index_spec.type})")
     if args.no_promote:
         print(f"CURRENT still names {current_version(args.out)}: roll {version.name} out with raee-admin rollout")
     print(layer_table(calibration.records))

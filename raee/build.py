@@ -13,7 +13,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from raee.backbones.base import Backbone
-from raee.calibration import SEARCH_WIDTH, CalibratedPolicy, CalibrationEvidence, CalibrationSettings, calibrate
+from raee.calibration import (
+    SEARCH_WIDTH,
+    CalibratedPolicy,
+    CalibrationEvidence,
+    CalibrationSettings,
+    KeyTrial,
+    calibrate,
+)
 from raee.data import Example, text_groups
 from raee.errors import InputError, StoreError
 from raee.exit_policy import Objective
@@ -140,23 +147,34 @@ def store_manifest(task: TaskDefinition, backbone: Backbone, embedder: Embedder 
 
 
 def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examples: list[Example], *,
-                key: KeySpec, embedder: Embedder | None = None, index_spec: IndexSpec = IndexSpec(),
+                key: KeySpec | tuple[KeySpec, ...], embedder: Embedder | None = None,
+                index_spec: IndexSpec = IndexSpec(),
                 policy: RaeeConfig = RaeeConfig(), settings: CalibrationSettings = CalibrationSettings(),
                 batch_size: int = BATCH_SIZE, shard: tuple[int, int] | None = None, source_file: str | None = None,
                 progress: bool = True, promote: bool = True) -> tuple[Path, CalibrationPass]:
     """Run the backbone over the items, index them, calibrate the served policy (not for a shard: merging does)
     and write a store version; returns (version directory, the calibration pass). The output directory is checked
-    first, so a wrong --out fails in a second, not after an hour."""
+    first, so a wrong --out fails in a second, not after an hour. key: one key, or prefix keys to choose between
+    (raee.keys.parse_key_choice: `auto`), each calibrated in turn (choose_key)."""
     check_store_root(out)
+    candidates = (key,) if isinstance(key, KeySpec) else tuple(key)
+    check_key_choice(candidates, shard)
     started = time.perf_counter()
-    calibration = run_calibration_pass(backbone, task, shard_of(examples, shard), key, embedder, batch_size,
-                                       progress)
-    index = build_index(calibration.keys, index_spec)
-    manifest = store_manifest(task, backbone, embedder, key, index_spec, policy, calibration, settings=settings,
-                              source_file=source_file, shard=shard)
+    calibration = run_calibration_pass(backbone, task, shard_of(examples, shard), candidates[-1], embedder,
+                                       batch_size, progress, extra_pooled_layers=tuple(
+                                           k.prefix_layers for k in candidates) if len(candidates) > 1 else ())
+    calibrated: tuple[CalibratedPolicy, CalibrationEvidence] | None = None
+    if len(candidates) > 1:
+        chosen_key, index, calibrated = choose_key(calibration, candidates, task.metric, policy, settings,
+                                                   index_spec)
+        calibration = dataclasses.replace(calibration, keys=calibration.pooled[chosen_key.prefix_layers])
+    else:
+        chosen_key, index = candidates[0], build_index(calibration.keys, index_spec)
+    manifest = store_manifest(task, backbone, embedder, chosen_key, index_spec, policy, calibration,
+                              settings=settings, source_file=source_file, shard=shard)
     if shard is None:
-        chosen, evidence = calibrate_items(calibration.records, index, calibration.texts, key.prefix_layers,
-                                           task.metric, policy, settings)
+        chosen, evidence = calibrated or calibrate_items(calibration.records, index, calibration.texts,
+                                                         chosen_key.prefix_layers, task.metric, policy, settings)
         manifest = dataclasses.replace(manifest, calibrated_policy=chosen, calibration_evidence=evidence,
                                        requires=_requires(manifest.requires))
         log.info("calibrated %s: %s", settings.objective, chosen.name)
@@ -174,6 +192,45 @@ def calibrate_items(records: ExitRecords, index: faiss.Index, texts: list[str], 
     """Leave-one-out neighbours of every item (items of the same text left out too), then calibration."""
     similarities, ids = leave_one_out_search(index, text_groups(texts), SEARCH_WIDTH)
     return calibrate(records, similarities, ids, key_layer=key_layer, metric=metric, raee=raee, settings=settings)
+
+
+def check_key_choice(keys: tuple[KeySpec, ...], shard: tuple[int, int] | None) -> None:
+    """Refuse a choice of keys a build cannot make: only between prefix keys, and not for a shard."""
+    if len(keys) > 1 and shard is not None:
+        raise InputError("a shard is calibrated only when merged, so it cannot choose its key: build every shard "
+                         "with one key (prefix:K)")
+    if len(keys) > 1 and any(k.source != "prefix" for k in keys):
+        raise InputError("a build chooses only between prefix keys")
+
+
+def choose_key(calibration: CalibrationPass, keys: tuple[KeySpec, ...], metric: str, raee: RaeeConfig,
+               settings: CalibrationSettings, index_spec: IndexSpec,
+               ) -> tuple[KeySpec, faiss.Index, tuple[CalibratedPolicy, CalibrationEvidence]]:
+    """Calibrate the objective with each prefix key in turn and keep the best: for match-full the fewest layers
+    run, for best and raee the highest calibration score (ties: fewer layers, then the shallower key). Each key is
+    calibrated at delta / (number of keys), so the chosen key's guarantee keeps level delta (a union bound over
+    the keys); the evidence lists every key. Returns (the key, its index, its policy and evidence)."""
+    share = dataclasses.replace(settings, delta=settings.delta / len(keys))
+    trials = []
+    for key in keys:
+        index = build_index(calibration.pooled[key.prefix_layers], index_spec)
+        chosen, evidence = calibrate_items(calibration.records, index, calibration.texts, key.prefix_layers, metric,
+                                           raee, share)
+        point = evidence.curve[evidence.chosen] if evidence.chosen >= 0 else None
+        trial = KeyTrial(str(key), chosen.name, point.score if point else evidence.full_score,
+                         point.layers_run if point else 1.0, share.delta)
+        log.info("key %s: %s, calibration score %.4f at %.1f%% of the layers", key, chosen.name, trial.score,
+                 100 * trial.layers_run)
+        trials.append((key, index, chosen, evidence, trial))
+    if settings.objective == "match-full":
+        key, index, chosen, evidence, _ = min(trials, key=lambda t: (t[4].layers_run, -t[4].score,
+                                                                     t[0].prefix_layers))
+    else:
+        key, index, chosen, evidence, _ = min(trials, key=lambda t: (-round(t[4].score, 9), t[4].layers_run,
+                                                                     t[0].prefix_layers))
+    log.info("chose key %s", key)
+    return key, index, (dataclasses.replace(chosen, settings=settings),
+                        dataclasses.replace(evidence, keys=tuple(t[4] for t in trials)))
 
 
 def calibrate_store(store: ExitStore, objective: Objective | None = None) -> CalibratedPolicy:

@@ -108,13 +108,26 @@ class CalibrationEvidence:
     chosen: int  # index into curve; -1 = full depth (nothing passed)
     candidates: int  # settings tried in all
     seconds: float
+    keys: tuple["KeyTrial", ...] = ()  # a build that chose its key (--key auto): every key it calibrated
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CalibrationEvidence":
-        return cls(**{**values, "curve": tuple(CurvePoint(**p) for p in values["curve"])})
+        return cls(**{**values, "curve": tuple(CurvePoint(**p) for p in values["curve"]),
+                      "keys": tuple(KeyTrial(**k) for k in values.get("keys", ()))})
+
+
+@dataclass(frozen=True)
+class KeyTrial:
+    """One key a build calibrated before choosing (raee.build.choose_key)."""
+
+    key: str
+    policy: str  # the policy its calibration chose
+    score: float  # calibration score at that policy
+    layers_run: float  # share of the layers run at that policy (1.0 for full depth)
+    delta: float  # the level its guarantee was tested at: the build's delta over the number of keys
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy
+from raee.build import CalibrationPass, calibrate_items, check_key_choice, choose_key
 from raee.calibration import (
     BEST_STRUCTURES,
     COSTS,
@@ -23,7 +24,8 @@ from raee.calibration import (
 from raee.data import text_groups
 from raee.errors import InputError
 from raee.guarantee import GAMMA_SHARE, certified_within_budget, risk_pvalue
-from raee.index import IndexSpec, build_index, leave_one_out_search, search
+from raee.index import IndexSpec, build_index, keys_of, leave_one_out_search, search
+from raee.keys import KeySpec, parse_key_choice
 from raee.metrics import task_score
 from raee.raee_rule import RaeeConfig, raee_exit_layers
 from raee.records import ExitRecords
@@ -199,3 +201,53 @@ def test_small_calibration_sets_cannot_certify_a_tiny_epsilon(store):
 def test_bad_settings_are_refused(bad):
     with pytest.raises(InputError):
         CalibrationSettings(**bad)
+
+
+def two_key_pass():
+    """A calibration pass with two prefix keys: layer 1's keys carry the clusters the records follow, layer 2's
+    are noise, so neighbours by layer 2 say little about where to exit."""
+    records, index, texts = synthetic_store()
+    informative = keys_of(index)
+    noise = np.random.default_rng(9).normal(size=informative.shape)
+    noise = (noise / np.linalg.norm(noise, axis=1, keepdims=True)).astype(np.float32)
+    return CalibrationPass(records, noise, texts, np.arange(len(texts)), 1.0, {1: informative, 2: noise})
+
+
+@pytest.mark.parametrize("objective", ["match-full", "best"])
+def test_a_build_chooses_its_key_by_the_objective_at_delta_over_the_keys(objective):
+    calibration = two_key_pass()
+    settings = CalibrationSettings(objective=objective)
+    keys = (KeySpec("prefix", 1), KeySpec("prefix", 2))
+    key, index, (policy, evidence) = choose_key(calibration, keys, "accuracy", RaeeConfig(), settings, IndexSpec())
+    assert [k.key for k in evidence.keys] == ["prefix:1", "prefix:2"]
+    assert all(k.delta == pytest.approx(0.05) for k in evidence.keys)
+    # each key's trial is that key's own calibration at delta / 2, redone here
+    half = dataclasses.replace(settings, delta=0.05)
+    for spec, trial in zip(keys, evidence.keys):
+        alone, alone_evidence = calibrate_items(calibration.records, build_index(calibration.pooled[spec.layer],
+                                                                                 IndexSpec()),
+                                                calibration.texts, spec.layer, "accuracy", RaeeConfig(), half)
+        assert trial.policy == alone.name
+        point = alone_evidence.curve[alone_evidence.chosen] if alone_evidence.chosen >= 0 else None
+        expected = (point.score, point.layers_run) if point else (alone_evidence.full_score, 1.0)  # full depth
+        assert (trial.score, trial.layers_run) == pytest.approx(expected)
+    by_layers = min(evidence.keys, key=lambda k: k.layers_run)
+    by_score = max(evidence.keys, key=lambda k: k.score)
+    assert str(key) == (by_layers if objective == "match-full" else by_score).key
+    assert str(key) == "prefix:1", "the informative key should win either way: the test would then check nothing"
+    assert index.ntotal == calibration.records.num_items and policy.settings == settings  # the build's delta kept
+    assert type(evidence).from_dict(evidence.to_dict()) == evidence
+
+
+def test_key_choices_parse_and_refuse():
+    assert parse_key_choice("auto") == (KeySpec("prefix", 1), KeySpec("prefix", 2))
+    assert parse_key_choice("auto:3,0,3") == (KeySpec("prefix", 0), KeySpec("prefix", 3))
+    assert parse_key_choice("prefix:2") == (KeySpec("prefix", 2),)
+    for bad in ("auto:1", "auto:x", "auto:1,-2", "prefix"):
+        with pytest.raises(InputError):
+            parse_key_choice(bad)
+    with pytest.raises(InputError, match="shard"):
+        check_key_choice(parse_key_choice("auto"), (0, 2))
+    with pytest.raises(InputError, match="prefix keys"):
+        check_key_choice((KeySpec("embedder"), KeySpec("prefix", 1)), None)
+    check_key_choice((KeySpec("prefix", 2),), (0, 2))  # one key: a shard may

@@ -107,3 +107,29 @@ def test_export_writes_the_prefix_graphs_asked_for(checkpoint, capsys):
     assert "exported its prefix graph to layer 1" in out and "exported its prefix graph to layer 2" in out
     exported = {p.name.split("-", 1)[1] for p in (cache.cache_dir() / "onnx").glob("*-prefix*-fp32")}
     assert {"prefix1-fp32", "prefix2-fp32"} <= exported
+
+
+@pytest.mark.slow
+def test_build_chooses_its_key(checkpoint, sst2_like, tmp_path, capsys):
+    from raee.store import load_store
+    store = tmp_path / "store"
+    assert raee_index(["build", "--task", "sst2", "--train", str(sst2_like), "--out", str(store), "--backbone",
+                       checkpoint, "--key", "auto:0,1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    built = load_store(store)
+    trials = built.calibration_evidence.keys
+    assert [t.key for t in trials] == ["prefix:0", "prefix:1"] and all(t.delta == 0.05 for t in trials)
+    fewest = min(trials, key=lambda t: (t.layers_run, -t.score))
+    assert str(built.key) == fewest.key and f"key {built.key}, index" in out
+    assert f"key {built.key}, chosen of 2 (each calibrated at delta 0.05)" in out
+    assert built.calibrated_policy.settings.delta == 0.1
+
+
+def test_a_shard_cannot_choose_its_key_and_is_refused_before_any_model_runs(tmp_path, sst2_like, monkeypatch,
+                                                                            capsys):
+    import indexer.commands
+    monkeypatch.setattr(indexer.commands, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded"))
+    assert raee_index(["build", "--task", "sst2", "--train", str(sst2_like), "--out", str(tmp_path / "s"),
+                       "--key", "auto", "--shard", "0/2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shard" in err and "prefix:K" in err
