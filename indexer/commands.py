@@ -183,6 +183,7 @@ def merge(args: argparse.Namespace) -> int:
 def tune(args: argparse.Namespace) -> int:
     if args.task is None:
         raise InputError("tune needs --task")
+    CalibrationSettings(delta=args.delta, depth_budget=args.depth_budget)  # refuses bad values before the model loads
     task, examples, backbone = _load(args)
     key_names = [k.strip() for k in args.keys.split(",") if k.strip()]
     specs = [KeySpec.parse(k) for k in key_names]
@@ -202,13 +203,16 @@ def tune(args: argparse.Namespace) -> int:
                           index_spec=IndexSpec(args.index))
     print(f"\nheld-out {task.metric} on {int(round(args.holdout * len(calibration.texts)))} of "
           f"{len(calibration.texts)} calibration items ({backbone.num_layers} layers)\n")
-    print("| key | scale | k | tau | earliest ratio | score | full depth | avg exit | avg layers run |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| key | scale | k | tau | earliest ratio | score | full depth | avg exit | avg layers run | certified |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(results, key=lambda r: (-r.score, r.avg_layers_run))[:args.show]:
         print(f"| {r.key} | {r.scale} | {r.k} | {r.tau} | {r.earliest_ratio} | {r.score:.4f} | {r.full_score:.4f} | "
-              f"{r.avg_exit_layer:.2f} | {r.avg_layers_run:.2f} |")
+              f"{r.avg_exit_layer:.2f} | {r.avg_layers_run:.2f} | {'yes' if r.within_budget else 'no'} |")
     best = choose(results, backbone.num_layers)
     scale_flag = f" --scale {best.scale:g}" if best.scale is not None else ""
+    if not best.within_budget:
+        print(f"\nno trial is certified within {args.depth_budget:.0%} of the layers: the cheapest is shown, "
+              "without the guarantee")
     print(f"\nchosen (best score within {args.depth_budget:.0%} of the layers): key {best.key}, scale {best.scale}, "
           f"k {best.k}, tau {best.tau}, earliest ratio {best.earliest_ratio}: score {best.score:.4f} vs full depth "
           f"{best.full_score:.4f}, {best.avg_layers_run:.2f} layers run on average")

@@ -58,8 +58,8 @@ def calibration_summary(store: ExitStore, evidence: CalibrationEvidence) -> str:
     s = policy.settings
     goal = {"match-full": f"accuracy at most {100 * s.epsilon:g} point(s) below full depth's with probability "
                           f"{1 - s.delta:g}",
-            "best": f"the best calibration score within {s.depth_budget:.0%} of the layers, the budget held with "
-                    f"probability {1 - s.delta:g}",
+            "best": f"the best calibration score among settings certified to run at most {s.depth_budget:.0%} of "
+                    f"the layers with probability {1 - s.delta:g}",
             "raee": "faithful RAEE"}[s.objective]
     lines = [f"\ncalibrated policy (objective {s.objective}: {goal}; {evidence.num_items} items, leave-one-out):",
              f"  {policy.name}"]
@@ -88,9 +88,16 @@ def calibration_summary(store: ExitStore, evidence: CalibrationEvidence) -> str:
                                                    if evidence.chosen + 1 < tested else ""))
     if s.objective == "best":
         certified = sum(bool(p.accepted) for p in evidence.curve)
-        lines.append(f"  the served path: {certified} of {len(evidence.curve)} settings certified within the budget "
-                     f"(betting test, fixed sequence from the cheapest; {evidence.candidates} settings tried on all "
-                     "paths)")
+        if all(p.accepted is None for p in evidence.curve):
+            lines.append("  built before budgets were certified: the budget was read off the calibration average, "
+                         "with no guarantee (rebuild to certify it)")
+        elif evidence.chosen >= 0 and not evidence.curve[evidence.chosen].accepted:
+            lines.append(f"  NO setting was certified within the budget: the cheapest is served, WITHOUT the "
+                         f"guarantee ({evidence.candidates} settings tried; raise --depth-budget or add items)")
+        else:
+            lines.append(f"  the served path: {certified} of {len(evidence.curve)} settings certified within the "
+                         f"budget (betting test, fixed sequence from the cheapest; {evidence.candidates} settings "
+                         "tried on all paths)")
     return "\n".join(lines)
 
 
@@ -104,13 +111,16 @@ def plot_calibration(store: ExitStore, evidence: CalibrationEvidence, path: str)
     curve = evidence.curve
     layers = [100 * p.layers_run for p in curve]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    accepted = [p.accepted is not False for p in curve]
+    accepted = [p.accepted is not False for p in curve]  # None: not tested (a store built before certification)
+    known = any(p.accepted is not None for p in curve)
     top.plot(layers, [100 * p.score for p in curve], "-", color="#bdbdbd", zorder=1)
-    top.scatter([x for x, a in zip(layers, accepted) if a], [100 * p.score for p, a in zip(curve, accepted) if a],
-                s=14, color="#3182bd", label={"match-full": "setting (accepted)",
-                                              "best": "setting (certified within the budget)"}.get(s.objective,
-                                                                                                     "setting"),
-                zorder=2)
+    if any(accepted):
+        top.scatter([x for x, a in zip(layers, accepted) if a], [100 * p.score for p, a in zip(curve, accepted) if a],
+                    s=14, color="#3182bd", label={"match-full": "setting (accepted)",
+                                                  "best": "setting (certified within the budget)"}.get(s.objective,
+                                                                                                         "setting")
+                    if known else "setting",
+                    zorder=2)
     if not all(accepted):
         top.scatter([x for x, a in zip(layers, accepted) if not a],
                     [100 * p.score for p, a in zip(curve, accepted) if not a], s=14, color="#de2d26",

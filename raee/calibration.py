@@ -15,7 +15,9 @@ losses against full depth. The objective picks one setting:
   cheapest setting up, H0 "layers run exceed the budget on average" is tested by betting (raee/guarantee.py) at
   level delta / (number of paths) and the settings before the first one not rejected are certified (fixed-sequence
   testing, Bonferroni over paths), so the served setting runs at most the budget on average with probability at
-  least 1 - delta. The score is an estimate, with no guarantee.
+  least 1 - delta. If none is certified (a budget below what any setting reaches, or too few items to tell), the
+  cheapest setting is served without the guarantee, and the evidence and summary say so (its `accepted` is
+  False). The score is an estimate, with no guarantee.
 - raee: faithful RAEE, the store's RAEE settings.
 match-full and best also calibrate the off-domain gate (raee/offdomain.py); its per-query tests are part of every
 setting the path tries, so the guarantee covers them. Pure functions over arrays; the search is raee/index.py's.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -40,6 +43,8 @@ from raee.metrics import task_score
 from raee.offdomain import OffDomainGate, agreement_threshold, fit_similarity, off_domain_reasons
 from raee.raee_rule import RaeeConfig, exit_layers_from_scores, layer_scores
 from raee.records import ExitRecords, layers_run, predictions_at
+
+log = logging.getLogger(__name__)
 
 MARGINS = tuple(round(1 - i / 50, 2) for i in range(51))  # 1.0, 0.98, ..., 0: from full depth to the best layer
 COSTS = tuple(round(i / 50, 2) for i in range(1, 101))  # 0.02 ... 2.0: then ever cheaper
@@ -205,6 +210,9 @@ def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.
         curves = [_certify_budget(path, curve, records.num_layers, key_layer, settings.depth_budget,
                                   settings.delta / len(paths)) for path, curve in zip(paths, curves)]
     chosen_path, chosen, curve = _choose(curves, n, settings)
+    if settings.objective == "best" and chosen >= 0 and not curve[chosen].accepted:
+        log.warning("no setting is certified to run at most %.0f%% of the layers: the cheapest is served, without "
+                    "the guarantee", 100 * settings.depth_budget)
     gamma = GAMMA_SHARE * settings.delta
     curve = [dataclasses.replace(p, risk_bound=PairedRiskTest.of(p.harms, p.helps, n, gamma).upper_bound(
         settings.delta)) for p in curve]

@@ -175,10 +175,8 @@ def mean_below_pvalue(values: np.ndarray, bound: float, alpha: float) -> float:
         raise InputError("the betting test needs values in [0, 1]")
     if not 0 < alpha < 1:
         raise InputError(f"alpha must lie in (0, 1), got {alpha}")
-    if bound >= 1:
-        return 1.0  # nothing in [0, 1] has a mean above 1: H0 holds only at E[x] = 1, which no data can reject
-    if bound <= 0:
-        return 1.0
+    if bound <= 0 or bound >= 1:
+        return 1.0  # no bet is possible at these bounds (the cap needs 0 < bound < 1): never rejected, conservative
     x = x[np.random.default_rng(BETTING_SEED).permutation(x.size)]
     n = x.size
     t = np.arange(1, n + 1)
@@ -195,7 +193,12 @@ def certified_within_budget(shares: Iterable[np.ndarray], budget: float, alpha: 
     """How many settings of a path, taken from its cheapest, are certified to run at most `budget` of the layers
     on average: each setting's per-item shares of layers run (in [0, 1]) test H0 "mean above the budget" by
     betting at level alpha, in turn, until the first not rejected (fixed-sequence testing: with probability at
-    least 1 - alpha, every certified setting is within the budget). `shares` may be lazy."""
+    least 1 - alpha, every certified setting is within the budget). `shares` may be lazy. A budget of 1 (every
+    layer) certifies every setting: no share exceeds it."""
+    if not 0 < budget <= 1:
+        raise InputError(f"depth budget must lie in (0, 1], got {budget}")
+    if budget >= 1:
+        return sum(1 for _ in shares)
     return 1 + fixed_sequence((mean_below_pvalue(x, budget, alpha) for x in shares), alpha)
 
 

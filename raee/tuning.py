@@ -64,6 +64,8 @@ def grid_search(records: ExitRecords, keys: dict[str, np.ndarray], metric: str, 
     from the lowest ratio up at level delta / (paths)."""
     store_rows, held_rows = split_indices(records.num_items, holdout, seed)
     gold = records.gold[held_rows]
+    if not all(0 < r <= 1 for r in ratios):
+        raise InputError(f"earliest ratios must lie in (0, 1], got {list(ratios)}")
     results: list[TrialResult] = []
     paths = len(keys) * len(scales) * len(ks) * len(taus)
     for key_name, key_matrix in keys.items():

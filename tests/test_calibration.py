@@ -251,3 +251,45 @@ def test_key_choices_parse_and_refuse():
     with pytest.raises(InputError, match="prefix keys"):
         check_key_choice((KeySpec("embedder"), KeySpec("prefix", 1)), None)
     check_key_choice((KeySpec("prefix", 2),), (0, 2))  # one key: a shard may
+
+
+def test_best_certifies_each_path_at_delta_over_the_paths(store, monkeypatch):
+    import raee.calibration
+    records, _, _, sims, ids = store
+    levels = []
+    real = raee.calibration.certified_within_budget
+
+    def spy(shares, budget, alpha):
+        levels.append(alpha)
+        return real(shares, budget, alpha)
+    monkeypatch.setattr(raee.calibration, "certified_within_budget", spy)
+    calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+              settings=CalibrationSettings(objective="best", delta=0.09, gate_alpha=0, stream_p=0))
+    assert levels == [pytest.approx(0.01)] * (len(BEST_STRUCTURES) + 1)
+
+
+def test_best_with_every_layer_as_budget_takes_the_top_score(store):
+    records, _, _, sims, ids = store
+    settings = CalibrationSettings(objective="best", depth_budget=1.0, gate_alpha=0, stream_p=0)
+    _, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(), settings=settings)
+    assert all(p.accepted for p in evidence.curve)  # a budget of 1 holds for every setting
+    narrower = CalibrationSettings(objective="best", depth_budget=0.999, gate_alpha=0, stream_p=0)
+    _, near = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(), settings=narrower)
+    assert evidence.curve[evidence.chosen].score >= near.curve[near.chosen].score
+
+
+def test_best_says_when_no_setting_is_certified(store, tmp_path):
+    from indexer.summary import calibration_summary
+    records, _, _, sims, ids = store
+    settings = CalibrationSettings(objective="best", depth_budget=0.2, gate_alpha=0, stream_p=0)  # below layer 1
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+                                 settings=settings)
+    assert not any(p.accepted for p in evidence.curve) and evidence.chosen >= 0
+
+    class Store:  # what calibration_summary reads
+        calibrated_policy = policy
+        key = "prefix:1"
+    text = calibration_summary(Store(), evidence)  # type: ignore[arg-type]
+    assert "NO setting was certified" in text and "WITHOUT the guarantee" in text
+    old = dataclasses.replace(evidence, curve=tuple(dataclasses.replace(p, accepted=None) for p in evidence.curve))
+    assert "built before budgets were certified" in calibration_summary(Store(), old)  # type: ignore[arg-type]

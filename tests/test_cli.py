@@ -25,7 +25,8 @@ def test_build_inspect_eval(checkpoint, sst2_like, tmp_path, capsys):
     assert raee_index(args) == 0
     out = capsys.readouterr().out
     assert "earliest-correct items" in out and "items/s" in out and "240 items" in out
-    assert "calibrated policy (objective best: the best calibration score within 50% of the layers" in out
+    assert ("calibrated policy (objective best: the best calibration score among settings certified to run at most "
+            "50% of the layers with probability 0.9") in out
     assert (tmp_path / "layers.png").stat().st_size > 1000
     assert raee_index(["inspect", str(store), "--calibration-plot", str(tmp_path / "calibration.png")]) == 0
     out = capsys.readouterr().out

@@ -199,3 +199,19 @@ def test_certified_within_budget_stops_at_the_first_setting_not_certified():
     assert len(tested) <= 4
     assert certified_within_budget(iter(shares[3:]), 0.6, 0.05) == 0
     assert certified_within_budget(iter([]), 0.6, 0.05) == 0
+
+
+def test_bets_never_risk_the_whole_capital():
+    """Each factor 1 + bet (bound - x) stays at least 1 - BETTING_CAP > 0 for x in [0, 1]: the capital stays
+    positive, as Ville's inequality needs."""
+    assert 0 < BETTING_CAP < 1
+    ones = np.ones(200)
+    for bound in (1e-6, 0.5, 0.999999):
+        assert 0 < mean_below_pvalue(ones, bound, 0.1) <= 1.0
+
+
+def test_a_budget_of_every_layer_certifies_every_setting():
+    shares = [np.ones(50), np.full(50, 0.9)]
+    assert certified_within_budget(iter(shares), 1.0, 0.05) == 2
+    with pytest.raises(InputError):
+        certified_within_budget(iter(shares), 0.0, 0.05)

@@ -54,7 +54,7 @@ def test_choose_takes_the_best_score_within_the_depth_budget(examples):
     assert inside and chosen in inside and all(r.avg_layers_run / 3 <= budget for r in inside)
     assert chosen.score == max(r.score for r in inside)
     with pytest.raises(InputError):
-        choose(grid_search(base.records, {"prefix:1": base.keys}, TASK.metric, **GRID), 3)  # nothing certified
+        choose(grid_search(base.records, {"prefix:1": base.keys}, TASK.metric, **GRID), 3)  # no budget given
 
 
 def test_trials_search_the_index_a_build_would_serve(examples, monkeypatch):
@@ -67,3 +67,23 @@ def test_trials_search_the_index_a_build_would_serve(examples, monkeypatch):
     grid_search(base.records, {"prefix:1": base.keys}, TASK.metric, **GRID)
     grid_search(base.records, {"prefix:1": base.keys}, TASK.metric, **GRID, index_spec=IndexSpec("flat"))
     assert seen == [IndexSpec().type, "flat"]
+
+
+def test_trials_are_certified_cheapest_first_at_delta_over_the_paths(examples, monkeypatch):
+    import raee.tuning
+    calls = []
+    real = raee.tuning.certified_within_budget
+
+    def spy(shares, budget, alpha):
+        shares = list(shares)
+        calls.append((alpha, [float(s.mean()) for s in shares]))
+        return real(iter(shares), budget, alpha)
+    monkeypatch.setattr(raee.tuning, "certified_within_budget", spy)
+    base = calibration(examples, 20.0)
+    results = grid_search(base.records, {"prefix:1": base.keys}, TASK.metric, **GRID, depth_budget=0.8, delta=0.08)
+    paths = len(GRID["ks"]) * len(GRID["taus"])
+    assert [alpha for alpha, _ in calls] == [pytest.approx(0.08 / paths)] * paths
+    assert all(means == sorted(means) for _, means in calls)  # cheapest (lowest ratio) first
+    assert [r.earliest_ratio for r in results[:len(GRID["ratios"])]] == sorted(GRID["ratios"])
+    with pytest.raises(InputError):
+        grid_search(base.records, {"prefix:1": base.keys}, TASK.metric, **{**GRID, "ratios": [1.0, 1.5]})
