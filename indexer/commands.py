@@ -10,7 +10,7 @@ from pathlib import Path
 
 from indexer.summary import calibration_summary, layer_table, plot_calibration, plot_layers
 from raee.backbones import Backbone, SentenceEncoderBackbone, load_backbone
-from raee.build import build_store, check_key_choice, merge_stores, run_calibration_pass
+from raee.build import build_store, calibration_settings, check_key_choice, merge_stores, run_calibration_pass
 from raee.calibration import CalibrationSettings
 from raee.data import Example, read_examples
 from raee.engine import load_backbone_for
@@ -101,7 +101,7 @@ def build_like(args: argparse.Namespace) -> int:
     print(f"building like {like.task.name} {like.version}: key {like.key}, index {like.index.type}, "
           f"{like.backbone.kind} {backbone.source} on {backbone.runtime} {backbone.precision}")
     return _build_and_report(args, task, examples, backbone, like.key, embedder, like.index, like.policy,
-                             like.calibration_settings or CalibrationSettings())
+                             calibration_settings(like))
 
 
 def _build_and_report(args: argparse.Namespace, task: TaskDefinition, examples: list[Example], backbone: Backbone,

@@ -66,7 +66,8 @@ def calibration_summary(store: ExitStore, evidence: CalibrationEvidence) -> str:
     if evidence.keys:
         lines.append(f"  key {store.key}, chosen of {len(evidence.keys)} (each calibrated at delta "
                      f"{evidence.keys[0].delta:g}): " + "; ".join(
-                         f"{k.key} {100 * k.score:.2f} at {k.layers_run:.0%} of the layers" for k in evidence.keys))
+                         f"{k.key} {100 * k.score:.2f} at {k.layers_run:.0%} of the layers"
+                         + ("" if k.certified else " (not certified within the budget)") for k in evidence.keys))
     if policy.gate is not None:
         g = policy.gate
         lines.append(f"  off-domain gate: far below similarity {g.min_similarity:.3f}, disagree below "

@@ -157,8 +157,8 @@ def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examp
     first, so a wrong --out fails in a second, not after an hour. key: one key, or prefix keys to choose between
     (raee.keys.parse_key_choice: `auto`), each calibrated in turn (choose_key)."""
     check_store_root(out)
-    candidates = (key,) if isinstance(key, KeySpec) else tuple(key)
-    check_key_choice(candidates, shard)
+    candidates = (key,) if isinstance(key, KeySpec) else tuple(sorted(key, key=lambda k: k.prefix_layers))
+    check_key_choice(candidates, shard)  # the deepest, last, is the one the pass checks against the backbone
     started = time.perf_counter()
     calibration = run_calibration_pass(backbone, task, shard_of(examples, shard), candidates[-1], embedder,
                                        batch_size, progress, extra_pooled_layers=tuple(
@@ -207,9 +207,11 @@ def choose_key(calibration: CalibrationPass, keys: tuple[KeySpec, ...], metric: 
                settings: CalibrationSettings, index_spec: IndexSpec,
                ) -> tuple[KeySpec, faiss.Index, tuple[CalibratedPolicy, CalibrationEvidence]]:
     """Calibrate the objective with each prefix key in turn and keep the best: for match-full the fewest layers
-    run, for best and raee the highest calibration score (ties: fewer layers, then the shallower key). Each key is
-    calibrated at delta / (number of keys), so the chosen key's guarantee keeps level delta (a union bound over
-    the keys); the evidence lists every key. Returns (the key, its index, its policy and evidence)."""
+    run, for best and raee the highest calibration score, a key whose setting is certified within best's budget
+    before any that is not (ties: fewer layers, then the shallower key). Each key is calibrated at delta / (number
+    of keys), so the chosen key's guarantee keeps level delta (a union bound over the keys); the evidence lists
+    every key, and a later calibration of the store uses the same level (calibration_settings). Returns (the key,
+    its index, its policy and evidence)."""
     share = dataclasses.replace(settings, delta=settings.delta / len(keys))
     trials = []
     for key in keys:
@@ -218,7 +220,8 @@ def choose_key(calibration: CalibrationPass, keys: tuple[KeySpec, ...], metric: 
                                            raee, share)
         point = evidence.curve[evidence.chosen] if evidence.chosen >= 0 else None
         trial = KeyTrial(str(key), chosen.name, point.score if point else evidence.full_score,
-                         point.layers_run if point else 1.0, share.delta)
+                         point.layers_run if point else 1.0, share.delta,
+                         settings.objective != "best" or bool(point and point.accepted))
         log.info("key %s: %s, calibration score %.4f at %.1f%% of the layers", key, chosen.name, trial.score,
                  100 * trial.layers_run)
         trials.append((key, index, chosen, evidence, trial))
@@ -226,19 +229,28 @@ def choose_key(calibration: CalibrationPass, keys: tuple[KeySpec, ...], metric: 
         key, index, chosen, evidence, _ = min(trials, key=lambda t: (t[4].layers_run, -t[4].score,
                                                                      t[0].prefix_layers))
     else:
-        key, index, chosen, evidence, _ = min(trials, key=lambda t: (-round(t[4].score, 9), t[4].layers_run,
-                                                                     t[0].prefix_layers))
+        key, index, chosen, evidence, _ = min(trials, key=lambda t: (not t[4].certified, -round(t[4].score, 9),
+                                                                     t[4].layers_run, t[0].prefix_layers))
     log.info("chose key %s", key)
     return key, index, (dataclasses.replace(chosen, settings=settings),
                         dataclasses.replace(evidence, keys=tuple(t[4] for t in trials)))
 
 
+def calibration_settings(manifest: StoreManifest) -> CalibrationSettings:
+    """The settings a store's items are calibrated at again (another objective, a --like build): the build's, with
+    delta over the number of keys it chose between, as its own calibration was tested at."""
+    settings = manifest.calibration_settings or CalibrationSettings()
+    tried = manifest.calibration_evidence.keys_tried if manifest.calibration_evidence is not None else 1
+    return dataclasses.replace(settings, delta=settings.delta / tried)
+
+
 def calibrate_store(store: ExitStore, objective: Objective | None = None) -> CalibratedPolicy:
     """The store's calibrated policy, or the one `objective` would have chosen at build time (same items, same
-    settings otherwise): how raee-eval scores several objectives from one store."""
+    settings otherwise, delta as calibration_settings says): how raee-eval scores several objectives from one
+    store."""
     if objective is None:
         return store.calibrated_policy
-    settings = dataclasses.replace(store.manifest.calibration_settings or CalibrationSettings(), objective=objective)
+    settings = dataclasses.replace(calibration_settings(store.manifest), objective=objective)
     chosen, _ = calibrate_items(store.records, store.index, store.texts, store.key_layer, store.task.metric,
                                 store.policy, settings)
     return chosen

@@ -116,7 +116,15 @@ class CalibrationEvidence:
     keys: tuple["KeyTrial", ...] = ()  # a build that chose its key (--key auto): every key it calibrated
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if not self.keys:
+            del values["keys"]  # a store that did not choose its key reads as before (older releases refuse "keys")
+        return values
+
+    @property
+    def keys_tried(self) -> int:
+        """How many keys the build calibrated to choose this store's: its guarantee was tested at delta over this."""
+        return max(1, len(self.keys))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CalibrationEvidence":
@@ -133,6 +141,8 @@ class KeyTrial:
     score: float  # calibration score at that policy
     layers_run: float  # share of the layers run at that policy (1.0 for full depth)
     delta: float  # the level its guarantee was tested at: the build's delta over the number of keys
+    certified: bool = True  # best: its setting is certified within the depth budget (False: the uncertified
+    # cheapest was served); match-full and raee: always True (full depth, when nothing passed, meets the objective)
 
 
 @dataclass(frozen=True)

@@ -59,10 +59,10 @@ AUTO_KEY_LAYERS = (1, 2)  # the prefix keys `auto` chooses between
 def parse_key_choice(text: str) -> tuple[KeySpec, ...]:
     """The keys a build may use: one key (`embedder`, `prefix:K`), or `auto` / `auto:K1,K2,...`, prefix keys the
     build calibrates one by one and chooses between (raee.build.choose_key; default prefix:1 and prefix:2)."""
-    name, _, layers = text.partition(":")
+    name, colon, layers = text.partition(":")
     if name != "auto":
         return (KeySpec.parse(text),)
-    parts = layers.split(",") if layers else [str(k) for k in AUTO_KEY_LAYERS]
+    parts = layers.split(",") if colon else [str(k) for k in AUTO_KEY_LAYERS]
     if not all(p.strip().isdigit() for p in parts):
         raise InputError(f"key {text!r}: auto takes prefix layers, e.g. auto:1,2")
     chosen = sorted({int(p) for p in parts})

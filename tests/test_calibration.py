@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy
-from raee.build import CalibrationPass, calibrate_items, check_key_choice, choose_key
+from raee.build import CalibrationPass, calibrate_items, calibration_settings, check_key_choice, choose_key
 from raee.calibration import (
     BEST_STRUCTURES,
     COSTS,
@@ -18,6 +18,7 @@ from raee.calibration import (
     SEARCH_WIDTH,
     CalibratedPolicy,
     CalibrationSettings,
+    KeyTrial,
     best_within_budget,
     calibrate,
 )
@@ -203,14 +204,15 @@ def test_bad_settings_are_refused(bad):
         CalibrationSettings(**bad)
 
 
-def two_key_pass():
-    """A calibration pass with two prefix keys: layer 1's keys carry the clusters the records follow, layer 2's
-    are noise, so neighbours by layer 2 say little about where to exit."""
+def two_key_pass(informative_layer=1):
+    """A calibration pass with prefix keys at layers 1 and 2: one layer's keys carry the clusters the records
+    follow, the other's are noise, so neighbours by it say little about where to exit."""
     records, index, texts = synthetic_store()
     informative = keys_of(index)
     noise = np.random.default_rng(9).normal(size=informative.shape)
     noise = (noise / np.linalg.norm(noise, axis=1, keepdims=True)).astype(np.float32)
-    return CalibrationPass(records, noise, texts, np.arange(len(texts)), 1.0, {1: informative, 2: noise})
+    pooled = {informative_layer: informative, 3 - informative_layer: noise}
+    return CalibrationPass(records, noise, texts, np.arange(len(texts)), 1.0, pooled)
 
 
 @pytest.mark.parametrize("objective", ["match-full", "best"])
@@ -228,6 +230,9 @@ def test_a_build_chooses_its_key_by_the_objective_at_delta_over_the_keys(objecti
                                                                                  IndexSpec()),
                                                 calibration.texts, spec.layer, "accuracy", RaeeConfig(), half)
         assert trial.policy == alone.name
+        if spec == key:  # what the store is written with is the chosen key's own index, policy and evidence
+            assert np.array_equal(keys_of(index), calibration.pooled[spec.layer])
+            assert policy.name == alone.name and evidence.curve == alone_evidence.curve
         point = alone_evidence.curve[alone_evidence.chosen] if alone_evidence.chosen >= 0 else None
         expected = (point.score, point.layers_run) if point else (alone_evidence.full_score, 1.0)  # full depth
         assert (trial.score, trial.layers_run) == pytest.approx(expected)
@@ -235,15 +240,43 @@ def test_a_build_chooses_its_key_by_the_objective_at_delta_over_the_keys(objecti
     by_score = max(evidence.keys, key=lambda k: k.score)
     assert str(key) == (by_layers if objective == "match-full" else by_score).key
     assert str(key) == "prefix:1", "the informative key should win either way: the test would then check nothing"
-    assert index.ntotal == calibration.records.num_items and policy.settings == settings  # the build's delta kept
-    assert type(evidence).from_dict(evidence.to_dict()) == evidence
+    assert policy.settings == settings  # the build's delta kept; the evidence says it was tested at delta / 2
+    assert type(evidence).from_dict(evidence.to_dict()) == evidence and evidence.keys_tried == 2
+
+
+def test_best_prefers_a_key_certified_within_the_budget():
+    """prefix:2 is informative but runs at least half of the 4 layers, so a 45% budget certifies none of its
+    settings, whatever it scores; prefix:1 (noise) has certified settings and must be kept."""
+    calibration = two_key_pass(informative_layer=2)
+    settings = CalibrationSettings(objective="best", depth_budget=0.45, gate_alpha=0, stream_p=0)
+    key, _, (_, evidence) = choose_key(calibration, (KeySpec("prefix", 1), KeySpec("prefix", 2)), "accuracy",
+                                       RaeeConfig(), settings, IndexSpec())
+    by_key = {k.key: k for k in evidence.keys}
+    assert by_key["prefix:1"].certified and not by_key["prefix:2"].certified
+    assert str(key) == "prefix:1" and evidence.curve[evidence.chosen].accepted
+
+
+def test_a_store_that_chose_its_key_is_calibrated_again_at_the_same_level(store):
+    records, _, _, sims, ids = store
+    _, plain = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+                         settings=CalibrationSettings())
+    assert "keys" not in plain.to_dict() and plain.keys_tried == 1  # older readers refuse an unknown field
+    chose = dataclasses.replace(plain, keys=(KeyTrial("prefix:1", "full", 0.5, 1.0, 0.05),
+                                             KeyTrial("prefix:2", "full", 0.5, 1.0, 0.05)))
+
+    class Manifest:
+        calibration_settings = CalibrationSettings(delta=0.1)
+        calibration_evidence = chose
+    assert calibration_settings(Manifest()).delta == pytest.approx(0.05)  # type: ignore[arg-type]
+    Manifest.calibration_evidence = plain
+    assert calibration_settings(Manifest()).delta == pytest.approx(0.1)  # type: ignore[arg-type]
 
 
 def test_key_choices_parse_and_refuse():
     assert parse_key_choice("auto") == (KeySpec("prefix", 1), KeySpec("prefix", 2))
     assert parse_key_choice("auto:3,0,3") == (KeySpec("prefix", 0), KeySpec("prefix", 3))
     assert parse_key_choice("prefix:2") == (KeySpec("prefix", 2),)
-    for bad in ("auto:1", "auto:x", "auto:1,-2", "prefix"):
+    for bad in ("auto:1", "auto:x", "auto:1,-2", "auto:", "prefix"):
         with pytest.raises(InputError):
             parse_key_choice(bad)
     with pytest.raises(InputError, match="shard"):
