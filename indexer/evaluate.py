@@ -2,8 +2,9 @@
 
 Prints, per task, a Markdown table: score (accuracy, or Matthews correlation for mcc tasks) on the whole file and on
 the texts not in the store verbatim, average exit layer, share of layers run (the prefix key's layers counted for
-retrieval policies), share sent to full depth by the off-domain gate, whether a match-full policy's guarantee held
-on the file, latency p50 at batch 1 and throughput at batch 32 (real truncated forwards on a sample).
+retrieval policies), share sent to full depth by the off-domain gate, whether a calibrated policy's guarantee held
+on the file (match-full: accuracy within epsilon of full depth's; best: layers run within its depth budget), latency
+p50 at batch 1 and throughput at batch 32 (real truncated forwards on a sample).
 `calibrated` is the store's own calibrated policy; `calibrated:OBJECTIVE` is what that objective calibrates on the
 store's items (never on the test file). With several --store/--test pairs, --suite adds one paper-style table with
 averages, and --cross-domain scores every store on every test file (stores of tasks with the same labels).

@@ -62,7 +62,8 @@ class PolicyResult:
     off_domain_reasons: dict[str, int]  # texts per reason: far, disagree, shifted
     harms: int  # texts right at full depth but wrong at this policy's exit
     helps: int  # texts wrong at full depth but right at the exit
-    guarantee: str  # "held" / "missed": match-full's accuracy within epsilon of full depth's; "" = none claimed
+    guarantee: str  # "held" / "missed": match-full's accuracy within epsilon of full depth's, best's layers run
+    # within its depth budget; "" = none claimed
     latency_ms_p50: float | None  # one text per call
     throughput_per_s: float | None  # texts per second in calls of 32
 
@@ -177,16 +178,19 @@ class Evaluator:
             str(name), self.engine.task.metric, self.score(exits), self.score(exits, ~self.view.seen), accuracy,
             self.full_accuracy, float(exits.mean()), float(layers_run.mean()),
             float(1 - layers_run.mean() / num_layers), float(np.mean(off_domain != "")), reasons, harms, helps,
-            self.guarantee(policy, accuracy), latency, throughput)
+            self.guarantee(policy, accuracy, float(layers_run.mean()) / num_layers), latency, throughput)
 
-    def guarantee(self, policy: ExitPolicy, accuracy: float) -> str:
-        """For a match-full policy: whether its accuracy stayed within epsilon of full depth's on this file."""
+    def guarantee(self, policy: ExitPolicy, accuracy: float, layers_share: float) -> str:
+        """For a calibrated policy, whether its guarantee held on this file: match-full's accuracy within epsilon
+        of full depth's, best's share of the layers run within its depth budget."""
         if policy.kind != "calibrated":
             return ""
         settings = self.engine.calibrated(policy.objective).settings
-        if settings.objective != "match-full":
-            return ""
-        return "held" if accuracy >= self.full_accuracy - settings.epsilon - 1e-12 else "missed"
+        if settings.objective == "match-full":
+            return "held" if accuracy >= self.full_accuracy - settings.epsilon - 1e-12 else "missed"
+        if settings.objective == "best":
+            return "held" if layers_share <= settings.depth_budget + 1e-12 else "missed"
+        return ""
 
     def time(self, policy: ExitPolicy, exits: np.ndarray, sample: int) -> tuple[float, float]:
         """(p50 ms with one text per call, texts/s in calls of 32), on the first `sample` test texts."""

@@ -94,17 +94,26 @@ def test_results_carry_timings_guarantee_and_layers_run(evaluator):
     assert raee.accuracy - raee.accuracy_full == pytest.approx((raee.helps - raee.harms) / len(exits))
     static = evaluator.evaluate("static:0", timing_sample=0)
     assert static.avg_layers_run == 0  # fixed exits run no key
+    best = evaluator.evaluate("calibrated:best", timing_sample=0)
+    budget = evaluator.engine.calibrated("best").settings.depth_budget
+    within = best.avg_layers_run / evaluator.engine.num_layers <= budget + 1e-12
+    assert best.guarantee == ("held" if within else "missed")
 
 
 def test_the_guarantee_verdict_on_both_sides_of_its_bound(evaluator):
-    """match-full's claim: accuracy at most epsilon (0.5 point) below full depth's on this file."""
+    """match-full's claim: accuracy at most epsilon (0.5 point) below full depth's on this file; best's: layers run
+    within its depth budget."""
     calibrated, bound = ExitPolicy.parse("calibrated"), evaluator.full_accuracy - 0.005
     assert evaluator.engine.store.calibrated_policy.settings.objective == "match-full"
-    assert evaluator.guarantee(calibrated, bound) == "held"
-    assert evaluator.guarantee(calibrated, bound - 1e-6) == "missed"
-    assert evaluator.guarantee(calibrated, evaluator.full_accuracy) == "held"
-    assert evaluator.guarantee(ExitPolicy.parse("calibrated:best"), 0.0) == ""  # best claims no guarantee
-    assert evaluator.guarantee(ExitPolicy.parse("raee"), 0.0) == ""
+    assert evaluator.guarantee(calibrated, bound, 1.0) == "held"
+    assert evaluator.guarantee(calibrated, bound - 1e-6, 1.0) == "missed"
+    assert evaluator.guarantee(calibrated, evaluator.full_accuracy, 1.0) == "held"
+    best = ExitPolicy.parse("calibrated:best")  # best's guarantee is its depth budget, not accuracy
+    budget = evaluator.engine.calibrated("best").settings.depth_budget
+    assert evaluator.guarantee(best, 0.0, budget) == "held"
+    assert evaluator.guarantee(best, 1.0, budget + 1e-6) == "missed"
+    assert evaluator.guarantee(ExitPolicy.parse("calibrated:raee"), 0.0, 0.0) == ""  # faithful RAEE claims none
+    assert evaluator.guarantee(ExitPolicy.parse("raee"), 0.0, 0.0) == ""
 
 
 def test_unseen_only_scores_leave_out_texts_in_the_store(store_dir, sst2_like):
