@@ -15,7 +15,7 @@ import torch
 
 from raee.backbones.base import Backbone
 from raee.backbones.family import VocabularyHead
-from raee.backbones.layerwise import LayerwiseForward
+from raee.backbones.layerwise import LayerwiseForward, rows_of
 from raee.errors import BackboneError, TaskError
 from raee.tasks import HeadSpec, LabelWords
 
@@ -41,8 +41,8 @@ class LanguageModelBackbone(Backbone):
         """(R, H) the state at each row's answer position."""
         if fwd.answer_positions is None:  # every language-model kind reads the state at one position
             raise BackboneError(f"this {self.kind} pass has no answer positions to read")
-        hidden = fwd.hidden[rows]  # (R, T, H)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), fwd.answer_positions[rows]]
+        hidden = rows_of(fwd.hidden, rows)  # (R, T, H)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), rows_of(fwd.answer_positions, rows)]
 
     def make_head(self, spec: HeadSpec) -> LabelIds:
         if not isinstance(spec, LabelWords):

@@ -85,6 +85,12 @@ def capture_layer_inputs(base_model: nn.Module, layer: nn.Module,
     return as_keywords(layer, args, kwargs)
 
 
+def rows_of(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """tensor[rows] for a bool mask over dim 0, without the copy (about 20 us on CPU) when every row is kept: a head
+    read at batch 1, or of a batch that leaves at one layer."""
+    return tensor if bool(rows.all()) else tensor[rows]
+
+
 def select_rows(value: Any, keep: torch.Tensor, batch: int, shared: frozenset[str] = frozenset()) -> Any:
     """Keep rows `keep` of every per-row tensor (2+ dims, dim 0 == batch) inside nested tuples, lists and dicts;
     leave the rest, and dict entries named in `shared` (inputs that are not per-row whatever their shape)."""

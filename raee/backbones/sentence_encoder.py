@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from raee.backbones.base import Backbone
-from raee.backbones.layerwise import LayerwiseForward
+from raee.backbones.layerwise import LayerwiseForward, rows_of
 from raee.backbones.pooling import Pooling
 from raee.errors import InputError, TaskError
 from raee.kinds import DEFAULT_SCALE
@@ -52,7 +52,8 @@ class SentenceEncoderBackbone(Backbone):
 
     def pooled(self, fwd: LayerwiseForward, rows: torch.Tensor) -> torch.Tensor:
         """(R, D) normalised pooled states of the rows at fwd.layer."""
-        return nn.functional.normalize(self.pooling(fwd.hidden[rows], fwd.attention_mask[rows]).float(), dim=-1)
+        pooled = self.pooling(rows_of(fwd.hidden, rows), rows_of(fwd.attention_mask, rows))
+        return nn.functional.normalize(pooled.float(), dim=-1)
 
     @torch.inference_mode()
     def label_logits(self, fwd: LayerwiseForward, rows: torch.Tensor, head: Prototypes) -> torch.Tensor:
