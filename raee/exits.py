@@ -7,6 +7,7 @@ to a batch's neighbours. Pure functions over arrays (no torch, no faiss).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -59,6 +60,12 @@ class Resolved:
         """Neighbours to retrieve: as many as the rule and the gate read."""
         return max(self.rule.k if self.rule is not None else 0, self.gate.agreement_k if self.gate else 0)
 
+    @cached_property
+    def agreement_rule(self) -> AccuracyRuleConfig | None:
+        """The weights the gate's agreement reads its neighbours with (made once: the engine keeps its Resolved)."""
+        gate = self.gate
+        return None if gate is None else AccuracyRuleConfig(k=gate.agreement_k, temperature=gate.agreement_temperature)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -105,8 +112,8 @@ def decide(resolved: Resolved, similarities: np.ndarray, neighbour_ids: np.ndarr
         no_evidence = ~(neighbour_ids[:, :rule.k] >= 0).any(axis=1)
     reasons = np.full(q, "", dtype=object)
     gate = resolved.gate
-    if gate is not None:
-        agreement_rule = AccuracyRuleConfig(k=gate.agreement_k, temperature=gate.agreement_temperature)
+    agreement_rule = resolved.agreement_rule
+    if gate is not None and agreement_rule is not None:
         agreement = estimated_accuracy(similarities, neighbour_ids, arrays.values("correct"), agreement_rule,
                                        prior=False)[np.arange(q), exits]
         nearest = np.where(neighbour_ids[:, 0] >= 0, similarities[:, 0], -np.inf)

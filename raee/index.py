@@ -121,8 +121,10 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
         faiss.omp_set_num_threads(1 if small else thread_count())
     width = min(k, index.ntotal)
     sims, ids = index.search(queries, min(width + TIE_MARGIN, index.ntotal))
-    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max),
-                        -np.round(sims.astype(np.float64), TIE_DECIMALS)), axis=-1)
+    rounded = -np.round(sims.astype(np.float64), TIE_DECIMALS)
+    if (rounded[:, 1:] > rounded[:, :-1]).all():  # strictly closest first, no ties: the sort below is the identity
+        return sims[:, :width], ids[:, :width]
+    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), rounded), axis=-1)
     return (np.take_along_axis(sims, order, axis=1)[:, :width],
             np.take_along_axis(ids, order, axis=1)[:, :width])
 

@@ -326,3 +326,22 @@ def test_best_says_when_no_setting_is_certified(store, tmp_path):
     assert "NO setting was certified" in text and "WITHOUT the guarantee" in text
     old = dataclasses.replace(evidence, curve=tuple(dataclasses.replace(p, accepted=None) for p in evidence.curve))
     assert "built before budgets were certified" in calibration_summary(Store(), old)  # type: ignore[arg-type]
+
+
+def test_search_orders_as_sorting_by_similarity_then_id_with_or_without_ties():
+    """A batch with no tie takes FAISS's order as it comes (no sort); one with a tie is sorted; either way the
+    result is the (-similarity to TIE_DECIMALS, id) order over the fetched neighbours."""
+    from raee.index import TIE_DECIMALS, TIE_MARGIN
+
+    rng = np.random.default_rng(3)
+    keys = rng.normal(size=(300, 16)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    keys[200:210] = keys[5]  # ten twins of item 5: a query near it ties at the top
+    index = build_index(keys, IndexSpec("flat"))
+    for queries in (keys[[20, 40, 60]] + 0.01, keys[[5, 20]]):
+        sims, ids = search(index, queries, 12)
+        raw_sims, raw_ids = index.search(np.ascontiguousarray(queries), 12 + TIE_MARGIN)
+        for row in range(len(queries)):
+            expected = sorted(zip(-np.round(raw_sims[row].astype(np.float64), TIE_DECIMALS), raw_ids[row]))[:12]
+            assert ids[row].tolist() == [int(i) for _, i in expected]
+    assert ids[0].tolist()[:11] == [5, *range(200, 210)]  # the twins by id after item 5

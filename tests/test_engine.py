@@ -93,6 +93,26 @@ def test_bad_requests_are_refused_with_a_reason(engine, call, message):
         engine.classify(**call)
 
 
+def test_resolved_policies_are_remembered_within_a_bound(engine, monkeypatch):
+    """A policy is parsed and resolved once, a refused one every time, and the memory of them stays bounded
+    however many distinct policies clients send."""
+    from raee import engine as engine_module
+
+    calls = []
+    real = engine_module.resolve
+    monkeypatch.setattr(engine_module, "resolve", lambda *a: calls.append(a[0]) or real(*a))
+    engine._resolved.clear()
+    first = engine.classify(QUERIES[:2], policy="raee:k=5")
+    again = engine.classify(QUERIES[:2], policy="raee:k=5")
+    assert len(calls) == 1 and [r.exit_layer for r in first] == [r.exit_layer for r in again]
+    for _ in range(2):
+        with pytest.raises(InputError, match="cannot be served"):
+            engine.classify(QUERIES[:1], policy="oracle")
+    for k in range(1, 2 * engine_module.RESOLVED_POLICIES):
+        engine.resolve(f"raee:k={k}")
+    assert len(engine._resolved) <= engine_module.RESOLVED_POLICIES
+
+
 def test_a_long_text_is_refused_on_its_prefix(engine):
     """Engine.check_prefix tokenizes the prompt of a long text's prefix (Backbone.prefix_to_check) and refuses the
     text when that is already over the limit; a text the prefix test cannot settle is left to the whole check."""
