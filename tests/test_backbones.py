@@ -130,6 +130,19 @@ def test_all_layers_agrees_with_truncated_passes(backbone):
     torch.testing.assert_close(torch.from_numpy(every.pooled[1]), mean_pool(fwd.hidden, fwd.attention_mask))
 
 
+def test_a_head_read_of_some_rows_by_mask_or_index_equals_the_read_of_all_rows(backbone):
+    """label_logits takes rows as a bool mask or as indices; every form reads the same rows' logits."""
+    fwd = backbone.start(prompts(backbone))
+    fwd.advance()
+    every = backbone.label_logits(fwd, torch.ones(len(TEXTS), dtype=torch.bool), head(backbone))
+    last = len(TEXTS) - 1
+    mask = torch.zeros(len(TEXTS), dtype=torch.bool)
+    mask[[1, last]] = True
+    for rows in (mask, torch.tensor([1, last]), torch.arange(len(TEXTS))):
+        expected = every[rows]
+        torch.testing.assert_close(backbone.label_logits(fwd, rows, head(backbone)), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_label_logits_at_the_last_layer_equal_the_models_own_logits(backbone):
     """The head reading (label-word rows only) against the model's full forward and full-vocabulary logits (for
     Gemma-2, soft-capped; for T5, rescaled and read at the decoder's first step)."""
