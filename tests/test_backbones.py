@@ -130,6 +130,36 @@ def test_all_layers_agrees_with_truncated_passes(backbone):
     torch.testing.assert_close(torch.from_numpy(every.pooled[1]), mean_pool(fwd.hidden, fwd.attention_mask))
 
 
+def test_tokenize_gives_the_tokenizers_own_ids(backbone):
+    """Backbone.tokenize may call the Rust encoder directly; the ids are the tokenizer's own call's, whatever the
+    text holds (special tokens, unknown words, accents, emoji, runs of spaces)."""
+    tok = backbone.tokenizer
+    texts = [*TEXTS, "naïve  café\tand 🙂 東京", "x" * 50, f"{tok.unk_token} word {tok.pad_token}", "GOOD Film!!"]
+    if backbone.mask_token is None:
+        texts.append(f"{tok.eos_token or ''} and more")
+    batch = prompts(backbone, texts)
+    assert backbone.tokenize(batch) == tok(batch, add_special_tokens=backbone.add_special_tokens)["input_ids"]
+
+
+def test_the_direct_encoder_is_used_only_for_the_librarys_plain_fast_tokenizer():
+    from raee.backbones.base import direct_encoder
+    from tests.tiny import make_tokenizer
+
+    plain = make_tokenizer()
+    assert direct_encoder(plain, True) is not None
+    custom = make_tokenizer()
+
+    class OwnCallPath(type(custom)):  # a tokenizer class that changes how a call tokenizes
+        def _encode_plus(self, *args, **kwargs):
+            return super()._encode_plus(*args, **kwargs)
+
+    custom.__class__ = OwnCallPath
+    assert direct_encoder(custom, True) is None
+    slow = make_tokenizer()
+    slow.__class__ = type("Slow", (type(slow),), {"is_fast": property(lambda self: False)})
+    assert direct_encoder(slow, True) is None
+
+
 def test_a_head_read_of_some_rows_by_mask_or_index_equals_the_read_of_all_rows(backbone):
     """label_logits takes rows as a bool mask or as indices; every form reads the same rows' logits."""
     fwd = backbone.start(prompts(backbone))
