@@ -81,8 +81,10 @@ class WholeModel:
 
     def _run(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(model output (B, T, H) or logits (B, T, V), input ids, attention mask)."""
-        enc = self.backbone.tokenizer(prompts, padding=True, return_tensors="np")
-        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        # raee's own tokenizing (Backbone.encode: the Rust encoder called directly where it gives the same ids),
+        # so that the rows differ in how far the model runs, not in how the texts are tokenized
+        input_ids, attention_mask = self.backbone.encode(prompts)
+        ids, mask = input_ids.cpu().numpy(), attention_mask.cpu().numpy()
         if self.runtime == "torch":
             with torch.inference_mode():
                 out = self.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
