@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy
+from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy, weighted_records
 from raee.errors import InputError
 
 
@@ -85,6 +85,12 @@ def test_vectorised_rule_matches_the_reference(seed, k):
         np.testing.assert_allclose(estimated_accuracy(sims, ids, values, config, store_mean=values.mean(axis=0)), plain)
         if config.prior:  # the mean passed is the one used
             assert not np.allclose(estimated_accuracy(sims, ids, values, config, store_mean=np.zeros(layers)), plain)
+        sums = weighted_records(sims, ids, values, config.k, config.temperature)  # as the engine shares them
+        np.testing.assert_array_equal(estimated_accuracy(sims, ids, values, config, weighted=sums), plain)
+        np.testing.assert_array_equal(estimated_accuracy(sims, ids, values, config, prior=False, weighted=sums),
+                                      estimated_accuracy(sims, ids, values, config, prior=False))
+        assert accuracy_exit_layers(sims, ids, values, config, 2, weighted=sums).tolist() == \
+            accuracy_exit_layers(sims, ids, values, config, 2).tolist()
 
 
 @pytest.mark.parametrize("bad", [dict(k=0), dict(temperature=0), dict(prior=-1), dict(values="votes"),

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from raee.accuracy_rule import AccuracyRuleConfig
+from raee.accuracy_rule import AccuracyRuleConfig, estimated_accuracy
 from raee.exits import RecordArrays, Resolved, decide
 from raee.offdomain import (
     QUANTILE_POINTS,
@@ -82,6 +82,25 @@ def test_decide_sends_flagged_queries_to_full_depth():
     assert decision.off_domain.tolist() == ["", "far", "shifted"]
     ungated = decide(Resolved(rule=rule), sims, ids, arrays, key_layer=0)
     assert ungated.exits.tolist() == [1, 1, 1] and ungated.off_domain.tolist() == ["", "", ""]
+
+
+@pytest.mark.parametrize("rule", [AccuracyRuleConfig(k=4, temperature=0.05),  # the gate shares the rule's sums
+                                  AccuracyRuleConfig(k=4, temperature=0.05, values="confidence"),
+                                  AccuracyRuleConfig(k=3, temperature=0.05), AccuracyRuleConfig(k=4, temperature=0.2)])
+def test_the_gates_agreement_is_the_share_right_at_the_exit_whether_or_not_it_shares_the_rules_sums(rule):
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(30, 4, 2)).astype(np.float32)
+    arrays = RecordArrays(ExitRecords(rng.integers(0, 2, 30), logits))
+    sims = np.sort(rng.uniform(0.6, 1.0, (40, 4)), axis=1)[:, ::-1].astype(np.float32)
+    ids = np.stack([rng.choice(30, 4, replace=False) for _ in range(40)])
+    exits = decide(Resolved(rule=rule), sims, ids, arrays, key_layer=0).exits
+    agreement_rule = AccuracyRuleConfig(k=4, temperature=0.05)
+    agreement = estimated_accuracy(sims, ids, arrays.values("correct"), agreement_rule, prior=False)[np.arange(40),
+                                                                                                       exits]
+    gate = make_gate(np.linspace(0.0, 0.5, 1001), alpha=0.0, min_agreement=float(np.median(agreement)), k=4)
+    decision = decide(Resolved(rule=rule, gate=gate), sims, ids, arrays, key_layer=0)
+    expected = np.where(agreement < gate.min_agreement, "disagree", "")
+    assert decision.off_domain.tolist() == expected.tolist() and 0 < (expected == "disagree").sum() < 40
 
 
 @pytest.mark.parametrize("bad", [dict(alpha=1.0), dict(stream_p=1.0), dict(kappa=1.0)])

@@ -39,10 +39,9 @@ class Pooling:
         return cls(tuple(text.split("+")))
 
     def __call__(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, H), (B, T) right-padded -> (B, H * len(modes)), not normalised."""
+        """(B, T, H), (B, T) right-padded -> (B, H * len(modes)), not normalised. Only what the modes read is
+        computed (a served batch-1 head read runs a handful of small torch ops, each 5-20 us)."""
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        lengths = attention_mask.sum(dim=1)  # (B,)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
         vectors = []
         for mode in self.modes:
             if mode == "cls":
@@ -58,8 +57,9 @@ class Pooling:
                                               dtype=hidden.dtype).view(1, -1, 1)
                 vectors.append((hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9))
             else:  # lasttoken
-                vectors.append(hidden[rows, (lengths - 1).clamp(min=0)])
-        return torch.cat(vectors, dim=-1)
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                vectors.append(hidden[rows, (attention_mask.sum(dim=1) - 1).clamp(min=0)])
+        return vectors[0] if len(vectors) == 1 else torch.cat(vectors, dim=-1)
 
 
 def checkpoint_pooling(path: Path) -> Pooling:
