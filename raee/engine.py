@@ -183,7 +183,8 @@ class Engine:
     def _resolve(self, policy: ExitPolicy | str) -> tuple[ExitPolicy, Resolved]:
         """(the parsed policy, what it means here), remembered for the policies last asked for: parsing and
         resolving cost about 50 us a call, a fifth of a batch-1 head read."""
-        known = self._resolved.get(policy)
+        rememberable = isinstance(policy, (str, ExitPolicy))  # anything else is refused by parse, as before
+        known = self._resolved.get(policy) if rememberable else None
         if known is not None:
             return known
         parsed = ExitPolicy.parse(policy)

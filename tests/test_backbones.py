@@ -130,6 +130,17 @@ def test_all_layers_agrees_with_truncated_passes(backbone):
     torch.testing.assert_close(torch.from_numpy(every.pooled[1]), mean_pool(fwd.hidden, fwd.attention_mask))
 
 
+def test_rows_of_keeps_the_rows_asked_for_and_refuses_a_mask_of_another_batch():
+    from raee.backbones.layerwise import rows_of
+
+    states = torch.arange(12.0).view(4, 3)
+    assert rows_of(states, torch.ones(4, dtype=torch.bool)) is states  # every row: no copy
+    assert rows_of(states, torch.tensor([3, 1])).tolist() == [states[3].tolist(), states[1].tolist()]
+    for wrong in (torch.ones(3, dtype=torch.bool), torch.ones(0, dtype=torch.bool)):
+        with pytest.raises(IndexError):
+            rows_of(states, wrong)
+
+
 def test_tokenize_gives_the_tokenizers_own_ids(backbone):
     """Backbone.tokenize may call the Rust encoder directly; the ids are the tokenizer's own call's, whatever the
     text holds (special tokens, unknown words, accents, emoji, runs of spaces)."""

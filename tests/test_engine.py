@@ -87,6 +87,7 @@ def test_fixed_policies_and_neighbours(engine):
     (dict(texts=["good"], policy="static:9"), "past the last layer"),
     (dict(texts=["good"], policy="raee:k=0"), "out of range"),
     (dict(texts=["good"], policy="oracle"), "cannot be served"),
+    (dict(texts=["good"], policy=["raee"]), "a policy is a string"),
 ])
 def test_bad_requests_are_refused_with_a_reason(engine, call, message):
     with pytest.raises(InputError, match=message):

@@ -404,7 +404,9 @@ _ENCODER_PROBES = ("It was great.", "  spaced   out\ttabs\nand lines ", "naïve 
 def direct_encoder(tokenizer: Any, add_special_tokens: bool) -> Any | None:
     """A private copy of a fast tokenizer's Rust encoder, set up as every Backbone.tokenize call sets the tokenizer
     (no padding, no truncation), or None where that would not give the same ids: a slow tokenizer, a class that
-    changes the call path, or any probe (these strings and the special tokens) tokenized differently."""
+    changes the call path, or any probe (these strings and the special tokens) tokenized differently. The copy is
+    made when the backbone is: a tokenizer changed after that (added tokens, special-token settings) is not seen by
+    it, and raee never changes one."""
     import copy
 
     import transformers
