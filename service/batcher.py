@@ -41,6 +41,7 @@ SMOOTHING = 0.2  # weight of the newest batch in the batch and row time estimate
 MIN_BATCH_SHARE = 4  # max_batch_ms never shrinks batches below max_batch / this: throughput stays within reach
 HEAVY_FACTOR = 4  # a batch takes no rows from clients holding more than this times what its first client holds
 LIGHT_MEMORY_S = 5.0  # max_batch_ms applies while a light client (holding a shortest batch or less) sent this recently
+RECENT_CLIENT_S = 1.0  # a client that sent within this long may send again soon: a forming batch waits for it
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,15 @@ class _Client:
 
 class MicroBatcher:
     def __init__(self, max_batch: int, max_wait_ms: float, max_queue: int, metrics: ServerMetrics | None = None,
-                 max_batch_ms: float = 0.0) -> None:
+                 max_batch_ms: float = 0.0, wait_for_new_clients: bool = False) -> None:
         """max_batch_ms: when set, while light clients are about, batches hold at most as many rows as recent batches
         ran in that time, so that a batch, and so the wait of a client that sends a text now and then, stays about
-        that long."""
+        that long. wait_for_new_clients: a forming batch waits the whole max_wait even when every client that sent
+        within RECENT_CLIENT_S is already in it (by default it runs then: a lone client's request does not wait for
+        company that is not coming, and clients sending back to back start their next batch once all are in)."""
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
+        self.wait_for_new_clients = wait_for_new_clients
+        self._last_sent: dict[str, float] = {}  # client -> when it last submitted (time.monotonic())
         self.max_batch_seconds = max_batch_ms / 1000.0
         self.metrics = metrics
         self._clients: dict[str, _Client] = {}
@@ -173,6 +178,8 @@ class MicroBatcher:
                 queue_of.vtime = max(queue_of.vtime, self._vtime)  # no credit for time spent idle
             if self._held_by.get(client, 0) <= self._shortest_batch():
                 self._light_seen = time.monotonic()
+            if not self.wait_for_new_clients:
+                self._last_sent[client] = pending.admitted
             queue_of.queue.append(pending)
             self._cond.notify()
         return pending
@@ -293,7 +300,7 @@ class MicroBatcher:
                     if picked is None:
                         if not batch:
                             break
-                        if now >= until or self._closing:
+                        if now >= until or self._closing or self._all_recent_clients_in(batch, now):
                             break
                         self._cond.wait(until - now)
                         continue
@@ -314,7 +321,18 @@ class MicroBatcher:
                     return None
                 self._cond.wait()
 
+    def _all_recent_clients_in(self, batch: list[tuple[Pending, range]], now: float) -> bool:
+        """Whether every client that sent within RECENT_CLIENT_S has rows in the forming batch, so that waiting
+        longer could only catch a client not heard from lately (never, with wait_for_new_clients). Clients not heard
+        from in that time are forgotten once per batch (_forget_idle_clients)."""
+        if self.wait_for_new_clients:
+            return False
+        present = {p.client for p, _ in batch}
+        return all(client in present or now - sent > RECENT_CLIENT_S for client, sent in self._last_sent.items())
+
     def _forget_idle_clients(self) -> None:
+        now = time.monotonic()
+        self._last_sent = {c: sent for c, sent in self._last_sent.items() if now - sent <= RECENT_CLIENT_S}
         if len(self._clients) > MAX_IDLE_CLIENTS:
             self._clients = {c: s for c, s in self._clients.items() if s.queue}
         else:

@@ -29,6 +29,8 @@ class ServerConfig:
     metrics_port: int = DEFAULT_METRICS_PORT  # Prometheus HTTP port (0 = any free port, -1 = off)
     max_batch: int = 32  # most rows the batcher sends through the backbone together; larger requests are split
     max_wait_ms: float = 5.0  # longest the batcher waits for more rows before running a batch
+    wait_for_new_clients: bool = False  # wait all of max_wait even once every client heard from in the last second
+    # has rows in the batch (by default the batch runs then: a lone client's request does not wait for company)
     max_batch_ms: float = 40.0  # while clients sending a few texts are about, batches shrink to about this long (down
     # to max_batch / 4; 0 = off), so that such a client waits about two such batches whatever others send
     max_queue: int = 1024  # most texts admitted and not yet answered; beyond it requests get RESOURCE_EXHAUSTED

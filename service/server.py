@@ -176,7 +176,7 @@ class RaeeServer:
             for store in self.config.stores:
                 registry.add(store)  # verified and warmed on one query
             self.batcher = MicroBatcher(self.config.max_batch, self.config.max_wait_ms, self.config.max_queue,
-                                        self.metrics, self.config.max_batch_ms)
+                                        self.metrics, self.config.max_batch_ms, self.config.wait_for_new_clients)
             reloader = Reloader(registry, self.config.roots, self._reloads)
             for servicer in (self.servicer, self.admin_servicer):
                 if servicer is not None:

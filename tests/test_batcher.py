@@ -128,3 +128,47 @@ def test_batches_shrink_to_max_batch_ms_only_while_light_clients_are_about(batch
     time.sleep(0.6)  # no light client for longer than LIGHT_MEMORY_S
     submit(b, engine, "raee", bulk, "bulk").future.result(TIMEOUT)
     assert [len(batch) for _, batch in engine.batches] == [16] * 4
+
+
+def test_a_lone_clients_request_runs_without_waiting_for_company(batcher):
+    """Nobody else has sent lately, so max_wait could only catch a stranger: the batch runs at once. With
+    wait_for_new_clients it waits all of max_wait, as before."""
+    engine = RecordingEngine()
+    for wait_for_new_clients, least, most in ((False, 0.0, 0.5), (True, 0.5, TIMEOUT)):
+        b = batcher(max_wait_ms=800, wait_for_new_clients=wait_for_new_clients)
+        started = time.monotonic()
+        submit(b, engine, "raee", ["alone"], "a").future.result(TIMEOUT)
+        assert least <= time.monotonic() - started < most, wait_for_new_clients
+
+
+def test_a_batch_waits_for_clients_heard_from_lately_and_runs_once_all_are_in(batcher, monkeypatch):
+    engine, b = RecordingEngine(), batcher(max_wait_ms=3000)
+    submit(b, engine, "raee", ["a0"], "a").future.result(TIMEOUT)  # alone: runs at once
+    waiting = submit(b, engine, "raee", ["b0"], "b")  # a sent lately: the batch waits for it ...
+    submit(b, engine, "raee", ["a0'"], "a").future.result(TIMEOUT)  # ... and runs when a's text comes
+    assert waiting.future.result(TIMEOUT).results == ["raee|b0"] and sorted(engine.batches[-1][1]) == ["a0'", "b0"]
+    started = time.monotonic()
+    first = submit(b, engine, "raee", ["a1"], "a")
+    time.sleep(0.3)
+    assert not first.future.done()  # b may send again soon: the batch waits for it
+    second = submit(b, engine, "raee", ["b1"], "b")
+    assert first.future.result(TIMEOUT).results == ["raee|a1"] and second.future.result(TIMEOUT).results == ["raee|b1"]
+    assert sorted(engine.batches[-1][1]) == ["a1", "b1"]  # one batch
+    assert time.monotonic() - started < 2.0  # it ran when b's text came, not after max_wait
+    monkeypatch.setattr(batcher_module, "RECENT_CLIENT_S", 0.0)  # b not heard from lately: a runs alone at once
+    started = time.monotonic()
+    assert submit(b, engine, "raee", ["a2"], "a").future.result(TIMEOUT).results == ["raee|a2"]
+    assert time.monotonic() - started < 1.0
+
+
+def test_clients_not_heard_from_lately_are_forgotten(batcher, monkeypatch):
+    monkeypatch.setattr(batcher_module, "RECENT_CLIENT_S", 0.2)
+    engine, b = RecordingEngine(), batcher(max_wait_ms=50)
+    for i in range(40):  # forty connections come and go
+        submit(b, engine, "raee", [f"t{i}"], f"client{i}").future.result(TIMEOUT)
+    time.sleep(0.3)
+    submit(b, engine, "raee", ["last"], "last").future.result(TIMEOUT)
+    assert set(b._last_sent) <= {"last"}
+    waiting = batcher(max_wait_ms=1, wait_for_new_clients=True)  # it never reads them: it keeps none
+    submit(waiting, engine, "raee", ["x"], "x").future.result(TIMEOUT)
+    assert not waiting._last_sent

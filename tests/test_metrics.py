@@ -48,7 +48,8 @@ def test_metrics_page(serve, stores):
 
 
 def test_store_info_follows_a_reload_and_in_flight_counts_calls(serve, stores):
-    server = serve(max_wait_ms=800)  # a lone request waits for company: it stays in flight for a while
+    server = serve(max_wait_ms=800, wait_for_new_clients=True)  # a lone request waits for company: it stays
+    # in flight for a while
     with Client(f"127.0.0.1:{server.admin_port}", timeout=60) as admin:
         reloaded = admin.reload("sst2", stores["next"])
     text = scrape(server)

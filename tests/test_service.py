@@ -184,7 +184,8 @@ def test_calibrated_by_default_and_faithful_raee_on_request(client, server, stor
 
 @pytest.mark.slow
 def test_queue_full_is_resource_exhausted_at_once(stores):
-    server = start(stores, max_queue=3, max_texts=2, max_wait_ms=1500)  # the first request waits for company
+    server = start(stores, max_queue=3, max_texts=2, max_wait_ms=1500,
+                   wait_for_new_clients=True)  # the first request waits for company
     try:
         stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         waiting = stub.Classify.future(pb.ClassifyRequest(task="sst2", texts=["good film", "dull plot"]), timeout=10)
@@ -202,7 +203,7 @@ def test_queue_full_is_resource_exhausted_at_once(stores):
 
 @pytest.mark.slow
 def test_expired_work_is_dropped_before_compute(stores):
-    server = start(stores, max_wait_ms=400)  # the first request waits 400 ms for company
+    server = start(stores, max_wait_ms=400, wait_for_new_clients=True)  # the first request waits 400 ms for company
     rows = []
     hooks = [layer.register_forward_hook(lambda _m, a, _o: rows.append(a[0].shape[0]))
              for layer in stores["backbone"].layers]
@@ -434,7 +435,7 @@ def test_sigterm_drains_in_flight_work_then_exits(stores, tmp_path):
     # max_wait 5 s (within the 5 s notice period): the four calls still wait for company when SIGTERM comes. With
     # 300 ms and a fixed 0.1 s sleep, a slow machine could send SIGTERM before they arrived (UNAVAILABLE, counted as
     # errors) or after they had been answered (nothing drained)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAEE_MAX_WAIT_MS": "5000"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAEE_MAX_WAIT_MS": "5000", "RAEE_WAIT_FOR_NEW_CLIENTS": "true"}
     process = subprocess.Popen([sys.executable, "-m", "service.server", "--store", stores["current"], "--host",
                                 "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), "--grace-s",
                                 "10"],
@@ -533,7 +534,7 @@ def test_bad_store_is_refused_at_start_and_health_stays_not_serving(stores, tmp_
 
 @pytest.mark.slow
 def test_a_request_timing_out_does_not_fail_its_batch_mates(stores):
-    server = start(stores, max_wait_ms=300)  # both requests wait in one forming batch
+    server = start(stores, max_wait_ms=300, wait_for_new_clients=True)  # both requests wait in one forming batch
     try:
         outcome = {}
 
