@@ -10,9 +10,10 @@ queuing). A batch started for a light client takes no rows from clients holding 
 runs short; with max_batch_ms, while light clients are about (one sent within LIGHT_MEMORY_S), batches shrink to
 about that long, since a light client's request may arrive during any of them. So a client sending a few texts at a
 time waits about one short batch whatever floods others send, clients sending alike share alike, and a load of
-large requests alone runs in full batches. A request larger than max_batch is split across batches; its rows leave
-the backbone at their own exit layers. Work whose deadline has passed is dropped before any compute; a cancelled
-request's queued texts leave the queue at once.
+large requests alone runs in full batches. A forming batch waits at most max_wait for more texts, and not at all once
+every client heard from in the last second (RECENT_CLIENT_S) is in it. A request larger than max_batch is split
+across batches; its rows leave the backbone at their own exit layers. Work whose deadline has passed is dropped
+before any compute; a cancelled request's queued texts leave the queue at once.
 """
 
 from __future__ import annotations
