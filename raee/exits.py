@@ -106,7 +106,7 @@ def decide(resolved: Resolved, similarities: np.ndarray, neighbour_ids: np.ndarr
     test's verdict for each query, from the caller's StreamMonitor (None: no alarm)."""
     q, num_layers = len(similarities), arrays.num_layers
     rule = resolved.rule
-    weighted = None  # the accuracy rule's neighbour sums, which the gate's agreement may share
+    sums: dict[tuple[str, int, float], tuple[np.ndarray, np.ndarray]] = {}  # weighted_records by (values, k, T)
     if rule is None:
         raise InputError("a fixed-exit policy has no neighbours to decide from")
     if isinstance(rule, RaeeConfig):
@@ -115,6 +115,7 @@ def decide(resolved: Resolved, similarities: np.ndarray, neighbour_ids: np.ndarr
         no_evidence = scores.max(axis=1) <= 0
     else:
         weighted = weighted_records(similarities, neighbour_ids, arrays.values(rule.values), rule.k, rule.temperature)
+        sums[(rule.values, rule.k, rule.temperature)] = weighted  # the gate's agreement may read the same sums
         exits = accuracy_exit_layers(similarities, neighbour_ids, arrays.values(rule.values), rule, key_layer,
                                      arrays.mean(rule.values), weighted)
         no_evidence = ~(neighbour_ids[:, :rule.k] >= 0).any(axis=1)
@@ -122,10 +123,9 @@ def decide(resolved: Resolved, similarities: np.ndarray, neighbour_ids: np.ndarr
     gate = resolved.gate
     agreement_rule = resolved.agreement_rule
     if gate is not None and agreement_rule is not None:
-        same_sums = (weighted is not None and isinstance(rule, AccuracyRuleConfig) and rule.values == "correct"
-                     and (rule.k, rule.temperature) == (agreement_rule.k, agreement_rule.temperature))
+        shared = sums.get(("correct", agreement_rule.k, agreement_rule.temperature))
         agreement = estimated_accuracy(similarities, neighbour_ids, arrays.values("correct"), agreement_rule,
-                                       prior=False, weighted=weighted if same_sums else None)[np.arange(q), exits]
+                                       prior=False, weighted=shared)[np.arange(q), exits]
         nearest = np.where(neighbour_ids[:, 0] >= 0, similarities[:, 0], -np.inf)
         reasons = off_domain_reasons(gate, nearest, agreement, alarms if alarms is not None else np.zeros(q, bool))
         fallback = num_layers if gate.fallback_layer is None else gate.fallback_layer
