@@ -167,7 +167,7 @@ def grpc_rows(store: str, task: str, texts: list[str], clients: int, seconds: fl
 
     from service.launch import ServerProcess
 
-    server = ServerProcess([store], "--threads", str(threads))
+    server = ServerProcess([store], "--threads", str(threads), metrics=True)
     try:
         if not server.wait_serving():
             raise SystemExit(f"raee-serve did not come up:\n{server.output()[-2000:]}")
@@ -175,13 +175,15 @@ def grpc_rows(store: str, task: str, texts: list[str], clients: int, seconds: fl
         runs: dict[str, list[dict]] = {"calibrated": [], "full": []}
         for _ in range(rounds):
             for policy in runs:
-                runs[policy].append(run_policy(server.address, task, policy, texts, clients, seconds, 1))
+                runs[policy].append(run_policy(server.address, task, policy, texts, clients, seconds, 1, server))
     finally:
         server.stop()
     return {policy: {"texts_per_s": statistics.median(r["texts_per_s"] for r in rs),
                      "p50_ms": statistics.median(r["p50_ms"] for r in rs),
                      "p99_ms": statistics.median(r["p99_ms"] for r in rs),
-                     "codes": rs[-1]["codes"]} for policy, rs in runs.items()}
+                     "codes": rs[-1]["codes"],
+                     "server": {k: statistics.median(r["server"][k] for r in rs) for k in rs[0]["server"]}}
+            for policy, rs in runs.items()}
 
 
 def main() -> int:
@@ -290,6 +292,10 @@ def report(args, task, reference: Engine, threads: int, accuracy, layers, timing
         print("|---|---|---|---|---|")
         for policy, r in grpc.items():
             print(f"| {policy} | {r['texts_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['codes']} |")
+        from load import print_server_profiles
+
+        print()
+        print_server_profiles({policy: r["server"] for policy, r in grpc.items()})
         ratio = grpc["calibrated"]["texts_per_s"] / grpc["full"]["texts_per_s"]
         print(f"\nserved policy / full depth on the same server: {ratio:.2f}x; whole-model onnxruntime in process "
               f"(no gRPC), batch {args.batch}: {base['texts_per_s']:.0f} texts/s, batch 1: "

@@ -16,6 +16,7 @@ import platform
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from service.api import pb, pb_grpc  # noqa: E402
 from service.client import pushback_s  # noqa: E402
 from service.launch import ServerProcess  # noqa: E402
+from service.metrics import STAGES  # noqa: E402
 from service.policy_wire import to_wire  # noqa: E402
 
 
@@ -78,24 +80,97 @@ def closed_loop(address: str, make_request, concurrency: int, seconds: float,
 
 
 def run_policy(address: str, task: str, policy: str, texts: list[str], concurrency: int, seconds: float,
-               batch: int) -> dict:
-    """Closed-loop load with one policy; throughput and latency percentiles of the successful calls."""
+               batch: int, server: ServerProcess | None = None) -> dict:
+    """Closed-loop load with one policy; throughput and latency percentiles of the successful calls, and, given the
+    server (started with metrics), where its time went (`server_profile`)."""
     def make_request(worker: int, n: int) -> pb.ClassifyRequest:
         first = (worker + n * concurrency) * batch
         return pb.ClassifyRequest(task=task, texts=[texts[(first + j) % len(texts)] for j in range(batch)],
                                   **wire)
 
     wire = to_wire(policy)
-
+    before = ServerSample.take(server) if server is not None else None
     started = time.perf_counter()
     calls = closed_loop(address, make_request, concurrency, seconds)
     elapsed = time.perf_counter() - started
     ms = np.array([s for code, s in calls if code == "OK"]) * 1e3
-    return {"policy": policy, "requests": len(ms), "texts_per_s": len(ms) * batch / elapsed,
-            "requests_per_s": len(ms) / elapsed, "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
-            "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
-            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
-            "codes": dict(Counter(code for code, _ in calls))}
+    result = {"policy": policy, "requests": len(ms), "texts_per_s": len(ms) * batch / elapsed,
+              "requests_per_s": len(ms) / elapsed, "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+              "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
+              "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+              "codes": dict(Counter(code for code, _ in calls))}
+    if server is not None and before is not None:
+        result["server"] = server_profile(before, ServerSample.take(server), len(ms) * batch)
+    return result
+
+
+def print_server_profiles(profiles: dict[str, dict[str, float]]) -> None:
+    """A Markdown table of server_profile results, one row per policy."""
+    print("Where the server's time went (per batch: the engine's time, its stages, and the rest of a batch's cycle "
+          "outside the engine; CPU per text answered):\n")
+    print("| policy | texts/batch | batches/s | engine busy | engine ms | key ms | search ms | backbone ms | "
+          "outside the engine ms | queue ms | server CPU ms/text | client CPU ms/text |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for policy, p in profiles.items():
+        outside = 1e3 / p["batches_per_s"] - p["engine_ms_per_batch"] if p["batches_per_s"] else float("nan")
+        print(f"| {policy} | {p['texts_per_batch']:.1f} | {p['batches_per_s']:.1f} | {100 * p['engine_busy']:.0f}% | "
+              f"{p['engine_ms_per_batch']:.1f} | {p['key_ms']:.1f} | {p['search_ms']:.1f} | {p['backbone_ms']:.1f} | "
+              f"{outside:.1f} | {p['queue_ms']:.1f} | {p['server_cpu_ms_per_text']:.2f} | "
+              f"{p['client_cpu_ms_per_text']:.2f} |")
+
+
+def metric_values(page: str) -> dict[str, float]:
+    """Every sample on a Prometheus text page, by its name with labels as written (`raee_batch_size_sum`,
+    `raee_stage_seconds_sum{stage="key"}`)."""
+    values = {}
+    for line in page.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+class ServerSample:
+    """A server's metrics and process CPU time, and this process's CPU time (the clients'), at one moment."""
+
+    def __init__(self, metrics: dict[str, float], server_cpu_s: float, client_cpu_s: float) -> None:
+        self.metrics, self.server_cpu_s, self.client_cpu_s = metrics, server_cpu_s, client_cpu_s
+        self.at = time.perf_counter()
+
+    @classmethod
+    def take(cls, server: ServerProcess) -> "ServerSample":
+        if server.metrics_port is None:
+            raise ValueError("the server was started without metrics (ServerProcess(..., metrics=True))")
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as page:
+            metrics = metric_values(page.read().decode())
+        with open(f"/proc/{server.process.pid}/stat") as f:  # utime and stime, fields 14 and 15
+            fields = f.read().rpartition(")")[2].split()
+        server_cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cls(metrics, server_cpu, time.process_time())
+
+
+def server_profile(before: ServerSample, after: ServerSample, texts: int) -> dict[str, float]:
+    """Where a server's time went between two samples: batches, how busy the engine was (raee_batch_seconds), the
+    stages (raee_stage_seconds: a request observes its batch's key, search and backbone times, so these means are
+    per batch, weighted by requests; queue is the request's own wait), and CPU per text of the server and of the
+    clients (this process)."""
+    seconds = after.at - before.at
+
+    def delta(name: str) -> float:
+        return after.metrics.get(name, 0.0) - before.metrics.get(name, 0.0)
+
+    batches = delta("raee_batch_size_count")
+    requests = delta("raee_stage_seconds_count{stage=\"queue\"}")
+    profile = {"batches_per_s": batches / seconds, "texts_per_batch": delta("raee_batch_size_sum") / max(batches, 1),
+               "engine_busy": delta("raee_batch_seconds_sum") / seconds,
+               "engine_ms_per_batch": 1e3 * delta("raee_batch_seconds_sum") / max(batches, 1),
+               "server_cpu_cores": (after.server_cpu_s - before.server_cpu_s) / seconds,
+               "client_cpu_cores": (after.client_cpu_s - before.client_cpu_s) / seconds,
+               "server_cpu_ms_per_text": 1e3 * (after.server_cpu_s - before.server_cpu_s) / max(texts, 1),
+               "client_cpu_ms_per_text": 1e3 * (after.client_cpu_s - before.client_cpu_s) / max(texts, 1)}
+    for stage in STAGES:
+        profile[f"{stage}_ms"] = 1e3 * delta(f"raee_stage_seconds_sum{{stage=\"{stage}\"}}") / max(requests, 1)
+    return profile
 
 
 def main() -> int:
@@ -114,7 +189,7 @@ def main() -> int:
     args = p.parse_args()
     server = None
     if args.store:
-        server = ServerProcess([args.store], *args.server_args.split())
+        server = ServerProcess([args.store], *args.server_args.split(), metrics=True)
         if not server.wait_serving():
             p.error(f"the server did not come up; its log:\n{server.output()[-2000:]}")
         address = server.address
@@ -129,7 +204,7 @@ def main() -> int:
             task = stub.GetInfo(pb.GetInfoRequest(), timeout=10).tasks[0].name
         texts = texts_from(args.texts, 2000)
         run_policy(address, task, "calibrated", texts, args.concurrency, 2.0, args.batch)  # warm-up
-        results = [run_policy(address, task, policy, texts, args.concurrency, args.seconds, args.batch)
+        results = [run_policy(address, task, policy, texts, args.concurrency, args.seconds, args.batch, server)
                    for policy in args.policies.split(",")]
     finally:
         if server is not None:
@@ -141,6 +216,9 @@ def main() -> int:
     for r in results:
         print(f"| {r['policy']} | {r['requests']} | {r['texts_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
               f"{r['p99_ms']:.1f} | {r['p99_ms'] / r['p50_ms']:.2f} | {r['codes']} |")
+    if server is not None:
+        print()
+        print_server_profiles({r["policy"]: r["server"] for r in results})
     by = {r["policy"]: r for r in results}
     for policy in ("calibrated", "raee"):
         if policy in by and "full" in by:

@@ -393,6 +393,8 @@ class MicroBatcher:
                     self._settle(p, rows, alone)
             return
         seconds = time.perf_counter() - started
+        if self.metrics:
+            self.metrics.batch_seconds.observe(seconds)
         with self._cond:
             self._batch_seconds = _smoothed(self._batch_seconds, seconds)
             self._row_seconds = _smoothed(self._row_seconds, seconds / len(texts))

@@ -55,6 +55,9 @@ class ServerMetrics:
                                        "their request asked to truncate", ["task"], registry=r)
         self.batch_size = Histogram("raee_batch_size", "Rows per backbone batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_seconds = Histogram("raee_batch_seconds", "Time the engine spent on each backbone batch (key, "
+                                       "search and layers); its rate is the share of time the engine is busy",
+                                       buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("raee_queue_depth", "Texts admitted and not yet answered (max_queue bounds it)",
                                  registry=r)
         self.stream_messages = Counter("raee_stream_messages", "ClassifyStream requests answered, by status code",

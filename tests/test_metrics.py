@@ -1,6 +1,6 @@
 """The Prometheus page as an operator reads it: process metrics beside raee's own, the store version per task,
-per-task latency, calls in flight, an exit-layer histogram sized by the depth counting only retrieval-chosen exits,
-names without repeated prefixes, no *_created series and no double-counting stage."""
+per-task latency, calls in flight, the engine's time per batch, an exit-layer histogram sized by the depth counting
+only retrieval-chosen exits, names without repeated prefixes, no *_created series and no double-counting stage."""
 
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ def test_metrics_page(serve, stores):
     assert value(text, 'raee_retrieval_texts_total{task="sst2"}') == 3
     assert 'raee_in_flight_requests{method="Classify"} 0.0' in text
     assert "_created" not in text and "raee_raee_" not in text
+    batches = value(text, "raee_batch_size_count")
+    assert batches >= 4 and value(text, "raee_batch_seconds_count") == batches  # one engine time per batch run
+    assert 0 < value(text, "raee_batch_seconds_sum") < value(text, 'raee_request_seconds_sum{task="sst2"}')
     stages = set(re.findall(r'^raee_stage_seconds_count\{stage="(\w+)"\}', text, re.M))
     assert stages == {"queue", "key", "search", "backbone"}  # no "total": it would double-count a sum
 
