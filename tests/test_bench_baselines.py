@@ -3,29 +3,18 @@ run on, even after raee has set torch to one thread (its layers moved onto onnxr
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from raee import runtime
+from tests.bench_scripts import load_bench
 from tests.tiny import tiny_backbone
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "baselines.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_baselines", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_the_whole_model_graph_runs_on_the_rows_pool_not_torchs_threads(tmp_path):
-    bench = load_bench()
+    bench = load_bench("baselines")
     model = tiny_backbone("bert-encoder").model.eval()
     threads = runtime.onnxruntime_pool or 2  # the pool raee's rows run on (made now if this test runs first)
     before = torch.get_num_threads()

@@ -3,9 +3,6 @@ from A alone, its calibration evidence, and raee-eval scoring B's texts with it.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from raee.build import build_store
@@ -17,21 +14,14 @@ from raee.index import keys_of
 from raee.keys import KeySpec
 from raee.store import load_store
 from raee.tasks import BUILTIN_TASKS
+from tests.bench_scripts import load_bench
 from tests.tiny import tiny_backbone
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "holdout.py"
 TASK = BUILTIN_TASKS["sst2"]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_holdout", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_replayed_split_equals_a_store_built_from_a_scored_on_b(sst2_like, tmp_path):
-    bench = load_bench()
+    bench = load_bench("holdout")
     backbone = tiny_backbone("bert-encoder")
     examples = read_examples(sst2_like, TASK)
     # A tiny store: match-full could only serve full depth. The tiny model's layers mostly agree, so this checks which

@@ -3,20 +3,9 @@ from two samples of a server's metrics and CPU times."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "load.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_load", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.bench_scripts import load_bench
 
 PAGE = """# HELP raee_batch_size Rows per backbone batch
 # TYPE raee_batch_size histogram
@@ -33,7 +22,7 @@ raee_stage_seconds_sum{stage="backbone"} 0.105
 
 
 def test_metric_values_reads_every_sample_with_its_labels():
-    values = load_bench().metric_values(PAGE)
+    values = load_bench("load").metric_values(PAGE)
     assert values["raee_batch_size_count"] == 3.0
     assert values['raee_stage_seconds_sum{stage="key"}'] == 0.42
     assert values['raee_batch_size_bucket{le="8.0"}'] == 3.0
@@ -41,7 +30,7 @@ def test_metric_values_reads_every_sample_with_its_labels():
 
 
 def test_server_profile_per_batch_figures():
-    bench = load_bench()
+    bench = load_bench("load")
     zero = {name: 0.0 for name in bench.metric_values(PAGE)}
     before = bench.ServerSample(zero, server_cpu_s=10.0, client_cpu_s=1.0)
     after = bench.ServerSample(bench.metric_values(PAGE), server_cpu_s=10.3, client_cpu_s=1.021)
