@@ -421,10 +421,7 @@ def check_malformed_and_streams(store: str, calls: int = 1000) -> dict:
                 codes["OK"] += 1
             except grpc.RpcError as exc:
                 codes[exc.code().name] += 1
-        import urllib.request
-        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-        counted = next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(
-            'raee_requests_total{code="INVALID_ARGUMENT",method="Classify"}')), 0.0)
+        counted = server.metrics().get('raee_requests_total{code="INVALID_ARGUMENT",method="Classify"}', 0.0)
         requests = []
         for i in range(100):
             bad = i % 10 == 3

@@ -16,7 +16,6 @@ import platform
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -112,22 +111,10 @@ def print_server_profiles(profiles: dict[str, dict[str, float]]) -> None:
           "outside the engine ms | queue ms | server CPU ms/text | client CPU ms/text |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for policy, p in profiles.items():
-        outside = 1e3 / p["batches_per_s"] - p["engine_ms_per_batch"] if p["batches_per_s"] else float("nan")
         print(f"| {policy} | {p['texts_per_batch']:.1f} | {p['batches_per_s']:.1f} | {100 * p['engine_busy']:.0f}% | "
               f"{p['engine_ms_per_batch']:.1f} | {p['key_ms']:.1f} | {p['search_ms']:.1f} | {p['backbone_ms']:.1f} | "
-              f"{outside:.1f} | {p['queue_ms']:.1f} | {p['server_cpu_ms_per_text']:.2f} | "
+              f"{p['outside_engine_ms_per_batch']:.1f} | {p['queue_ms']:.1f} | {p['server_cpu_ms_per_text']:.2f} | "
               f"{p['client_cpu_ms_per_text']:.2f} |")
-
-
-def metric_values(page: str) -> dict[str, float]:
-    """Every sample on a Prometheus text page, by its name with labels as written (`raee_batch_size_sum`,
-    `raee_stage_seconds_sum{stage="key"}`)."""
-    values = {}
-    for line in page.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
 
 
 class ServerSample:
@@ -139,14 +126,7 @@ class ServerSample:
 
     @classmethod
     def take(cls, server: ServerProcess) -> "ServerSample":
-        if server.metrics_port is None:
-            raise ValueError("the server was started without metrics (ServerProcess(..., metrics=True))")
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as page:
-            metrics = metric_values(page.read().decode())
-        with open(f"/proc/{server.process.pid}/stat") as f:  # utime and stime, fields 14 and 15
-            fields = f.read().rpartition(")")[2].split()
-        server_cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return cls(metrics, server_cpu, time.process_time())
+        return cls(server.metrics(), server.cpu_seconds(), time.process_time())
 
 
 def server_profile(before: ServerSample, after: ServerSample, texts: int) -> dict[str, float]:
@@ -164,6 +144,7 @@ def server_profile(before: ServerSample, after: ServerSample, texts: int) -> dic
     profile = {"batches_per_s": batches / seconds, "texts_per_batch": delta("raee_batch_size_sum") / max(batches, 1),
                "engine_busy": delta("raee_batch_seconds_sum") / seconds,
                "engine_ms_per_batch": 1e3 * delta("raee_batch_seconds_sum") / max(batches, 1),
+               "outside_engine_ms_per_batch": 1e3 * (seconds - delta("raee_batch_seconds_sum")) / max(batches, 1),
                "server_cpu_cores": (after.server_cpu_s - before.server_cpu_s) / seconds,
                "client_cpu_cores": (after.client_cpu_s - before.client_cpu_s) / seconds,
                "server_cpu_ms_per_text": 1e3 * (after.server_cpu_s - before.server_cpu_s) / max(texts, 1),

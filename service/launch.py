@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 from service.client import Client
@@ -64,6 +65,19 @@ class ServerProcess:
         with open(f"/proc/{self.process.pid}/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server has used so far, user and system (/proc/PID/stat fields 14 and 15)."""
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def metrics(self) -> dict[str, float]:
+        """The server's Prometheus page now (started with metrics=True), parsed by metric_values."""
+        if self.metrics_port is None:
+            raise ValueError("the server was started without metrics (ServerProcess(..., metrics=True))")
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as page:
+            return metric_values(page.read().decode())
+
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read()
@@ -73,3 +87,14 @@ class ServerProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=timeout)
+
+
+def metric_values(page: str) -> dict[str, float]:
+    """Every sample on a Prometheus text page, by its name with labels as written (`raee_batch_size_sum`,
+    `raee_stage_seconds_sum{stage="key"}`)."""
+    values = {}
+    for line in page.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
