@@ -432,11 +432,11 @@ def test_config_sources_layer_yaml_env_flags(tmp_path):
 def test_sigterm_drains_in_flight_work_then_exits(stores, tmp_path):
     from service.launch import free_port
     port, metrics_port = free_port(), free_port()
-    # max_wait 5 s (within the 5 s notice period): the four calls still wait for company when SIGTERM comes. With
+    # max_wait 5 s (within the 8 s notice period): the four calls still wait for company when SIGTERM comes. With
     # 300 ms and a fixed 0.1 s sleep, a slow machine could send SIGTERM before they arrived (UNAVAILABLE, counted as
-    # errors) or after they had been answered (nothing drained). Notice 8 s: the batch runs 5 s after the first call
-    # arrived, so the late call below comes within the notice (UNAVAILABLE), not once the listener closes (with the
-    # default 5 s notice the two ended together, and a late call could be CANCELLED by the closing listener)
+    # errors) or after they had been answered (nothing drained). The notice outlasts the wait by 3 s, so the late
+    # call below comes within it (UNAVAILABLE), not once the listener closes (with a 5 s notice the two ended
+    # together, and a late call could be CANCELLED by the closing listener)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAEE_MAX_WAIT_MS": "5000", "RAEE_WAIT_FOR_NEW_CLIENTS": "true"}
     process = subprocess.Popen([sys.executable, "-m", "service.server", "--store", stores["current"], "--host",
                                 "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), "--grace-s",
