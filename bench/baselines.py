@@ -8,7 +8,8 @@ Rows, all with the same thread count and tokenizer:
   raee served policy                 the store's own policy on torch fp32, onnxruntime fp32 and onnxruntime int8
                                      (int8 needs a store built at int8: --store-int8)
 For each: accuracy (or MCC) on the whole test file, batch-1 latency p50/p99 and batch-32 throughput on a sample,
-every repeat running every row once in a shuffled order so machine noise hits all rows alike. Then over gRPC: C
+the rows taking short turns in a shuffled order (25 texts at batch 1, one batch of 32) so machine noise hits all
+rows alike. Then over gRPC: C
 closed-loop clients against raee-serve on the store, served policy and full depth alternating on the same server.
 
     python bench/baselines.py --store stores/sst2 --store-int8 stores/sst2-int8 --test data/sst2/test.jsonl \\
@@ -122,29 +123,45 @@ def with_torch_threads(fn: Classify, threads: int) -> Classify:
     return classify
 
 
+BLOCK = 30  # texts a row runs at batch 1 in one turn before the next row's
+WARM = 5  # the first texts of a turn, not timed: the row finds the caches full of the row before it
+
+
 def measure(rows: dict[str, Classify], texts: list[str], repeats: int, batch: int) -> dict[str, dict]:
-    """Batch-1 latencies and batch-`batch` throughput per row, every repeat visiting the rows in a new order."""
+    """Batch-1 latencies and batch-`batch` throughput per row, the rows taking turns in a new order for every block
+    of texts: BLOCK texts at batch 1 (the first WARM untimed), one batch for throughput. Turns this short put the
+    machine's drift (a whole-run block of 200 texts per row scattered ratios by 10-15% here) on every row alike,
+    and the untimed texts keep a row from paying for the caches the row before it filled, which a server running
+    one model never pays."""
     latencies: dict[str, list[float]] = {name: [] for name in rows}
-    throughputs: dict[str, list[float]] = {name: [] for name in rows}
+    seconds: dict[str, list[float]] = {name: [] for name in rows}
     for fn in rows.values():
         fn(texts[:batch])  # warm-up: first calls allocate and fill caches
     order = list(rows)
     rng = random.Random(0)
     for _ in range(repeats):
-        rng.shuffle(order)
-        for name in order:
-            fn = rows[name]
-            for text in texts:
+        for start in range(0, len(texts), BLOCK - WARM):
+            warm = [texts[(start - WARM + i) % len(texts)] for i in range(WARM)]  # each text is timed once a repeat
+            rng.shuffle(order)
+            for name in order:
+                for text in warm:
+                    rows[name]([text])
+                for text in texts[start:start + BLOCK - WARM]:
+                    started = time.perf_counter()
+                    rows[name]([text])
+                    latencies[name].append((time.perf_counter() - started) * 1e3)
+        spent = dict.fromkeys(rows, 0.0)
+        for start in range(0, len(texts), batch):
+            rng.shuffle(order)
+            for name in order:
                 started = time.perf_counter()
-                fn([text])
-                latencies[name].append((time.perf_counter() - started) * 1e3)
-            started = time.perf_counter()
-            for i in range(0, len(texts), batch):
-                fn(texts[i:i + batch])
-            throughputs[name].append(len(texts) / (time.perf_counter() - started))
+                rows[name](texts[start:start + batch])
+                spent[name] += time.perf_counter() - started
+        for name in rows:
+            seconds[name].append(spent[name])
     return {name: {"p50_ms": float(np.percentile(latencies[name], 50)),
                    "p99_ms": float(np.percentile(latencies[name], 99)),
-                   "texts_per_s": float(statistics.median(throughputs[name]))} for name in rows}
+                   "texts_per_s": len(texts) / statistics.median(seconds[name])} for name in rows}
 
 
 def stage_profile(engine: Engine, texts: list[str], batch: int) -> dict[str, float]:
