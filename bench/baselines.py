@@ -100,7 +100,15 @@ class WholeModel:
         return _normalize(pooled)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
+        """Predicted label indexes. A batch runs in groups of similar length (Backbone.length_groups), as raee's rows
+        do: the baseline pads no more than they do."""
         prompts = self.engine.prompting.prompts(texts)
+        predicted = np.zeros(len(prompts), dtype=np.int64)
+        for rows in self.backbone.length_groups(prompts):
+            predicted[rows] = self._predict([prompts[i] for i in rows])
+        return predicted
+
+    def _predict(self, prompts: list[str]) -> np.ndarray:
         if self.kind == "sentence-encoder":
             return (self._states(prompts) @ self.prototypes.T).argmax(axis=1)
         logits, ids, _ = self._run(prompts)

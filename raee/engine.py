@@ -28,8 +28,6 @@ from raee.truncation import fit_texts
 
 log = logging.getLogger(__name__)
 RESOLVED_POLICIES = 64  # policies an engine remembers resolving (Engine._resolve)
-
-
 @dataclass(frozen=True)
 class StageTimes:
     """Wall time of each stage for the batch a text was classified in, in milliseconds. With a prefix key, `key`
@@ -67,14 +65,22 @@ class Classification:
 
 
 @dataclass(frozen=True)
+class _Group:
+    """Rows of a batch that run through the backbone together (length_groups): their indexes in the batch, their
+    forward state, and their states at layers 0..K when a prefix key ran them (read for rows that exit there)."""
+
+    rows: np.ndarray
+    fwd: LayerwiseForward
+    early: list[LayerwiseForward]
+
+
+@dataclass(frozen=True)
 class _Route:
-    """How a batch reaches its exits: exit layers (B,), the backbone's forward state (with the head's logits at
-    layers 0..K when a prefix key ran them), when keying and search ended, and for a retrieval policy the decision
-    and neighbours (B, width) behind the exits."""
+    """How a batch reaches its exits: exit layers (B,), the backbone's groups of rows, when keying and search
+    ended, and for a retrieval policy the decision and neighbours (B, width) behind the exits."""
 
     exits: np.ndarray
-    fwd: LayerwiseForward
-    early: list[LayerwiseForward]  # the batch at layers 0..K (prefix key), read for rows that exit there
+    groups: list[_Group]
     keyed: float
     searched: float
     decision: Decision | None = None
@@ -211,39 +217,56 @@ class Engine:
         if truncate:
             texts, cut = self.fit(texts)
         started = time.perf_counter()
+        prompts = self.prompting.prompts(texts)
+        rows = self.backbone.length_groups(prompts)
         if resolved.fixed_layer is not None:
-            route = self._fixed_route(texts, resolved.fixed_layer, started)
+            route = self._fixed_route(prompts, rows, resolved.fixed_layer, started)
         else:
-            route = self._retrieval_route(texts, resolved, policy.objective)
-        logits = self._run_to_exits(route.fwd, route.early, route.exits)
+            route = self._retrieval_route(texts, prompts, rows, resolved, policy.objective)
+        logits = np.zeros((len(texts), self.task.num_labels), dtype=np.float32)
+        for group in route.groups:
+            logits[group.rows] = self._run_to_exits(group.fwd, group.early, route.exits[group.rows])
         times = StageTimes((route.keyed - started) * 1e3, (route.searched - route.keyed) * 1e3,
                            (time.perf_counter() - route.searched) * 1e3)
         shown = resolved.rule.k if with_neighbours and resolved.rule is not None else 0  # the rule's, not the gate's
         return [self._classification(i, probs, route, times, shown, cut[i]) for i, probs in enumerate(softmax(logits))]
 
-    def _fixed_route(self, texts: list[str], layer: int, started: float) -> _Route:
+    def _fixed_route(self, prompts: list[str], rows: list[np.ndarray], layer: int, started: float) -> _Route:
         """Every text to one layer: no key, no search."""
-        fwd = self.backbone.start(self.prompting.prompts(texts))
-        return _Route(np.full(len(texts), layer), fwd, [], keyed=started, searched=started)
+        groups = [_Group(r, self.backbone.start([prompts[i] for i in r]), []) for r in rows]
+        return _Route(np.full(len(prompts), layer), groups, keyed=started, searched=started)
 
-    def _retrieval_route(self, texts: list[str], resolved: Resolved, objective: Objective | None) -> _Route:
-        """Key the texts, retrieve their neighbours, decide each text's exit layer from their records."""
-        keys, fwd, early = self._key(texts)
+    def _retrieval_route(self, texts: list[str], prompts: list[str], rows: list[np.ndarray], resolved: Resolved,
+                         objective: Objective | None) -> _Route:
+        """Key the texts, retrieve their neighbours, decide each text's exit layer from their records. The search,
+        the decision and the stream test see the whole batch in its own order, whatever the groups."""
+        groups: list[_Group] = []
+        if self.store.key.source == "embedder":
+            keys = require_embedder(self.embedder).encode(texts)
+        else:
+            keys, groups = self._prefix_keys(prompts, rows)
         keyed = time.perf_counter()
         sims, ids = search(self.index, keys, resolved.search_width)
         decision = decide(resolved, sims, ids, self.arrays, self.store.key_layer,
                           self._alarms(objective, resolved, sims, ids))
         searched = time.perf_counter()
-        if fwd is None:  # an embedder key: the backbone starts now, in its own stage
-            fwd = self.backbone.start(self.prompting.prompts(texts))
-        return _Route(decision.exits, fwd, early, keyed, searched, decision, sims, ids)
+        if not groups:  # an embedder key: the backbone starts now, in its own stage
+            groups = [_Group(r, self.backbone.start([prompts[i] for i in r]), []) for r in rows]
+        return _Route(decision.exits, groups, keyed, searched, decision, sims, ids)
 
-    def _key(self, texts: list[str]) -> tuple[np.ndarray, LayerwiseForward | None, list[LayerwiseForward]]:
-        """(keys (B, D), the backbone's forward state or None, its states at layers 0..K for a prefix key)."""
-        if self.store.key.source == "embedder":
-            return require_embedder(self.embedder).encode(texts), None, []
-        fwd, early, keys = self.backbone.prefix_pass(self.prompting.prompts(texts), self.store.key_layer)
-        return keys.cpu().numpy(), fwd, early
+    def _prefix_keys(self, prompts: list[str], rows: list[np.ndarray]) -> tuple[np.ndarray, list[_Group]]:
+        """(keys (B, D) in the batch's order, each group's forward state at layer K and states at layers 0..K)."""
+        keys: np.ndarray | None = None
+        groups: list[_Group] = []
+        for r in rows:
+            fwd, early, group_keys = self.backbone.prefix_pass([prompts[i] for i in r], self.store.key_layer)
+            found = group_keys.cpu().numpy()
+            if keys is None:
+                keys = np.empty((len(prompts), found.shape[1]), dtype=found.dtype)
+            keys[r] = found
+            groups.append(_Group(r, fwd, early))
+        assert keys is not None  # a batch has at least one group
+        return keys, groups
 
     def _alarms(self, objective: Objective | None, resolved: Resolved, sims: np.ndarray,
                 ids: np.ndarray) -> np.ndarray | None:

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from raee.backbones.base import length_groups
 from raee.build import build_store, merge_stores, run_calibration_pass
 from raee.calibration import CalibrationSettings
 from raee.data import read_examples
@@ -278,3 +279,42 @@ def test_the_engine_over_hnsw_ivf_and_fp16_stores(examples, tmp_path, index_type
         assert [a[0] for a in found] == [b[0] for b in wanted]
     else:
         assert found == wanted
+
+
+def test_length_groups_cut_a_sorted_batch_where_padding_grows():
+    counts = [30, 5, 6, 31, 5, 7, 29, 6, 5, 32, 6, 28, 7, 5, 30, 6, 33, 29]
+    groups = length_groups(counts, min_rows=4, allowance=0.25)
+    rows = np.concatenate(groups)
+    assert sorted(rows.tolist()) == list(range(len(counts)))  # every row once
+    widths = [[counts[i] for i in g] for g in groups]
+    assert [w for g in widths for w in g] == sorted(counts)  # shortest first
+    assert all(len(g) >= 4 for g in groups[:-1])
+    for g in widths[:-1]:  # a group closes only where the next row would pad it past the allowance
+        nxt = sorted(counts)[sum(len(w) for w in widths[:widths.index(g) + 1])]
+        assert (len(g) + 1) * nxt > 1.25 * (sum(g) + nxt)
+    assert len(groups) == 2  # the short texts, then the long ones
+    assert [g.tolist() for g in length_groups(counts[:4], min_rows=4)] == [[0, 1, 2, 3]]  # small: as it came
+
+
+@pytest.mark.parametrize("policy", ["calibrated", "raee", "static:2"])
+def test_a_batch_cut_into_length_groups_answers_as_texts_alone_do(engine, policy):
+    """Short and long texts in one batch run in separate groups (layer 1 sees two calls), and every text gets the
+    exit, label and scores it gets alone; no group runs a layer past its rows' deepest exit."""
+    texts = [q if i % 2 else " ".join([q] * 4) for i, q in enumerate(QUERIES)]
+    assert len(engine.backbone.length_groups(engine.prompting.prompts(texts))) >= 2
+    calls = [0] * engine.num_layers
+    hooks = [layer.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(engine.backbone.layers)]
+    try:
+        batched = engine.classify(texts, policy=policy)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls[0] >= 2
+    if policy == "static:2":
+        assert calls[2] == 0
+    for text, got in zip(texts, batched):
+        alone = engine.classify([text], policy=policy)[0]
+        assert (got.exit_layer, got.label_index, got.off_domain) == (alone.exit_layer, alone.label_index,
+                                                                     alone.off_domain)
+        np.testing.assert_allclose(got.scores, alone.scores, atol=1e-4)

@@ -31,6 +31,8 @@ from raee.tasks import HeadSpec
 # prefix tokenized first, so that an over-long text costs the tokenizing of its prefix, not of all of it.
 MAX_CHARS_PER_TOKEN = 32
 PREFIX_CHARS_PER_TOKEN = 6
+GROUP_ROWS = 8  # a batch is cut into groups of similar token length, none shorter than this many rows ...
+PADDING_ALLOWANCE = 0.25  # ... wherever a longer group would pad more than this share of its real tokens
 
 
 @dataclass
@@ -218,6 +220,13 @@ class Backbone(ABC):
     def token_counts(self, prompts: Sequence[str]) -> list[int]:
         return [len(ids) for ids in self.tokenize(prompts)]
 
+    def length_groups(self, prompts: Sequence[str]) -> list[np.ndarray]:
+        """The batch's rows in groups of similar length to run apart (`length_groups`); a batch too small to cut
+        is one group, and is not tokenized for it."""
+        if len(prompts) <= GROUP_ROWS:
+            return [np.arange(len(prompts))]
+        return length_groups(self.token_counts(prompts))
+
     def token_spans(self, prompt: str) -> list[tuple[int, int]] | None:
         """The (start, end) characters of `prompt` behind each of its tokens, as `tokenize` makes them ((0, 0) for
         a special token); None from a tokenizer that cannot tell (a slow, pure-Python one). Offsets are read off
@@ -365,6 +374,30 @@ class Backbone(ABC):
             if not fwd.rows.numel():
                 return out, exits
             fwd.advance()
+
+
+def length_groups(token_counts: list[int], min_rows: int = GROUP_ROWS,
+                  allowance: float = PADDING_ALLOWANCE) -> list[np.ndarray]:
+    """Row indexes of a batch in groups of similar length, shortest first: a group closes once it holds min_rows
+    rows and the next (longer) row would make its padded tokens exceed (1 + allowance) times its real ones. A padded
+    batch runs every row at its longest row's width; on 2 CPU cores a batch of 32 cr reviews pads 2.5 tokens for
+    every real one, and the served policy ran 313 texts/s on it whole against 449 in sorted groups of 8
+    (docs/PERFORMANCE.md). A batch of at most min_rows rows is one group, in its own order."""
+    if len(token_counts) <= min_rows:
+        return [np.arange(len(token_counts))]
+    order = np.argsort(np.asarray(token_counts), kind="stable")
+    groups: list[np.ndarray] = []
+    current: list[int] = []
+    real = 0
+    for row in order:
+        width = token_counts[row]  # the longest so far: rows come shortest first
+        if len(current) >= min_rows and (len(current) + 1) * width > (1 + allowance) * (real + width):
+            groups.append(np.array(current))
+            current, real = [], 0
+        current.append(int(row))
+        real += width
+    groups.append(np.array(current))
+    return groups
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
