@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from raee.backbones.base import length_groups
 from raee.build import build_store, merge_stores, run_calibration_pass
@@ -318,3 +319,11 @@ def test_a_batch_cut_into_length_groups_answers_as_texts_alone_do(engine, policy
         assert (got.exit_layer, got.label_index, got.off_domain) == (alone.exit_layer, alone.label_index,
                                                                      alone.off_domain)
         np.testing.assert_allclose(got.scores, alone.scores, atol=1e-4)
+
+
+def test_a_backbone_on_a_gpu_runs_a_batch_as_one_group(engine, monkeypatch):
+    texts = [q if i % 2 else " ".join([q] * 4) for i, q in enumerate(QUERIES)]
+    prompts = engine.prompting.prompts(texts)
+    assert len(engine.backbone.length_groups(prompts)) >= 2
+    monkeypatch.setattr(type(engine.backbone), "device", property(lambda self: torch.device("cuda")))
+    assert [g.tolist() for g in engine.backbone.length_groups(prompts)] == [list(range(len(texts)))]

@@ -221,9 +221,10 @@ class Backbone(ABC):
         return [len(ids) for ids in self.tokenize(prompts)]
 
     def length_groups(self, prompts: Sequence[str]) -> list[np.ndarray]:
-        """The batch's rows in groups of similar length to run apart (`length_groups`); a batch too small to cut
-        is one group, and is not tokenized for it."""
-        if len(prompts) <= GROUP_ROWS:
+        """The batch's rows in groups of similar length to run apart (`length_groups`) on a CPU; a batch too small
+        to cut, or on a GPU (where padded positions run in parallel, and each group would cost its own kernel
+        launches; not measured here), is one group, and is not tokenized for it."""
+        if len(prompts) <= GROUP_ROWS or self.device.type != "cpu":
             return [np.arange(len(prompts))]
         return length_groups(self.token_counts(prompts))
 
