@@ -28,6 +28,8 @@ from raee.truncation import fit_texts
 
 log = logging.getLogger(__name__)
 RESOLVED_POLICIES = 64  # policies an engine remembers resolving (Engine._resolve)
+
+
 @dataclass(frozen=True)
 class StageTimes:
     """Wall time of each stage for the batch a text was classified in, in milliseconds. With a prefix key, `key`
@@ -233,8 +235,7 @@ class Engine:
 
     def _fixed_route(self, prompts: list[str], rows: list[np.ndarray], layer: int, started: float) -> _Route:
         """Every text to one layer: no key, no search."""
-        groups = [_Group(r, self.backbone.start([prompts[i] for i in r]), []) for r in rows]
-        return _Route(np.full(len(prompts), layer), groups, keyed=started, searched=started)
+        return _Route(np.full(len(prompts), layer), self._started(prompts, rows), keyed=started, searched=started)
 
     def _retrieval_route(self, texts: list[str], prompts: list[str], rows: list[np.ndarray], resolved: Resolved,
                          objective: Objective | None) -> _Route:
@@ -251,8 +252,12 @@ class Engine:
                           self._alarms(objective, resolved, sims, ids))
         searched = time.perf_counter()
         if not groups:  # an embedder key: the backbone starts now, in its own stage
-            groups = [_Group(r, self.backbone.start([prompts[i] for i in r]), []) for r in rows]
+            groups = self._started(prompts, rows)
         return _Route(decision.exits, groups, keyed, searched, decision, sims, ids)
+
+    def _started(self, prompts: list[str], rows: list[np.ndarray]) -> list[_Group]:
+        """Each group embedded (layer 0), nothing of the layer stack run yet."""
+        return [_Group(r, self.backbone.start([prompts[i] for i in r]), []) for r in rows]
 
     def _prefix_keys(self, prompts: list[str], rows: list[np.ndarray]) -> tuple[np.ndarray, list[_Group]]:
         """(keys (B, D) in the batch's order, each group's forward state at layer K and states at layers 0..K)."""

@@ -381,8 +381,8 @@ def length_groups(token_counts: list[int], min_rows: int = GROUP_ROWS,
                   allowance: float = PADDING_ALLOWANCE) -> list[np.ndarray]:
     """Row indexes of a batch in groups of similar length, shortest first: a group closes once it holds min_rows
     rows and the next (longer) row would make its padded tokens exceed (1 + allowance) times its real ones. A padded
-    batch runs every row at its longest row's width; on 2 CPU cores a batch of 32 cr reviews pads 2.5 tokens for
-    every real one, and the served policy ran 313 texts/s on it whole against 449 in sorted groups of 8
+    batch runs every row at its longest row's width; on 2 CPU cores batches of 32 cr reviews pad 2.5 tokens for
+    every real one, and cr's served policy ran 272 texts/s on them whole against 429 in these groups
     (docs/PERFORMANCE.md). A batch of at most min_rows rows is one group, in its own order."""
     if len(token_counts) <= min_rows:
         return [np.arange(len(token_counts))]
