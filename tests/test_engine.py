@@ -290,9 +290,10 @@ def test_length_groups_cut_a_sorted_batch_where_padding_grows():
     widths = [[counts[i] for i in g] for g in groups]
     assert [w for g in widths for w in g] == sorted(counts)  # shortest first
     assert all(len(g) >= 4 for g in groups[:-1])
+    ordered, end = sorted(counts), 0
     for g in widths[:-1]:  # a group closes only where the next row would pad it past the allowance
-        nxt = sorted(counts)[sum(len(w) for w in widths[:widths.index(g) + 1])]
-        assert (len(g) + 1) * nxt > 1.25 * (sum(g) + nxt)
+        end += len(g)
+        assert (len(g) + 1) * ordered[end] > 1.25 * (sum(g) + ordered[end])
     assert len(groups) == 2  # the short texts, then the long ones
     assert [g.tolist() for g in length_groups(counts[:4], min_rows=4)] == [[0, 1, 2, 3]]  # small: as it came
 
