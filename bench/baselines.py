@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from raee import runtime  # noqa: E402
 from raee.backbones import Backbone  # noqa: E402
+from raee.backbones.base import Batch  # noqa: E402
 from raee.backbones.loading import resolve_source  # noqa: E402
 from raee.backbones.onnx import session_options  # noqa: E402
 from raee.data import read_examples  # noqa: E402
@@ -84,7 +85,7 @@ class WholeModel:
         else:
             self.label_ids = engine.head.ids.numpy()
 
-    def _run(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _run(self, prompts: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(model output (B, T, H) or logits (B, T, V), input ids, attention mask)."""
         # raee's own tokenizing (Backbone.encode: the Rust encoder called directly where it gives the same ids),
         # so that the rows differ in how far the model runs, not in how the texts are tokenized
@@ -98,7 +99,7 @@ class WholeModel:
             out = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         return out, ids, mask
 
-    def _states(self, prompts: list[str]) -> np.ndarray:
+    def _states(self, prompts: Batch) -> np.ndarray:
         out, _, mask = self._run(prompts)
         pooled = self.backbone.pooling(torch.from_numpy(out), torch.from_numpy(mask)).numpy()
         return _normalize(pooled)
@@ -106,14 +107,14 @@ class WholeModel:
     def __call__(self, texts: list[str]) -> np.ndarray:
         """Predicted label indexes. A batch runs in groups of similar length (Backbone.length_groups), as raee's rows
         do, so that the baseline pads no more than they do; without length_groups, as one padded batch."""
-        prompts = self.engine.prompting.prompts(texts)
-        predicted = np.zeros(len(prompts), dtype=np.int64)
-        groups = self.backbone.length_groups(prompts) if self.length_groups else [np.arange(len(prompts))]
+        tokens = self.backbone.tokens(self.engine.prompting.prompts(texts))  # once, as raee's rows do
+        predicted = np.zeros(len(tokens), dtype=np.int64)
+        groups = self.backbone.length_groups(tokens) if self.length_groups else [np.arange(len(tokens))]
         for rows in groups:
-            predicted[rows] = self._predict([prompts[i] for i in rows])
+            predicted[rows] = self._predict(tokens.rows(rows))
         return predicted
 
-    def _predict(self, prompts: list[str]) -> np.ndarray:
+    def _predict(self, prompts: Batch) -> np.ndarray:
         if self.kind == "sentence-encoder":
             return (self._states(prompts) @ self.prototypes.T).argmax(axis=1)
         logits, ids, _ = self._run(prompts)

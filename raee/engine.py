@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raee.backbones.base import Backbone
+from raee.backbones.base import Backbone, Tokens
 from raee.backbones.layerwise import LayerwiseForward
 from raee.backbones.loading import load_backbone
 from raee.calibration import CalibratedPolicy
@@ -219,12 +219,12 @@ class Engine:
         if truncate:
             texts, cut = self.fit(texts)
         started = time.perf_counter()
-        prompts = self.prompting.prompts(texts)
-        rows = self.backbone.length_groups(prompts)
+        tokens = self.backbone.tokens(self.prompting.prompts(texts))  # once, whatever the groups
+        rows = self.backbone.length_groups(tokens)
         if resolved.fixed_layer is not None:
-            route = self._fixed_route(prompts, rows, resolved.fixed_layer, started)
+            route = self._fixed_route(tokens, rows, resolved.fixed_layer, started)
         else:
-            route = self._retrieval_route(texts, prompts, rows, resolved, policy.objective)
+            route = self._retrieval_route(texts, tokens, rows, resolved, policy.objective)
         logits = np.zeros((len(texts), self.task.num_labels), dtype=np.float32)
         for group in route.groups:
             logits[group.rows] = self._run_to_exits(group.fwd, group.early, route.exits[group.rows])
@@ -233,11 +233,11 @@ class Engine:
         shown = resolved.rule.k if with_neighbours and resolved.rule is not None else 0  # the rule's, not the gate's
         return [self._classification(i, probs, route, times, shown, cut[i]) for i, probs in enumerate(softmax(logits))]
 
-    def _fixed_route(self, prompts: list[str], rows: list[np.ndarray], layer: int, started: float) -> _Route:
+    def _fixed_route(self, tokens: Tokens, rows: list[np.ndarray], layer: int, started: float) -> _Route:
         """Every text to one layer: no key, no search."""
-        return _Route(np.full(len(prompts), layer), self._started(prompts, rows), keyed=started, searched=started)
+        return _Route(np.full(len(tokens), layer), self._started(tokens, rows), keyed=started, searched=started)
 
-    def _retrieval_route(self, texts: list[str], prompts: list[str], rows: list[np.ndarray], resolved: Resolved,
+    def _retrieval_route(self, texts: list[str], tokens: Tokens, rows: list[np.ndarray], resolved: Resolved,
                          objective: Objective | None) -> _Route:
         """Key the texts, retrieve their neighbours, decide each text's exit layer from their records. The search,
         the decision and the stream test see the whole batch in its own order, whatever the groups."""
@@ -245,29 +245,29 @@ class Engine:
         if self.store.key.source == "embedder":
             keys = require_embedder(self.embedder).encode(texts)
         else:
-            keys, groups = self._prefix_keys(prompts, rows)
+            keys, groups = self._prefix_keys(tokens, rows)
         keyed = time.perf_counter()
         sims, ids = search(self.index, keys, resolved.search_width)
         decision = decide(resolved, sims, ids, self.arrays, self.store.key_layer,
                           self._alarms(objective, resolved, sims, ids))
         searched = time.perf_counter()
         if not groups:  # an embedder key: the backbone starts now, in its own stage
-            groups = self._started(prompts, rows)
+            groups = self._started(tokens, rows)
         return _Route(decision.exits, groups, keyed, searched, decision, sims, ids)
 
-    def _started(self, prompts: list[str], rows: list[np.ndarray]) -> list[_Group]:
+    def _started(self, tokens: Tokens, rows: list[np.ndarray]) -> list[_Group]:
         """Each group embedded (layer 0), nothing of the layer stack run yet."""
-        return [_Group(r, self.backbone.start([prompts[i] for i in r]), []) for r in rows]
+        return [_Group(r, self.backbone.start(tokens.rows(r)), []) for r in rows]
 
-    def _prefix_keys(self, prompts: list[str], rows: list[np.ndarray]) -> tuple[np.ndarray, list[_Group]]:
+    def _prefix_keys(self, tokens: Tokens, rows: list[np.ndarray]) -> tuple[np.ndarray, list[_Group]]:
         """(keys (B, D) in the batch's order, each group's forward state at layer K and states at layers 0..K)."""
         keys: np.ndarray | None = None
         groups: list[_Group] = []
         for r in rows:
-            fwd, early, group_keys = self.backbone.prefix_pass([prompts[i] for i in r], self.store.key_layer)
+            fwd, early, group_keys = self.backbone.prefix_pass(tokens.rows(r), self.store.key_layer)
             found = group_keys.cpu().numpy()
             if keys is None:
-                keys = np.empty((len(prompts), found.shape[1]), dtype=found.dtype)
+                keys = np.empty((len(tokens), found.shape[1]), dtype=found.dtype)
             keys[r] = found
             groups.append(_Group(r, fwd, early))
         assert keys is not None  # a batch has at least one group

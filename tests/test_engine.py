@@ -299,20 +299,27 @@ def test_length_groups_cut_a_sorted_batch_where_padding_grows():
 
 
 @pytest.mark.parametrize("policy", ["calibrated", "raee", "static:2"])
-def test_a_batch_cut_into_length_groups_answers_as_texts_alone_do(engine, policy):
-    """Short and long texts in one batch run in separate groups (layer 1 sees two calls), and every text gets the
-    exit, label and scores it gets alone; no group runs a layer past its rows' deepest exit."""
+def test_a_batch_cut_into_length_groups_answers_as_texts_alone_do(engine, policy, monkeypatch):
+    """Short and long texts in one batch run in separate groups (layer 1 sees two calls), tokenized once for all
+    groups, and every text gets the exit, label and scores it gets alone; no group runs a layer past its rows'
+    deepest exit."""
     texts = [q if i % 2 else " ".join([q] * 4) for i, q in enumerate(QUERIES)]
     assert len(engine.backbone.length_groups(engine.prompting.prompts(texts))) >= 2
     calls = [0] * engine.num_layers
     hooks = [layer.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
              for i, layer in enumerate(engine.backbone.layers)]
+    tokenized: list[int] = []
+    tokenize = engine.backbone.tokenize
+    monkeypatch.setattr(engine.backbone, "tokenize", lambda prompts: tokenized.append(len(prompts)) or
+                        tokenize(prompts))
     try:
         batched = engine.classify(texts, policy=policy)
     finally:
         for h in hooks:
             h.remove()
+        monkeypatch.undo()
     assert calls[0] >= 2
+    assert tokenized == [len(texts)]
     if policy == "static:2":
         assert calls[2] == 0
     for text, got in zip(texts, batched):

@@ -45,6 +45,24 @@ class LayerPass:
     vocab_top2: np.ndarray | None = None  # (B, L+1, 2) top-1 and top-2 probability over the whole vocabulary
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """A batch's prompts tokenized and checked once (`Backbone.tokens`): what `length_groups`, `encode`, `start`
+    and `prefix_pass` take in place of the prompts, so that a batch cut into groups is not tokenized again for
+    each group."""
+
+    ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, rows: np.ndarray) -> "Tokens":
+        return Tokens([self.ids[i] for i in rows])
+
+
+Batch = Sequence[str] | Tokens  # prompts, or their checked token ids
+
+
 class Backbone(ABC):
     """A transformer used zero-shot: prompts in, a layer stack run layer by layer, label scores at any layer."""
 
@@ -220,12 +238,14 @@ class Backbone(ABC):
     def token_counts(self, prompts: Sequence[str]) -> list[int]:
         return [len(ids) for ids in self.tokenize(prompts)]
 
-    def length_groups(self, prompts: Sequence[str]) -> list[np.ndarray]:
+    def length_groups(self, prompts: Batch) -> list[np.ndarray]:
         """The batch's rows in groups of similar length to run apart (`length_groups`) on a CPU; a batch too small
         to cut, or on a GPU (where padded positions run in parallel, and each group would cost its own kernel
-        launches; not measured here), is one group, and is not tokenized for it."""
+        launches; not measured here), is one group, and prompts are not tokenized for it."""
         if len(prompts) <= GROUP_ROWS or self.device.type != "cpu":
             return [np.arange(len(prompts))]
+        if isinstance(prompts, Tokens):
+            return length_groups([len(ids) for ids in prompts.ids])
         return length_groups(self.token_counts(prompts))
 
     def token_spans(self, prompt: str) -> list[tuple[int, int]] | None:
@@ -249,9 +269,13 @@ class Backbone(ABC):
             self._check_prompt_ids(i, ids)
         return encoded
 
-    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self, prompts: Sequence[str]) -> Tokens:
+        """The prompts' token ids, checked (check_prompts), to hand to the calls below instead of the prompts."""
+        return Tokens(self.check_prompts(prompts))
+
+    def encode(self, prompts: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids (B, T), attention_mask (B, T)) on the backbone's device, right-padded."""
-        encoded = self.check_prompts(prompts)
+        encoded = prompts.ids if isinstance(prompts, Tokens) else self.check_prompts(prompts)
         width = max(len(ids) for ids in encoded)
         input_ids = np.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(encoded), width), dtype=np.int64)
@@ -262,7 +286,7 @@ class Backbone(ABC):
         return torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device)
 
     @torch.inference_mode()
-    def start(self, prompts: Sequence[str]) -> LayerwiseForward:
+    def start(self, prompts: Batch) -> LayerwiseForward:
         """Embed a batch of prompts (layer 0); nothing of the layer stack has run yet."""
         if not prompts:
             raise InputError("no texts given")
@@ -280,7 +304,7 @@ class Backbone(ABC):
         return self.family.prepare_prefix(self, depth)
 
     @torch.inference_mode()
-    def prefix_pass(self, prompts: Sequence[str],
+    def prefix_pass(self, prompts: Batch,
                     depth: int) -> tuple[LayerwiseForward, list[LayerwiseForward], torch.Tensor]:
         """Run layers 1..depth for the whole batch: (its state at `depth`, its states at layers 0..depth, which the
         head can read later for rows that exit there (references, no copies), the prefix keys (B, H) pooled at
