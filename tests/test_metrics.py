@@ -13,6 +13,7 @@ import grpc
 
 from service.api import pb, pb_grpc
 from service.client import Client
+from service.launch import metric_values
 
 
 def scrape(server) -> str:
@@ -20,9 +21,9 @@ def scrape(server) -> str:
 
 
 def value(text: str, series: str) -> float:
-    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
-    assert match, f"{series} not on the page"
-    return float(match.group(1))
+    values = metric_values(text)
+    assert series in values, f"{series} not on the page"
+    return values[series]
 
 
 def test_metrics_page(serve, stores):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from raee.tasks import BUILTIN_TASKS
 from service.api import pb, pb_grpc
 from service.client import Client, RaeeClientError, Request
 from service.config import ServerConfig, load_config
+from service.launch import metric_values
 from service.server import RaeeServer
 from tests.waiting import wait_until
 
@@ -152,8 +152,7 @@ def test_truncate_cuts_over_long_texts_instead_of_refusing_them(client, server, 
 
 def truncated_texts(server) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-    found = re.search(r'^raee_truncated_texts_total\{task="sst2"\} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return metric_values(text).get('raee_truncated_texts_total{task="sst2"}', 0.0)
 
 
 def test_policies_the_client_refuses_the_server_refuses_too(client, server):
@@ -298,8 +297,8 @@ def test_concurrent_requests_share_batches_and_metrics_say_so(server, stores):
     it read INVALID_ARGUMENT and shared batches left by earlier tests of the module: alone it failed)."""
     def batch_counts() -> tuple[float, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-        found = [re.search(rf"^raee_batch_size_{part} (\S+)", text, re.M) for part in ("count", "sum")]
-        return tuple(float(f.group(1)) if f else 0.0 for f in found)  # type: ignore[return-value]
+        values = metric_values(text)
+        return values.get("raee_batch_size_count", 0.0), values.get("raee_batch_size_sum", 0.0)
 
     with Client(f"127.0.0.1:{server.port}", retries=0) as c:  # an INVALID_ARGUMENT of this test's own
         assert code_of(lambda: c.classify([""], task="sst2")) == grpc.StatusCode.INVALID_ARGUMENT
@@ -354,7 +353,7 @@ def test_off_domain_fallbacks_are_in_the_response_and_the_metrics(stores, tmp_pa
             assert [(r.off_domain, r.exit_layer) for r in results] == [("far", 3)] * 2
             assert all(r.off_domain == "" for r in c.classify(["good film"], task="sst2", policy="raee").results)
         text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-        assert re.search(r'^raee_off_domain_fallbacks_total\{reason="far",task="sst2"\} 2\.0$', text, re.M)
+        assert metric_values(text).get('raee_off_domain_fallbacks_total{reason="far",task="sst2"}') == 2.0
     finally:
         server.stop(1)
 
