@@ -88,6 +88,7 @@ class _Route:
     decision: Decision | None = None
     sims: np.ndarray | None = None
     ids: np.ndarray | None = None
+    tokenizing: float = 0.0  # seconds of tokenizing before the key that belong to the backbone (embedder keys)
 
 
 def load_backbone_for(manifest: StoreManifest, *, source: str | None = None, device: str = "cpu",
@@ -219,17 +220,17 @@ class Engine:
         if truncate:
             texts, cut = self.fit(texts)
         started = time.perf_counter()
-        tokens = self.backbone.tokens(self.prompting.prompts(texts))  # once, whatever the groups
+        tokens = self.backbone.tokens(self.prompting.prompts(texts))  # once, whatever the groups, before any work
         rows = self.backbone.length_groups(tokens)
         if resolved.fixed_layer is not None:
             route = self._fixed_route(tokens, rows, resolved.fixed_layer, started)
         else:
-            route = self._retrieval_route(texts, tokens, rows, resolved, policy.objective)
+            route = self._retrieval_route(texts, tokens, rows, resolved, policy.objective, started)
         logits = np.zeros((len(texts), self.task.num_labels), dtype=np.float32)
         for group in route.groups:
             logits[group.rows] = self._run_to_exits(group.fwd, group.early, route.exits[group.rows])
-        times = StageTimes((route.keyed - started) * 1e3, (route.searched - route.keyed) * 1e3,
-                           (time.perf_counter() - route.searched) * 1e3)
+        times = StageTimes((route.keyed - started - route.tokenizing) * 1e3, (route.searched - route.keyed) * 1e3,
+                           (time.perf_counter() - route.searched + route.tokenizing) * 1e3)
         shown = resolved.rule.k if with_neighbours and resolved.rule is not None else 0  # the rule's, not the gate's
         return [self._classification(i, probs, route, times, shown, cut[i]) for i, probs in enumerate(softmax(logits))]
 
@@ -238,11 +239,14 @@ class Engine:
         return _Route(np.full(len(tokens), layer), self._started(tokens, rows), keyed=started, searched=started)
 
     def _retrieval_route(self, texts: list[str], tokens: Tokens, rows: list[np.ndarray], resolved: Resolved,
-                         objective: Objective | None) -> _Route:
+                         objective: Objective | None, started: float) -> _Route:
         """Key the texts, retrieve their neighbours, decide each text's exit layer from their records. The search,
-        the decision and the stream test see the whole batch in its own order, whatever the groups."""
+        the decision and the stream test see the whole batch in its own order, whatever the groups. started: when
+        the batch's tokenizing began (it is the backbone's work, and a prefix key's)."""
         groups: list[_Group] = []
+        tokenizing = 0.0
         if self.store.key.source == "embedder":
+            tokenizing = time.perf_counter() - started
             keys = require_embedder(self.embedder).encode(texts)
         else:
             keys, groups = self._prefix_keys(tokens, rows)
@@ -253,7 +257,7 @@ class Engine:
         searched = time.perf_counter()
         if not groups:  # an embedder key: the backbone starts now, in its own stage
             groups = self._started(tokens, rows)
-        return _Route(decision.exits, groups, keyed, searched, decision, sims, ids)
+        return _Route(decision.exits, groups, keyed, searched, decision, sims, ids, tokenizing)
 
     def _started(self, tokens: Tokens, rows: list[np.ndarray]) -> list[_Group]:
         """Each group embedded (layer 0), nothing of the layer stack run yet."""

@@ -166,7 +166,8 @@ def test_off_domain_texts_go_to_full_depth_and_say_why(examples, tmp_path):
 
 
 def test_embedder_key_time_excludes_the_backbone(examples, tmp_path):
-    """With an embedder key, the backbone's embedding step belongs to the backbone stage, not to the key."""
+    """With an embedder key, the backbone's tokenizing and embedding belong to the backbone stage, not to the key
+    (the batch is tokenized before the key, so that a bad text is refused before any work)."""
     import time as clock
     from unittest.mock import Mock
     backbone = tiny_backbone("bert-mlm")
@@ -179,13 +180,14 @@ def test_embedder_key_time_excludes_the_backbone(examples, tmp_path):
     build_store(tmp_path / "s", TASK, backbone, examples[:60], key=KeySpec("embedder"), embedder=embedder,
                 progress=False)
     engine = Engine(load_store(tmp_path / "s"), backbone, embedder)
-    start = backbone.start
+    start, tokenize = backbone.start, backbone.tokenize
     backbone.start = lambda *a, **k: (clock.sleep(0.05), start(*a, **k))[1]
+    backbone.tokenize = lambda *a, **k: (clock.sleep(0.05), tokenize(*a, **k))[1]
     try:
         times = engine.classify(QUERIES[:2], policy="raee")[0].times
     finally:
-        del backbone.start
-    assert times.key_ms < 40 and times.backbone_ms >= 50
+        del backbone.start, backbone.tokenize
+    assert times.key_ms < 40 and times.backbone_ms >= 100
 
 
 def test_store_for_another_backbone_is_refused(engine):
@@ -301,12 +303,16 @@ def test_length_groups_cut_a_sorted_batch_where_padding_grows():
 @pytest.mark.parametrize("policy", ["calibrated", "raee", "static:2"])
 def test_a_batch_cut_into_length_groups_answers_as_texts_alone_do(engine, policy, monkeypatch):
     """Short and long texts in one batch run in separate groups (layer 1 sees two calls), tokenized once for all
-    groups, and every text gets the exit, label and scores it gets alone; no group runs a layer past its rows'
-    deepest exit."""
+    groups, and every text gets the exit, label and scores it gets alone; each layer runs exactly the rows that
+    reach it (none past its exit)."""
     texts = [q if i % 2 else " ".join([q] * 4) for i, q in enumerate(QUERIES)]
     assert len(engine.backbone.length_groups(engine.prompting.prompts(texts))) >= 2
-    calls = [0] * engine.num_layers
-    hooks = [layer.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+    calls, rows = [0] * engine.num_layers, [0] * engine.num_layers
+
+    def count(i, hidden):
+        calls[i] += 1
+        rows[i] += hidden.shape[0]
+    hooks = [layer.register_forward_hook(lambda _layer, args, _out, i=i: count(i, args[0]))
              for i, layer in enumerate(engine.backbone.layers)]
     tokenized: list[int] = []
     tokenize = engine.backbone.tokenize
@@ -320,6 +326,7 @@ def test_a_batch_cut_into_length_groups_answers_as_texts_alone_do(engine, policy
         monkeypatch.undo()
     assert calls[0] >= 2
     assert tokenized == [len(texts)]
+    assert rows == [sum(r.layers_run > i for r in batched) for i in range(engine.num_layers)]
     if policy == "static:2":
         assert calls[2] == 0
     for text, got in zip(texts, batched):
@@ -335,3 +342,11 @@ def test_a_backbone_on_a_gpu_runs_a_batch_as_one_group(engine, monkeypatch):
     assert len(engine.backbone.length_groups(prompts)) >= 2
     monkeypatch.setattr(type(engine.backbone), "device", property(lambda self: torch.device("cuda")))
     assert [g.tolist() for g in engine.backbone.length_groups(prompts)] == [list(range(len(texts)))]
+
+
+def test_token_ids_are_taken_only_by_the_backbone_that_checked_them(engine):
+    tokens = engine.backbone.tokens(engine.prompting.prompts(QUERIES[:2]))
+    assert len(tokens.rows(np.array([1]))) == 1
+    other = tiny_backbone("bert-encoder")
+    with pytest.raises(InputError, match="another backbone"):
+        other.start(tokens)

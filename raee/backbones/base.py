@@ -11,7 +11,7 @@ import hashlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,7 +31,7 @@ from raee.tasks import HeadSpec
 # prefix tokenized first, so that an over-long text costs the tokenizing of its prefix, not of all of it.
 MAX_CHARS_PER_TOKEN = 32
 PREFIX_CHARS_PER_TOKEN = 6
-GROUP_ROWS = 8  # a batch is cut into groups of similar token length, none shorter than this many rows ...
+GROUP_ROWS = 8  # a batch is cut into groups of similar token length, each but the last at least this many rows ...
 PADDING_ALLOWANCE = 0.25  # ... wherever a longer group would pad more than this share of its real tokens
 
 
@@ -49,15 +49,16 @@ class LayerPass:
 class Tokens:
     """A batch's prompts tokenized and checked once (`Backbone.tokens`): what `length_groups`, `encode`, `start`
     and `prefix_pass` take in place of the prompts, so that a batch cut into groups is not tokenized again for
-    each group."""
+    each group. Only the backbone that checked them takes them."""
 
     ids: list[list[int]]
+    checked_by: "Backbone" = field(repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def rows(self, rows: np.ndarray) -> "Tokens":
-        return Tokens([self.ids[i] for i in rows])
+        return Tokens([self.ids[i] for i in rows], self.checked_by)
 
 
 Batch = Sequence[str] | Tokens  # prompts, or their checked token ids
@@ -271,10 +272,12 @@ class Backbone(ABC):
 
     def tokens(self, prompts: Sequence[str]) -> Tokens:
         """The prompts' token ids, checked (check_prompts), to hand to the calls below instead of the prompts."""
-        return Tokens(self.check_prompts(prompts))
+        return Tokens(self.check_prompts(prompts), self)
 
     def encode(self, prompts: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids (B, T), attention_mask (B, T)) on the backbone's device, right-padded."""
+        if isinstance(prompts, Tokens) and prompts.checked_by is not self:
+            raise InputError("token ids checked by another backbone; tokenize the prompts with this one")
         encoded = prompts.ids if isinstance(prompts, Tokens) else self.check_prompts(prompts)
         width = max(len(ids) for ids in encoded)
         input_ids = np.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=np.int64)
@@ -404,7 +407,8 @@ class Backbone(ABC):
 def length_groups(token_counts: list[int], min_rows: int = GROUP_ROWS,
                   allowance: float = PADDING_ALLOWANCE) -> list[np.ndarray]:
     """Row indexes of a batch in groups of similar length, shortest first: a group closes once it holds min_rows
-    rows and the next (longer) row would make its padded tokens exceed (1 + allowance) times its real ones. A padded
+    rows and the next (longer) row would make its padded tokens exceed (1 + allowance) times its real ones; the last
+    group holds the rows left, however few (a lone long row costs a call per layer, not 8 rows padded). A padded
     batch runs every row at its longest row's width; on 2 CPU cores batches of 32 cr reviews pad 2.5 tokens for
     every real one, and cr's served policy ran 272 texts/s on them whole against 429 in these groups
     (docs/PERFORMANCE.md). A batch of at most min_rows rows is one group, in its own order."""
