@@ -9,9 +9,10 @@ is counted too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ import grpc
 from google.protobuf.message import Message
 
 from service.api import pb
-from service.errors import MalformedRequest, message_for, status_for
+from service.errors import MalformedRequest, StreamIdle, message_for, status_for
 from service.metrics import ServerMetrics
 from service.throttle import SLOWED, RefusalThrottle
 
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Raee"]
 # A servicer's methods: a request message (or a stream of them) and the call's context in, the response(s) out.
 UnaryMethod = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
-StreamMethod = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Message]]
+StreamMethod = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncGenerator[Message, None]]
+StreamHandler = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], Awaitable[None]]  # writes its responses
 
 
 @dataclass(frozen=True)
@@ -81,22 +83,38 @@ def counted(name: str, metrics: ServerMetrics, throttle: RefusalThrottle) -> Cal
     return wrap
 
 
-def counted_stream(name: str, metrics: ServerMetrics) -> Callable[[StreamMethod], StreamMethod]:
-    """Wrap a response-streaming method the same way; errors that end the whole stream are counted once."""
-    def wrap(method: StreamMethod) -> StreamMethod:
+def counted_stream(name: str, metrics: ServerMetrics,
+                   read_within_s: float) -> Callable[[StreamMethod], StreamHandler]:
+    """Wrap a response-streaming method the same way; errors that end the whole stream are counted once. Each
+    response is written with a time limit: a client that reads no answer for read_within_s seconds (its flow-control
+    window stays full) has its stream ended (UNAVAILABLE, StreamIdle), so that it cannot hold a stream slot and the
+    answers queued for it forever."""
+    def wrap(method: StreamMethod) -> StreamHandler:
         @functools.wraps(method)
-        async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+        async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
             try:
                 with metrics.in_flight.labels(name).track_inprogress():
-                    async for response in method(requests, context):
-                        yield response
+                    async with contextlib.aclosing(method(requests, context)) as responses:
+                        async for response in responses:
+                            try:
+                                await asyncio.wait_for(context.write(response), read_within_s)
+                            except asyncio.TimeoutError:
+                                raise StreamIdle(f"no answer read for {read_within_s:g} s; the server closed this "
+                                                 "stream (stream_idle_s): read the answers as they come") from None
             except asyncio.CancelledError:
                 metrics.requests.labels(name, ended_by_caller(context)).inc()
                 raise
             except Exception as exc:  # noqa: BLE001
                 status = report(name, exc)
                 metrics.requests.labels(name, status.name).inc()
-                await context.abort(status, message_for(exc, status))
+                try:
+                    await context.abort(status, message_for(exc, status))
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as failed:  # noqa: BLE001 - the status waits behind answers the client never read
+                    log.info("%s: the status could not be sent (%s): the client left without reading", name,
+                             type(failed).__name__)
+                return
             metrics.requests.labels(name, "OK").inc()
         return handler
     return wrap
@@ -134,7 +152,7 @@ def raee_handler(servicer: RaeeServicer, metrics: ServerMetrics) -> grpc.Generic
         "GetInfo": unary("GetInfo", pb.GetInfoRequest, pb.GetInfoResponse),
         "ReloadStore": unary("ReloadStore", pb.ReloadStoreRequest, pb.ReloadStoreResponse),
         "ClassifyStream": grpc.stream_stream_rpc_method_handler(
-            counted_stream("ClassifyStream", metrics)(servicer.ClassifyStream),
+            counted_stream("ClassifyStream", metrics, servicer.config.stream_idle_s)(servicer.ClassifyStream),
             request_deserializer=tolerant_parser(pb.ClassifyRequest),
             response_serializer=pb.ClassifyResponse.SerializeToString),
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
@@ -74,7 +74,7 @@ class RaeeServicer:
         return convert.classify_response(call, outcome, total_ms)
 
     async def ClassifyStream(self, requests: AsyncIterator[pb.ClassifyRequest | Malformed],
-                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
+                             context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.ClassifyResponse, None]:
         self.admission.check_open()
         async with self.streams.slot():
             async for response in answer_in_order(requests, lambda r: self._stream_answer(r, context),

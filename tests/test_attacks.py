@@ -183,6 +183,30 @@ def test_streams_are_bounded_and_idle_ones_closed(serve):
             call.cancel()
 
 
+def test_a_stream_whose_client_reads_no_answers_is_closed(serve):
+    """A client that sends requests and never reads the answers fills its flow-control window; the server stops
+    waiting to write after stream_idle_s and ends the stream, so the slot is free for others."""
+    server = serve(max_streams=1, stream_idle_s=1.5)
+    quiet = threading.Event()
+
+    def flood():
+        for _ in range(60):  # about 60 answers of 64 texts with 100 neighbours each: megabytes, never read
+            yield pb.ClassifyRequest(task="sst2", texts=["good film"] * 64, k=100, return_neighbours=True)
+        quiet.wait(60)
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.http2.bdp_probe", 0)])
+    call = pb_grpc.RaeeStub(channel).ClassifyStream(flood())
+    try:
+        assert wait_until(lambda: server.servicer.streams.open == 1), server.servicer.streams.open
+        assert wait_until(lambda: server.servicer.streams.open == 0, timeout=30), "the unread stream kept its slot"
+        stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        answers = list(stub.ClassifyStream(iter([pb.ClassifyRequest(task="sst2", texts=["good film"])]), timeout=10))
+        assert len(answers) == 1 and len(answers[0].results) == 1
+    finally:
+        quiet.set()
+        call.cancel()
+
+
 # -- 2 and 3: floods -----------------------------------------------------------------------------------------------
 class CountingTokenizer:
     """Stands in for a backbone's tokenizer and counts the characters it is given."""
