@@ -95,7 +95,7 @@ class Admission:
         if deadline is None:
             return
         left = deadline - time.monotonic()
-        needed = batcher.estimated_seconds(len(call.texts))
+        needed = batcher.estimated_seconds(len(call.texts), sum(map(len, call.texts)))
         if left <= 0 or (needed is not None and needed > left):
             raise DeadlineExpired(f"the deadline ({max(left, 0) * 1e3:.0f} ms left) cannot be met: about "
                                   f"{(needed or 0) * 1e3:.0f} ms of work is ahead of this request; allow more time "

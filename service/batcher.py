@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_IDLE_CLIENTS = 4096  # fair-share records kept for clients with nothing queued
-SMOOTHING = 0.2  # weight of the newest batch in the batch and row time estimates
+SMOOTHING = 0.2  # weight of the newest batch in the row time that max_batch_ms cuts batches by
+COST_WINDOW = 64  # recent batches whose cheapest cost per row and per character make the low estimate of a wait
 MIN_BATCH_SHARE = 4  # max_batch_ms never shrinks batches below max_batch / this: throughput stays within reach
 HEAVY_FACTOR = 4  # a batch takes no rows from clients holding more than this times what its first client holds
 LIGHT_MEMORY_S = 5.0  # max_batch_ms applies while a light client (holding a shortest batch or less) sent this recently
@@ -118,8 +119,10 @@ class MicroBatcher:
         self._backlog = 0  # texts admitted and not yet answered
         self._held_by: dict[str, int] = {}  # the same, per client
         self._light_seen = -math.inf  # when a light client last sent (time.monotonic())
-        self._batch_seconds: float | None = None  # smoothed time a batch takes
         self._row_seconds: float | None = None  # smoothed time per row, within a batch
+        self._costs: deque[tuple[float, float]] = deque(maxlen=COST_WINDOW)  # recent (s per row, s per character)
+        self._cheapest: tuple[float, float] | None = None  # the least of each over _costs
+        self._running = (0, 0)  # rows and characters of the batch running
         self._cond = threading.Condition()
         self._closing = False
         self._busy = False
@@ -191,13 +194,19 @@ class MicroBatcher:
             if not pending.future.done():
                 self._fail(pending, DeadlineExpired("the call was cancelled"))
 
-    def estimated_seconds(self, texts: int) -> float | None:
-        """A low estimate of the time to answer `texts` more texts: the batch in progress (if any), then the texts at
-        recent batches' time per row (which does not depend on how batches are cut now). None before any batch has
-        run."""
-        if self._batch_seconds is None or self._row_seconds is None:
+    def estimated_seconds(self, texts: int, characters: int) -> float | None:
+        """A low estimate of the time to answer `texts` more texts of `characters` characters in all: the batch in
+        progress (if any), then these texts, each costed at the least of the recent batches' cost per row and per
+        character. The least, not an average: a client whose texts are slow (long ones, or one text per batch)
+        cannot make the server refuse others' deadlines that short texts in full batches would meet. None before
+        any batch has run."""
+        cheapest, running = self._cheapest, self._running  # read once: the worker thread replaces them
+        if cheapest is None:
             return None
-        return (self._batch_seconds if self._busy else 0.0) + texts * self._row_seconds
+
+        def low(rows: int, chars: int) -> float:
+            return min(rows * cheapest[0], chars * cheapest[1])
+        return (low(*running) if self._busy else 0.0) + low(texts, characters)
 
     def _batch_rows(self) -> int:
         """Most rows in the next batch: max_batch, or fewer (down to a quarter of it) when light clients are about
@@ -377,6 +386,8 @@ class MicroBatcher:
             return
         engine, key = batch[0][0].engine, batch[0][0].key
         texts = [p.texts[r] for p, rows in batch for r in rows]
+        characters = sum(map(len, texts))
+        self._running = (len(texts), characters)
         if self.metrics:
             self.metrics.batch_size.observe(len(texts))
         started = time.perf_counter()
@@ -396,8 +407,9 @@ class MicroBatcher:
         if self.metrics:
             self.metrics.batch_seconds.observe(seconds)
         with self._cond:
-            self._batch_seconds = _smoothed(self._batch_seconds, seconds)
             self._row_seconds = _smoothed(self._row_seconds, seconds / len(texts))
+            self._costs.append((seconds / len(texts), seconds / max(characters, 1)))
+            self._cheapest = (min(row for row, _ in self._costs), min(char for _, char in self._costs))
         start = 0
         for p, rows in batch:
             self._settle(p, rows, results[start:start + len(rows)])

@@ -21,16 +21,18 @@ class RecordingEngine:
     """Stands in for raee.Engine: records each batch (policy, texts) and answers each text with a tag. A text in
     `refuse` makes the whole batch raise InputError; the batch holding `blocker` waits until `release` is set."""
 
-    def __init__(self, refuse: tuple[str, ...] = (), row_seconds: float = 0.0) -> None:
+    def __init__(self, refuse: tuple[str, ...] = (), row_seconds: float = 0.0, batch_seconds: float = 0.0,
+                 char_seconds: float = 0.0) -> None:
         self.batches: list[tuple[str, list[str]]] = []
-        self.row_seconds = row_seconds  # each batch takes this long per text
+        self.row_seconds = row_seconds  # each batch takes this long per text,
+        self.batch_seconds, self.char_seconds = batch_seconds, char_seconds  # this long, and this per character
         self.store = SimpleNamespace(version="v1")
         self.refuse = set(refuse)
         self.entered, self.release = threading.Event(), threading.Event()
 
     def classify(self, texts: list[str], *, policy: ExitPolicy, with_neighbours: bool = False) -> list[str]:
         self.batches.append((str(policy), list(texts)))
-        time.sleep(self.row_seconds * len(texts))
+        time.sleep(self.batch_seconds + self.row_seconds * len(texts) + self.char_seconds * sum(map(len, texts)))
         if "blocker" in texts:
             self.entered.set()
             assert self.release.wait(TIMEOUT)
@@ -172,3 +174,17 @@ def test_clients_not_heard_from_lately_are_forgotten(batcher, monkeypatch):
     waiting = batcher(max_wait_ms=1, wait_for_new_clients=True)  # it never reads them: it keeps none
     submit(waiting, engine, "raee", ["x"], "x").future.result(TIMEOUT)
     assert not waiting._last_sent
+
+
+def test_slow_texts_of_one_client_do_not_inflate_the_wait_others_are_told(batcher):
+    """The deadline check's estimate stays low: after one client's long texts ran one per batch, 64 short texts
+    are estimated at no more than they take (the cost per row of those batches is 15 times theirs)."""
+    engine, b = RecordingEngine(batch_seconds=0.02, char_seconds=0.0001), batcher(max_batch=16)
+    short = ["short text"] * 64
+    started = time.perf_counter()
+    submit(b, engine, "raee", short, "light").future.result(TIMEOUT)
+    took = time.perf_counter() - started
+    for _ in range(5):
+        submit(b, engine, "raee", ["long " * 400], "heavy").future.result(TIMEOUT)
+    needed = b.estimated_seconds(len(short), sum(map(len, short)))
+    assert needed is not None and 0 < needed <= took, (needed, took)
