@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,11 @@ DEFAULT_METRICS_PORT = 9464
 # The settings that take one of a closed set of words (log_level in any case).
 CHOICES: dict[str, tuple[str, ...]] = {"runtime": RUNTIMES, "precision": PRECISIONS, "log_format": LOG_FORMATS,
                                        "log_level": LOG_LEVELS}
+
+
+DURATIONS = ("max_wait_ms", "max_batch_ms", "stream_idle_s", "grace_s", "drain_s", "max_connection_age_s",
+             "max_connection_age_grace_s")  # finite, not negative, at most LONGEST_S
+LONGEST_S = 2_000_000  # about 23 days: gRPC takes durations as 32-bit counts of milliseconds
 
 
 @dataclass(frozen=True)
@@ -75,10 +81,15 @@ class ServerConfig:
         if self.max_texts > self.max_queue:
             raise InputError(f"max_texts {self.max_texts} is larger than max_queue {self.max_queue}: a request of "
                              "max_texts texts could never be admitted")
-        if min(self.max_wait_ms, self.max_batch_ms, self.grace_s, self.drain_s, self.max_connection_age_s,
-               self.max_connection_age_grace_s) < 0 or self.stream_idle_s <= 0:
-            raise InputError("max_wait_ms, max_batch_ms, grace_s, drain_s and max_connection_age_s (and its grace) "
-                             "must not be negative, stream_idle_s must be positive")
+        for name in DURATIONS:
+            value = getattr(self, name)
+            seconds = value / 1000 if name.endswith("_ms") else value
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= seconds <= LONGEST_S
+                    and (seconds > 0 or name != "stream_idle_s")):
+                unit = "milliseconds" if name.endswith("_ms") else "seconds"
+                longest = LONGEST_S * 1000 if name.endswith("_ms") else LONGEST_S
+                lowest = "above 0" if name == "stream_idle_s" else "from 0"
+                raise InputError(f"{name} must be a number of {unit} {lowest} to {longest}, got {value!r}")
         for name in ("port", "metrics_port", "admin_port"):
             if not -1 <= getattr(self, name) <= 65535 or (name == "port" and self.port < 0):
                 raise InputError(f"{name} must lie in 0..65535 (-1 = off for metrics_port and admin_port), got "

@@ -1,4 +1,5 @@
-"""Server settings: `admin: false` in a config file, and booleans from RAEE_* environment variables and flags."""
+"""Server settings: `admin: false` in a config file, booleans from RAEE_* environment variables and flags, and
+the bounds of durations."""
 
 from __future__ import annotations
 
@@ -34,3 +35,18 @@ def test_booleans_from_environment_variables(value, expected):
 def test_a_boolean_that_is_neither_says_so(value):
     with pytest.raises(InputError, match=r"admin must be true or false, got"):
         load_config(["--store", "a"], environ={"RAEE_ADMIN": value, "RAEE_ADMIN_PORT": "0"})
+
+
+@pytest.mark.parametrize("flag, value", [("--max-wait-ms", "inf"), ("--max-wait-ms", "nan"), ("--max-batch-ms", "-1"),
+                                         ("--stream-idle-s", "0"), ("--max-connection-age-s", "3000000"),
+                                         ("--max-connection-age-grace-s", "1e10"), ("--grace-s", "inf")])
+def test_durations_must_be_finite_and_fit_grpc(flag, value):
+    """An infinite wait once killed the batcher's thread, and an age past 2^31 ms crashed the listener's start."""
+    name = flag[2:].replace("-", "_")
+    with pytest.raises(InputError, match=rf"^{name} must be a number of (milli)?seconds"):
+        load_config(["--store", "a", flag, value], environ={})
+
+
+def test_the_longest_durations_are_accepted():
+    config = load_config(["--store", "a", "--max-connection-age-s", "2000000", "--max-wait-ms", "0"], environ={})
+    assert config.max_connection_age_s == 2_000_000 and config.max_wait_ms == 0
