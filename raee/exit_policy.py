@@ -30,6 +30,7 @@ RETRIEVAL_KINDS: tuple[PolicyKind, ...] = ("calibrated", "raee", "accuracy")  # 
 ENGINE_KINDS: tuple[PolicyKind, ...] = (*RETRIEVAL_KINDS, "full", "static")  # what Engine.classify serves
 Objective = Literal["match-full", "best", "raee"]
 OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
+MAX_POLICY_CHARS = 200  # longer policy text is refused unread
 FORMS = ("calibrated[:OBJECTIVE][,k=K]", "raee[:KEY=VALUE,...]", "accuracy[:KEY=VALUE,...]", "full", "static:L",
          "oracle", "adainfer", "confidence[:RATE]")
 _RULE_CONFIGS: dict[str, type[RaeeConfig] | type[AccuracyRuleConfig]] = {"raee": RaeeConfig,
@@ -79,6 +80,9 @@ class ExitPolicy:
             return text
         if not isinstance(text, str):
             raise InputError(f"a policy is a string like 'raee' or 'static:3', got {type(text).__name__}")
+        if len(text) > MAX_POLICY_CHARS:  # refused without echoing it: an error message stays one short line
+            raise InputError(f"a policy of {len(text)} characters; the longest form is a few dozen (at most "
+                             f"{MAX_POLICY_CHARS})")
         name, _, rest = text.strip().partition(":")
         items = [item.strip() for item in rest.split(",")] if rest else []
         if name not in POLICY_KINDS or any(not item for item in items):

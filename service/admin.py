@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -17,11 +18,22 @@ from service.config import DEFAULT_PORT
 from service.policy_wire import to_wire
 
 
+def seconds(text: str) -> float:
+    """A command-line number of seconds: finite and above 0 (argparse's one-line error and exit 2 otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raee-admin", description=__doc__)
     address = f"localhost:{DEFAULT_PORT}"
     p.add_argument("--address", default=address, help=f"server host:port ({address})")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (30)")
+    p.add_argument("--timeout", type=seconds, default=30.0, help="seconds per call (30)")
     p.add_argument("--token-file", default=None, metavar="FILE",
                    help="file holding the server's admin token, sent with reload (default: $RAEE_ADMIN_TOKEN)")
     t = p.add_argument_group("TLS", "for a server with tls_cert: without --tls-ca raee-admin speaks plaintext, "
@@ -48,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--every-address", action="store_true",
                    help="reload every address the host name resolves to (a headless Service: every replica)")
     w = sub.add_parser("wait", help="block until the server's health is SERVING")
-    w.add_argument("--for", dest="wait_for", type=float, default=120.0, metavar="SECONDS")
+    w.add_argument("--for", dest="wait_for", type=seconds, default=120.0, metavar="SECONDS")
     for name, text in (("rollout", "reload every replica to a store version, check each serves it, then switch "
                                    "CURRENT; on any refusal put the replicas back and leave CURRENT alone"),
                        ("rollback", "the same, to the version that was CURRENT before the current one")):

@@ -73,10 +73,12 @@ ERRORS = [
     ("raee-serve", "--config {base}/list.yaml", "expected a mapping of settings"),
     ("raee-serve", "--store {store} --admin flase", "admin must be true or false, got 'flase'"),
     ("raee-serve", "--store {store} --max-batch many", "max_batch must be an int, got 'many'"),
+    ("raee-serve", "--store {store} --max-wait-ms inf", "max_wait_ms must be a number of milliseconds from 0 to"),
     ("raee-serve", "--store {base}/empty", "not an exit store"),
     ("raee-serve", "--store {store} --backbone {base}/empty", "holds no config.json"),
     ("raee-admin", "classify --task sst2 --policy bogus good", "policy 'bogus' is not one of"),
     ("raee-admin", "classify --task sst2 --policy calibrated:best good", "cannot be sent to a server"),
+    ("raee-admin", "classify --task sst2 --policy " + "x" * 300 + " good", "a policy of 300 characters;"),
     ("raee-admin", "--token-file {base}/missing reload --task sst2 --store x", "No such file or directory"),
     ("raee-admin", "--tls-ca {base}/missing.pem info", "No such file or directory ({base}/missing.pem)"),
     ("raee-admin", "--address no-such-host.invalid:50051 rollout --every-address --task sst2 --version latest",
@@ -94,6 +96,14 @@ def test_each_documented_cli_error_is_one_line_and_exit_2(files, command, argume
     assert len(ours) == 1 and "error:" in ours[0], err
     assert message.format(**files) in ours[0]
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("arguments", ["--timeout -1 info", "--timeout nan info", "wait --for -5", "wait --for inf"])
+def test_raee_admin_refuses_seconds_that_are_not_a_positive_number(arguments, capsys):
+    with pytest.raises(SystemExit) as exited:
+        raee_admin(arguments.split())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and "must be a number of seconds above 0" in err[-1], err
 
 
 def test_the_readme_lists_every_walked_error():
