@@ -65,6 +65,11 @@ class Reloader:
         """The real path of a store path that lies in a store root; OutsideStoreRoots otherwise."""
         if not store_path:
             raise InputError("store_path is empty")
+        if "\0" in store_path:
+            raise InputError("store_path holds a NUL character")
+        if len(store_path.encode("utf-8", "surrogatepass")) > PATH_MAX:  # resolving costs time with its length
+            raise InputError(f"store_path is {len(store_path.encode('utf-8', 'surrogatepass'))} bytes; a path is "
+                             f"at most {PATH_MAX}")
         real = Path(os.path.realpath(store_path))
         if not any(real == root or real.is_relative_to(root) for root in self.roots):
             raise OutsideStoreRoots(f"store path {store_path[:200]!r} is outside the store roots this server loads "
@@ -107,6 +112,7 @@ class Reloader:
 
 
 RELOAD_NICENESS = 10  # reloads yield the CPU to serving: a reload may take longer, requests should not
+PATH_MAX = 4096  # bytes: the longest store path a reload resolves (Linux PATH_MAX)
 
 
 def lower_priority() -> None:

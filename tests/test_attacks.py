@@ -522,6 +522,10 @@ def test_reload_paths_stay_inside_the_store_roots(serve, stores, tmp_path):
             assert code_of(lambda: admin.reload("sst2", str(link))) == grpc.StatusCode.PERMISSION_DENIED
         finally:
             link.unlink()
+        for path, message in ((stores["current"] + "\0x", "NUL"), ("/" + "a/" * 200_000, "at most 4096")):
+            with pytest.raises(RaeeClientError) as info:  # refused before resolving: not INTERNAL, not slow
+                admin.reload("sst2", path)
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.message
         assert admin.reload("sst2", stores["current"]).store_version
 
 
