@@ -48,6 +48,7 @@ from raee.versions import (
     check_store_root,
     fsync,
     new_version_name,
+    open_regular,
     point_current,
     prune,
     read_small,
@@ -185,7 +186,7 @@ def _read_verified(version: Path, name: str, entry: FileEntry, limit: int, check
         raise StoreError(f"{path}: the manifest gives {entry.bytes} bytes, past the {limit} a store of this size "
                          "can hold")
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size != entry.bytes:
                 raise StoreError(f"{version}: {name} is corrupt ({size} bytes, the manifest says {entry.bytes})")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import logging
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -217,9 +219,23 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def open_regular(path: Path) -> io.BufferedReader:
+    """A store file opened for reading; StoreError if it is not a regular file. Opening does not wait: a FIFO put
+    where a store file belongs would otherwise hold the reader (and every reload after it) until someone wrote."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(f"{path} is not a regular file; it is not one raee wrote")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_small(path: Path, limit: int) -> bytes:
-    """A small file's bytes; StoreError if it holds more than `limit`."""
-    with path.open("rb") as f:
+    """A small file's bytes; StoreError if it holds more than `limit` or is not a regular file."""
+    with open_regular(path) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise StoreError(f"{path} is larger than {limit} bytes; it is not one raee wrote")

@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -228,16 +229,18 @@ def test_a_file_past_its_size_limit_is_refused_before_it_is_read(tmp_path):
 
 
 def open_failing_for(monkeypatch, name, error):
-    """Make every open() of a file called `name` raise `error` (root can read any file, so chmod cannot)."""
-    real = builtins.open
+    """Make every open() (and os.open) of a file called `name` raise `error` (root can read any file, so chmod
+    cannot)."""
+    def failing(real):
+        def fake(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and os.path.basename(os.fspath(file)) == name:
+                raise error
+            return real(file, *args, **kwargs)
+        return fake
 
-    def fake(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and os.path.basename(os.fspath(file)) == name:
-            raise error
-        return real(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", fake)
-    monkeypatch.setattr(io, "open", fake)
+    monkeypatch.setattr(builtins, "open", failing(builtins.open))
+    monkeypatch.setattr(io, "open", failing(io.open))
+    monkeypatch.setattr(os, "open", failing(os.open))
 
 
 @pytest.mark.parametrize("name", ["records.npz", "manifest.json", "CURRENT"])
@@ -250,7 +253,7 @@ def test_an_unreadable_file_is_a_store_error(tmp_path, monkeypatch, name):
 
 def test_a_file_deleted_during_verification_is_a_store_error_or_loads_whole(tmp_path, monkeypatch):
     version = write_store(tmp_path / "s", *random_store_parts())
-    real = builtins.open
+    real = os.open  # store files are opened with os.open (raee.versions.open_regular)
 
     def open_then_delete(file, *args, **kwargs):
         handle = real(file, *args, **kwargs)
@@ -258,8 +261,7 @@ def test_a_file_deleted_during_verification_is_a_store_error_or_loads_whole(tmp_
             os.unlink(file)  # gone right after its first open: a second read finds nothing
         return handle
 
-    monkeypatch.setattr(builtins, "open", open_then_delete)
-    monkeypatch.setattr(io, "open", open_then_delete)
+    monkeypatch.setattr(os, "open", open_then_delete)
     try:
         store = load_store(version)
         assert store.records.num_items == 20  # read once, whole, from the handle that was open
@@ -359,3 +361,19 @@ def test_versions_of_a_store_written_before_history_count_as_promoted(tmp_path):
     new = write_store(root, *random_store_parts(seed=5))
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [old[0].name, old[1].name, new.name]
     assert versions_module.KEEP_VERSIONS == 3
+
+
+@pytest.mark.parametrize("name", ["manifest.sha256", "manifest.json", "records.npz", "CURRENT"])
+def test_a_fifo_in_place_of_a_store_file_is_refused_at_once(tmp_path, name):
+    """Opening a FIFO for reading waits for a writer: a reload of such a version hung, and every reload after it."""
+    root = tmp_path / "s"
+    version = write_store(root, *random_store_parts())
+    where = root / name if name == "CURRENT" else version / name
+    where.unlink()
+    os.mkfifo(where)
+    started = time.monotonic()
+    with pytest.raises(StoreError) as refused:
+        load_store(root)
+    assert time.monotonic() - started < 5
+    if name.startswith("manifest.sha") or name == "records.npz":  # the others are found missing before opening
+        assert "is not a regular file" in str(refused.value)
