@@ -631,16 +631,16 @@ def test_a_reload_of_a_store_that_makes_no_sense_is_refused(serve, stores, chang
 def test_an_unreadable_store_file_is_failed_precondition(serve, stores, monkeypatch, failure):
     server = serve()
     store = copy_store(stores, "unreadable")
-    real = builtins.open
+    def failing(real):
+        def fake(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and str(file).startswith(str(store)) and \
+                    os.fspath(file).endswith("records.npz"):
+                raise failure
+            return real(file, *args, **kwargs)
+        return fake
 
-    def failing(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and str(file).startswith(str(store)) and \
-                os.fspath(file).endswith("records.npz"):
-            raise failure
-        return real(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", failing)
-    monkeypatch.setattr(io, "open", failing)
+    for module in (builtins, io, os):  # store files are opened with os.open (raee.versions.open_regular)
+        monkeypatch.setattr(module, "open", failing(module.open))
     with Client(f"127.0.0.1:{server.admin_port}", retries=0) as admin:
         with pytest.raises(RaeeClientError) as info:
             admin.reload("sst2", str(store))
