@@ -681,6 +681,24 @@ def test_malformed_bytes_are_invalid_argument_and_counted(serve, data, caplog):
     assert [a.error.code_name for a in answers] == ["INVALID_ARGUMENT", ""] and answers[1].results
 
 
+def test_a_request_of_a_million_tiny_texts_is_refused_unparsed(serve, monkeypatch):
+    """Parsing runs on the event loop before any check: a 3.9 MB request of 1.3 million one-byte texts took 0.2 s
+    there. It is refused by counting its first fields, and the protobuf parser never sees it."""
+    server = serve()
+    parsed = []
+    real = pb.ClassifyRequest.FromString
+    monkeypatch.setattr(pb.ClassifyRequest, "FromString", lambda data: parsed.append(len(data)) or real(data))
+    raw = grpc.insecure_channel(f"127.0.0.1:{server.port}").unary_unary("/raee.v1.Raee/Classify")
+    flood = b"\x0a\x04sst2" + b"\x12\x01a" * 1_300_000
+    with pytest.raises(grpc.RpcError) as info:
+        raw(flood, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than 96 fields" in info.value.details()
+    assert parsed == []
+    at_the_limit = pb.ClassifyRequest(task="sst2", texts=["good film"] * 64, k=3, return_neighbours=True,
+                                      request_id="r", truncate=True)
+    assert len(raw(at_the_limit.SerializeToString(), timeout=10)) > 0 and len(parsed) == 1
+
+
 def test_a_bad_request_in_a_stream_gets_its_own_error(serve):
     server = serve(max_texts=8)
     requests = [Request((f"good film {i}",), "sst2", request_id=str(i)) for i in range(10)]
