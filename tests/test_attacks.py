@@ -693,6 +693,9 @@ def test_a_request_of_a_million_tiny_texts_is_refused_unparsed(serve, monkeypatc
     with pytest.raises(grpc.RpcError) as info:
         raw(flood, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than 96 fields" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # a million empty groups: no field of the API is one
+        raw(b"\x0a\x04sst2" + b"\xa3\x06\xa4\x06" * 1_000_000, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "protobuf group" in info.value.details()
     assert parsed == []
     at_the_limit = pb.ClassifyRequest(task="sst2", texts=["good film"] * 64, k=3, return_neighbours=True,
                                       request_id="r", truncate=True)
