@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Raee"]
+UNREAD_ANSWERS = 8  # answers a stream's client may hold unread, each worth stream_idle_s more to the next write
+WRITE_WAITED_S = 0.05  # a write that took longer waited for the client's flow-control window
 EXTRA_FIELDS = 32  # top-level fields a request may hold beyond max_texts texts: its settings, with room to spare
 # A servicer's methods: a request message (or a stream of them) and the call's context in, the response(s) out.
 UnaryMethod = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
@@ -135,21 +138,29 @@ def counted(name: str, metrics: ServerMetrics, throttle: RefusalThrottle) -> Cal
 def counted_stream(name: str, metrics: ServerMetrics,
                    read_within_s: float) -> Callable[[StreamMethod], StreamHandler]:
     """Wrap a response-streaming method the same way; errors that end the whole stream are counted once. Each
-    response is written with a time limit: a client that reads no answer for read_within_s seconds (its flow-control
-    window stays full) has its stream ended (UNAVAILABLE, StreamIdle), so that it cannot hold a stream slot and the
-    answers queued for it forever."""
+    response is written with a time limit, so that a client that reads nothing cannot hold a stream slot and the
+    answers queued for it forever: the stream ends (UNAVAILABLE, StreamIdle) when a write waits longer than
+    read_within_s for each answer the client may hold unread (the writes that went through without waiting, up to
+    UNREAD_ANSWERS) and one more. gRPC hands the server no sign of the client's reads, only of its flow-control
+    window: a client reading one large answer every few seconds still leaves the next write waiting until it has
+    read through what its buffers hold."""
     def wrap(method: StreamMethod) -> StreamHandler:
         @functools.wraps(method)
         async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
             try:
                 with metrics.in_flight.labels(name).track_inprogress():
+                    unread = 0  # answers written without waiting: the client may not have read them yet
                     async with contextlib.aclosing(method(requests, context)) as responses:
                         async for response in responses:
+                            limit = read_within_s * (1 + min(unread, UNREAD_ANSWERS))
+                            started = time.monotonic()
                             try:
-                                await asyncio.wait_for(context.write(response), read_within_s)
+                                await asyncio.wait_for(context.write(response), limit)
                             except asyncio.TimeoutError:
-                                raise StreamIdle(f"no answer read for {read_within_s:g} s; the server closed this "
-                                                 "stream (stream_idle_s): read the answers as they come") from None
+                                raise StreamIdle(f"no answer taken for {limit:g} s; the server closed this stream "
+                                                 "(stream_idle_s): read the answers as they come") from None
+                            if time.monotonic() - started < WRITE_WAITED_S:
+                                unread += 1
             except asyncio.CancelledError:
                 metrics.requests.labels(name, ended_by_caller(context)).inc()
                 raise
