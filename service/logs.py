@@ -54,6 +54,13 @@ def configure(log_format: LogFormat = "text", level: str = "info") -> None:
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
 
 
+def printable(text: str, limit: int) -> str:
+    """A client's string as a log line shows it: its first `limit` characters, written as a Python literal (quoted,
+    escaped) unless all of them are printable, so that no client can start a log line of its own."""
+    cut = text[:limit]
+    return cut if cut.isprintable() else repr(cut)
+
+
 def request_id(metadata: Sequence[tuple[str, str | bytes]] | None, own: str = "") -> str:
     """The caller's x-request-id, else the request's own id, else a new one."""
     sent = next((v for k, v in metadata or () if k == REQUEST_ID), "")
@@ -68,6 +75,6 @@ def log_request(rid: str, task: str, texts: int, policy: str, exits: Sequence[in
     if not requests_log.isEnabledFor(logging.INFO):
         return
     summary = (f"{min(exits)}/{sum(exits) / len(exits):.1f}/{max(exits)} of {num_layers}" if exits else "-")
-    fields = {"request_id": rid, "task": task[:100], "texts": texts, "policy": policy, "exit_layers": summary,
+    fields = {"request_id": rid, "task": printable(task, 100), "texts": texts, "policy": policy, "exit_layers": summary,
               "truncated": truncated, "ms": round(ms, 2), "code": code}
     requests_log.info("request %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})

@@ -112,8 +112,9 @@ class RaeeServicer:
                                                            request.version)
             self.metrics.serving(request.task, current)
         except Exception as exc:
-            log.warning("reload of task %.100s from %.300s refused (%s): %s", request.task, request.store_path,
-                        status_for(exc).name, message_for(exc, status_for(exc)))
+            log.warning("reload of task %s from %s refused (%s): %s", logs.printable(request.task, 100),
+                        logs.printable(request.store_path, 300), status_for(exc).name,
+                        message_for(exc, status_for(exc)))
             raise
         return pb.ReloadStoreResponse(task=request.task, previous_version=previous, store_version=current)
 

@@ -109,3 +109,19 @@ def test_log_settings_are_checked(tmp_path):
         load_config(["--store", "s", "--log-format", "xml"], environ={})
     with pytest.raises(InputError, match="log_level 'loud'"):
         load_config(["--store", "s", "--log-level", "loud"], environ={})
+
+
+def test_no_client_string_can_start_a_log_line_of_its_own(serve, caplog):
+    """A task name (any client) or a reload's store path (an admin) holding a line break is logged quoted."""
+    server = serve()
+    forged = "sst2\n2026-12-03 00:00:00,000 ERROR raee-serve: FORGED LINE"
+    stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    admin = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.admin_port}"))
+    with caplog.at_level(logging.INFO):
+        for call in (lambda: stub.Classify(pb.ClassifyRequest(task=forged, texts=["good"]), timeout=10),
+                     lambda: admin.ReloadStore(pb.ReloadStoreRequest(task="sst2", store_path="/x\n" + forged),
+                                               timeout=10)):
+            with pytest.raises(grpc.RpcError):
+                call()
+    lines = [r.getMessage() for r in caplog.records if "FORGED" in r.getMessage()]
+    assert len(lines) == 2 and all("\n" not in line and "\\n" in line for line in lines), lines
