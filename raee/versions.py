@@ -219,13 +219,14 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def open_regular(path: Path) -> io.BufferedReader:
-    """A store file opened for reading; StoreError if it is not a regular file. Opening does not wait: a FIFO put
-    where a store file belongs would otherwise hold the reader (and every reload after it) until someone wrote."""
+def open_regular(path: str | Path) -> io.BufferedReader:
+    """A file opened for reading; OSError (EINVAL, "not a regular file") if it is not a regular file. Opening does
+    not wait: a FIFO put where a store file belongs, or given as a setting's file, would otherwise hold the reader
+    (and every reload after it) until someone wrote, and /dev/zero would be read until memory ran out."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StoreError(f"{path} is not a regular file; it is not one raee wrote")
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -233,13 +234,23 @@ def open_regular(path: Path) -> io.BufferedReader:
         raise
 
 
-def read_small(path: Path, limit: int) -> bytes:
-    """A small file's bytes; StoreError if it holds more than `limit` or is not a regular file."""
+def read_limited(path: str | Path, limit: int) -> bytes:
+    """A small regular file's bytes; OSError (EFBIG) if it holds more than `limit`, or as open_regular."""
     with open_regular(path) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise StoreError(f"{path} is larger than {limit} bytes; it is not one raee wrote")
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
     return data
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """A small store file's bytes; StoreError if it holds more than `limit`, OSError if it is not a regular file."""
+    try:
+        return read_limited(path, limit)
+    except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise StoreError(f"{path} is larger than {limit} bytes; it is not one raee wrote") from None
+        raise
 
 
 def store_error(where: Path, exc: OSError, doing: str = "cannot read the store") -> StoreError:

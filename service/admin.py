@@ -9,12 +9,12 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from raee.errors import InputError, RaeeError
 from raee.exit_policy import CALIBRATED
+from raee.versions import read_limited
 from service.client import Client, RaeeClientError
-from service.config import DEFAULT_PORT
+from service.config import DEFAULT_PORT, SETTING_FILE_BYTES
 from service.policy_wire import to_wire
 
 
@@ -90,9 +90,9 @@ def connector(args: argparse.Namespace, token: str | None) -> Connect:
         raise InputError("--tls-cert and --tls-key go together (a client certificate and its key)")
     if args.tls_cert and not args.tls_ca:
         raise InputError("--tls-cert needs --tls-ca (the CA of the server's certificate)")
-    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    chain = Path(args.tls_cert).read_bytes() if args.tls_cert else None
-    key = Path(args.tls_key).read_bytes() if args.tls_cert else None
+    ca = read_limited(args.tls_ca, SETTING_FILE_BYTES) if args.tls_ca else None
+    chain = read_limited(args.tls_cert, SETTING_FILE_BYTES) if args.tls_cert else None
+    key = read_limited(args.tls_key, SETTING_FILE_BYTES) if args.tls_cert else None
     return lambda address: Client(address, timeout=args.timeout, token=token, root_certificates=ca,
                                   server_name=args.tls_server_name if ca else None, certificate_chain=chain,
                                   private_key=key)
@@ -112,7 +112,7 @@ def every_address(address: str) -> list[str]:
 def admin_token(args: argparse.Namespace) -> str | None:
     """The admin token from --token-file, else $RAEE_ADMIN_TOKEN, else none."""
     if args.token_file:
-        return Path(args.token_file).read_text(encoding="utf-8").strip()
+        return read_limited(args.token_file, SETTING_FILE_BYTES).decode("utf-8", "replace").strip()
     return os.environ.get("RAEE_ADMIN_TOKEN") or None
 
 

@@ -8,11 +8,11 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from raee.errors import InputError
 from raee.runtime import PRECISIONS, RUNTIMES, Precision, RuntimeChoice
+from raee.versions import read_limited
 from service.logs import LOG_FORMATS, LOG_LEVELS, LogFormat
 
 DEFAULT_PORT = 50051
@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {"runtime": RUNTIMES, "precision": PRECISI
                                        "log_level": LOG_LEVELS}
 
 
+SETTING_FILE_BYTES = 1 << 20  # a config, token, certificate or key file: read whole, so read no more than this
 DURATIONS = ("max_wait_ms", "max_batch_ms", "stream_idle_s", "grace_s", "drain_s", "max_connection_age_s",
              "max_connection_age_grace_s")  # finite, not negative, at most LONGEST_S
 LONGEST_S = 2_000_000  # about 23 days: gRPC takes durations as 32-bit counts of milliseconds
@@ -160,7 +161,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     """The settings of a YAML file; InputError (one line) for a file that is missing, unreadable or not a mapping."""
     import yaml
     try:
-        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        spec = yaml.safe_load(read_limited(path, SETTING_FILE_BYTES).decode("utf-8"))
     except OSError as exc:
         raise InputError(f"--config {path}: {exc.strerror or exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

@@ -17,7 +17,8 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from raee.errors import InputError
-from raee.versions import version_path
+from raee.versions import read_limited, version_path
+from service.config import SETTING_FILE_BYTES
 from service.errors import AdminDisabled, OutsideStoreRoots, ReloadBusy, ReloadCancelled, Unauthenticated
 from service.registry import StoreRegistry
 
@@ -44,7 +45,7 @@ class ReloadGuard:
 def read_token(path: str) -> str:
     """The admin token from a file (a mounted Secret); InputError if it is unreadable or empty."""
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
+        token = read_limited(path, SETTING_FILE_BYTES).decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"admin_token_file {path}: cannot read it: {exc}") from None
     if len(token) < 16:

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
@@ -34,10 +33,11 @@ from raee.engine import load_backbone_for
 from raee.errors import RaeeError
 from raee.runtime import configure_threads
 from raee.store import load_store
+from raee.versions import read_limited
 from service import heap, logs, reflection
 from service.admission import Admission
 from service.batcher import MicroBatcher
-from service.config import ServerConfig, load_config
+from service.config import SETTING_FILE_BYTES, ServerConfig, load_config
 from service.errors import StartupError
 from service.handlers import SERVICE, raee_handler
 from service.metrics import ServerMetrics
@@ -150,9 +150,9 @@ class RaeeServer:
         check_port_free(host, port, "gRPC" if servicer is self.servicer else "admin")
         try:
             if c.tls_cert and c.tls_key:  # both or neither (ServerConfig)
-                with open(c.tls_key, "rb") as key, open(c.tls_cert, "rb") as cert:
-                    pair = (key.read(), cert.read())
-                client_ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None
+                pair = (read_limited(c.tls_key, SETTING_FILE_BYTES),
+                        read_limited(c.tls_cert, SETTING_FILE_BYTES))
+                client_ca = read_limited(c.tls_client_ca, SETTING_FILE_BYTES) if c.tls_client_ca else None
                 credentials = grpc.ssl_server_credentials([pair], root_certificates=client_ca,
                                                           require_client_auth=client_ca is not None)
                 bound = server.add_secure_port(address, credentials)

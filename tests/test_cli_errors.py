@@ -69,6 +69,7 @@ ERRORS = [
     ("raee-eval", "--store {store} --test {train} --label-column y", "needs fields 'text' and 'y'"),
     ("raee-eval", "--store {store} --store {store} --test {train}", "give one --test per --store"),
     ("raee-serve", "--config {base}/missing.yaml", "--config {base}/missing.yaml: No such file or directory"),
+    ("raee-serve", "--config /dev/zero", "--config /dev/zero: not a regular file"),
     ("raee-serve", "--config {base}/bad.yaml", "not valid YAML at line 2"),
     ("raee-serve", "--config {base}/list.yaml", "expected a mapping of settings"),
     ("raee-serve", "--store {store} --admin flase", "admin must be true or false, got 'flase'"),
@@ -81,6 +82,8 @@ ERRORS = [
     ("raee-admin", "classify --task sst2 --policy " + "x" * 300 + " good", "a policy of 300 characters;"),
     ("raee-admin", "--token-file {base}/missing reload --task sst2 --store x", "No such file or directory"),
     ("raee-admin", "--tls-ca {base}/missing.pem info", "No such file or directory ({base}/missing.pem)"),
+    ("raee-admin", "--tls-ca /dev/zero info", "not a regular file (/dev/zero)"),  # read whole: never endless
+    ("raee-admin", "--token-file /dev/zero reload --task sst2 --store x", "--token-file /dev/zero: not a regular file"),
     ("raee-admin", "--address no-such-host.invalid:50051 rollout --every-address --task sst2 --version latest",
      "no replica answers: no-such-host.invalid does not resolve"),
 ]
