@@ -29,10 +29,18 @@ def seconds(text: str) -> float:
     return value
 
 
+def address(text: str) -> str:
+    """A command-line server address, HOST:PORT with a port in 1..65535 (gRPC would take 99999 as 34463)."""
+    host, _, port = text.rpartition(":")
+    if not (host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text[:200]!r} is not HOST:PORT with a port in 1..65535")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raee-admin", description=__doc__)
-    address = f"localhost:{DEFAULT_PORT}"
-    p.add_argument("--address", default=address, help=f"server host:port ({address})")
+    default = f"localhost:{DEFAULT_PORT}"
+    p.add_argument("--address", type=address, default=default, help=f"server host:port ({default})")
     p.add_argument("--timeout", type=seconds, default=30.0, help="seconds per call (30)")
     p.add_argument("--token-file", default=None, metavar="FILE",
                    help="file holding the server's admin token, sent with reload (default: $RAEE_ADMIN_TOKEN)")
@@ -70,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "rollout":
             o.add_argument("--version", required=True,
                            help="version directory name, e.g. v20261122T060746087729Z, or latest (the newest one)")
-        o.add_argument("--address", dest="replicas", action="append", metavar="HOST:PORT",
+        o.add_argument("--address", dest="replicas", action="append", type=address, metavar="HOST:PORT",
                        help="a replica's admin address (repeat; default: --address before the command)")
         o.add_argument("--every-address", action="store_true",
                        help="every address the host name resolves to (a headless Service: every replica)")

@@ -101,12 +101,16 @@ def test_each_documented_cli_error_is_one_line_and_exit_2(files, command, argume
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("arguments", ["--timeout -1 info", "--timeout nan info", "wait --for -5", "wait --for inf"])
-def test_raee_admin_refuses_seconds_that_are_not_a_positive_number(arguments, capsys):
+@pytest.mark.parametrize("arguments, message", [
+    ("--timeout -1 info", "must be a number of seconds above 0"), ("--timeout nan info", "above 0"),
+    ("wait --for -5", "above 0"), ("wait --for inf", "above 0"),
+    ("--address 127.0.0.1:99999 info", "not HOST:PORT with a port in 1..65535"),  # gRPC would dial 34463
+    ("rollout --task sst2 --version latest --address host", "not HOST:PORT")])
+def test_raee_admin_refuses_numbers_out_of_range(arguments, message, capsys):
     with pytest.raises(SystemExit) as exited:
         raee_admin(arguments.split())
     err = capsys.readouterr().err.strip().splitlines()
-    assert exited.value.code == 2 and "must be a number of seconds above 0" in err[-1], err
+    assert exited.value.code == 2 and message in err[-1], err
 
 
 def test_the_readme_lists_every_walked_error():
