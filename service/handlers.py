@@ -46,7 +46,8 @@ class Malformed:
     error: MalformedRequest
 
 
-def tolerant_parser(message_type: type[Message], max_fields: int) -> Callable[[bytes], Message | Malformed]:
+def tolerant_parser(message_type: type[Message], max_fields: int,
+                    too_many: str = "") -> Callable[[bytes], Message | Malformed]:
     """Parse a request's bytes on the event loop, refusing unparsed a message of more than max_fields top-level
     fields or of bytes that do not walk as protobuf fields (protobuf groups included, which this API never uses
     and the parser would accept as unknown fields): parsing runs before any check, and a 4 MB request of a
@@ -54,8 +55,8 @@ def tolerant_parser(message_type: type[Message], max_fields: int) -> Callable[[b
     def parse(data: bytes) -> Message | Malformed:
         fields = top_level_fields(data, max_fields)
         if fields > max_fields:
-            return Malformed(MalformedRequest(f"the request holds more than {max_fields} fields (texts and settings "
-                                              f"together); a {message_type.DESCRIPTOR.name} has fewer"))
+            return Malformed(MalformedRequest(f"the request holds more than {max_fields} fields"
+                                              f"{too_many or f'; a {message_type.DESCRIPTOR.name} has fewer'}"))
         if fields < 0:
             return Malformed(MalformedRequest(f"the request is not a valid {message_type.DESCRIPTOR.full_name} "
                                               "message (a field is cut short, or is a protobuf group); send "
@@ -204,11 +205,13 @@ def raee_handler(servicer: RaeeServicer, metrics: ServerMetrics) -> grpc.Generic
     # a request holds at most max_texts texts and a few settings; more fields are refused before parsing (and a
     # request of max_texts + 1 to max_fields texts by admission, with the limit named)
     max_fields = servicer.config.max_texts + EXTRA_FIELDS
+    too_many = f": too many texts in one request; the limit is {servicer.config.max_texts}"
 
     def unary(name: str, request_type: type[Message], response_type: type[Message]) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(
             counted(name, metrics, servicer.throttle)(getattr(servicer, name)),
-            request_deserializer=tolerant_parser(request_type, max_fields),
+            request_deserializer=tolerant_parser(request_type, max_fields,
+                                                 too_many if request_type is pb.ClassifyRequest else ""),
             response_serializer=response_type.SerializeToString)
 
     methods = {
@@ -217,7 +220,7 @@ def raee_handler(servicer: RaeeServicer, metrics: ServerMetrics) -> grpc.Generic
         "ReloadStore": unary("ReloadStore", pb.ReloadStoreRequest, pb.ReloadStoreResponse),
         "ClassifyStream": grpc.stream_stream_rpc_method_handler(
             counted_stream("ClassifyStream", metrics, servicer.config.stream_idle_s)(servicer.ClassifyStream),
-            request_deserializer=tolerant_parser(pb.ClassifyRequest, max_fields),
+            request_deserializer=tolerant_parser(pb.ClassifyRequest, max_fields, too_many),
             response_serializer=pb.ClassifyResponse.SerializeToString),
     }
     if set(methods) != set(SERVICE.methods_by_name):  # the proto gained a method: serve it here too
