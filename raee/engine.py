@@ -154,12 +154,12 @@ class Engine:
     def num_layers(self) -> int:
         return self.backbone.num_layers
 
-    def check_texts(self, texts: list[str]) -> None:
+    def check_texts(self, texts: list[str]) -> list[int]:
         """Raise InputError for texts this engine would refuse in a batch (empty, too long with the prompt, a
         masked-LM prompt without exactly one mask), naming the text: lets a server refuse a request before it
-        joins other requests' batch."""
+        joins other requests' batch. Returns each text's tokens with its prompt."""
         self.backbone.check_texts(texts)
-        self.backbone.check_prompts(self.prompting.prompts(texts))
+        return [len(ids) for ids in self.backbone.check_prompts(self.prompting.prompts(texts))]
 
     def check_prefix(self, index: int, text: str) -> None:
         """Refuse a long text as soon as a prefix of it is too many tokens with its prompt, without tokenizing the

@@ -59,12 +59,13 @@ class Admission:
         engine = registry.get(call.task)
         self._check_bounds(call, engine)
         key = self._batch_key(call, engine)
-        self._check_deadline(call, deadline, batcher)
+        self._check_deadline(deadline, batcher)
         reservation = batcher.reserve(len(call.texts), client)
         try:
-            texts, cut = await asyncio.get_running_loop().run_in_executor(self.executor, admitted_texts, engine,
-                                                                          call.texts, call.truncate)
-            pending = batcher.submit(reservation, key, engine, texts, deadline)
+            texts, cut, tokens = await asyncio.get_running_loop().run_in_executor(
+                self.executor, admitted_texts, engine, call.texts, call.truncate)
+            self._check_deadline(deadline, batcher, tokens)
+            pending = batcher.submit(reservation, key, engine, texts, deadline, tokens)
         except BaseException:
             batcher.release(reservation)
             raise
@@ -91,42 +92,45 @@ class Admission:
         engine.resolve(call.policy)  # the engine's own rules: static:L within the layers, k within range
         return BatchKey(call.task, call.policy, call.neighbours)
 
-    def _check_deadline(self, call: ClassifyCall, deadline: float | None, batcher: MicroBatcher) -> None:
+    def _check_deadline(self, deadline: float | None, batcher: MicroBatcher, tokens: list[int] | None = None) -> None:
+        """DeadlineExpired if the deadline has passed, or (once the texts are tokenized: `tokens`, each text's) if
+        the batcher's low estimate of the work says it cannot be met."""
         if deadline is None:
             return
         left = deadline - time.monotonic()
-        needed = batcher.estimated_seconds(len(call.texts), sum(map(len, call.texts)))
+        needed = batcher.estimated_seconds(tokens) if tokens is not None else None
         if left <= 0 or (needed is not None and needed > left):
             raise DeadlineExpired(f"the deadline ({max(left, 0) * 1e3:.0f} ms left) cannot be met: about "
                                   f"{(needed or 0) * 1e3:.0f} ms of work is ahead of this request; allow more time "
                                   "or retry later")
 
 
-def admitted_texts(engine: Engine, texts: list[str], truncate: bool) -> tuple[list[str], list[bool]]:
-    """The texts as the batcher will get them, and which were cut: with truncate each is first cut to the backbone's
-    token limit (raee.truncation, which tokenizes a bounded prefix of each, however long), then all are validated."""
+def admitted_texts(engine: Engine, texts: list[str], truncate: bool) -> tuple[list[str], list[bool], list[int]]:
+    """The texts as the batcher will get them, which were cut, and each one's tokens with its prompt: with truncate
+    each is first cut to the backbone's token limit (raee.truncation, which tokenizes a bounded prefix of each,
+    however long), then all are validated."""
     cut = [False] * len(texts)
     if truncate:
         texts, cut = engine.fit(texts)
-    validate_prompts(engine, texts)
-    return texts, cut
+    return texts, cut, validate_prompts(engine, texts)
 
 
-def validate_prompts(engine: Engine, texts: list[str]) -> None:
+def validate_prompts(engine: Engine, texts: list[str]) -> list[int]:
     """Tokenize the texts with their prompts and refuse any the backbone cannot read whole (InputError naming the
-    text by its index in the request). Stops at the first group holding a bad text."""
+    text by its index in the request); each text's tokens. Stops at the first group holding a bad text."""
     for i, text in enumerate(texts):
         engine.check_prefix(i, text)  # a long text's prefix first: raee.backbones.base's length limits
-    start = 0
+    start, tokens = 0, []
     for size in (*VALIDATION_GROUPS, len(texts)):
         group = texts[start:start + size]
         if not group:
-            return
+            break
         try:
-            engine.check_texts(group)
+            tokens += engine.check_texts(group)
         except InputError as exc:
             raise InputError(_renumbered(str(exc), start)) from None
         start += len(group)
+    return tokens
 
 
 def _renumbered(message: str, offset: int) -> str:

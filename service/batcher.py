@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MAX_IDLE_CLIENTS = 4096  # fair-share records kept for clients with nothing queued
 SMOOTHING = 0.2  # weight of the newest batch in the row time that max_batch_ms cuts batches by
-COST_WINDOW = 64  # recent batches whose cheapest cost per row and per character make the low estimate of a wait
+COST_WINDOW = 64  # recent batches whose cheapest cost per row and per token make the low estimate of a wait
 MIN_BATCH_SHARE = 4  # max_batch_ms never shrinks batches below max_batch / this: throughput stays within reach
 HEAVY_FACTOR = 4  # a batch takes no rows from clients holding more than this times what its first client holds
 LIGHT_MEMORY_S = 5.0  # max_batch_ms applies while a light client (holding a shortest batch or less) sent this recently
@@ -80,6 +80,7 @@ class Pending:
     key: BatchKey
     engine: Engine  # pinned at admission: a reload between batches does not mix store versions in one answer
     texts: list[str]
+    tokens: list[int]  # each text's tokens with its prompt (counted at admission)
     deadline: float | None  # time.monotonic() by which the answer is useless
     client: str
     reservation: Reservation
@@ -120,9 +121,9 @@ class MicroBatcher:
         self._held_by: dict[str, int] = {}  # the same, per client
         self._light_seen = -math.inf  # when a light client last sent (time.monotonic())
         self._row_seconds: float | None = None  # smoothed time per row, within a batch
-        self._costs: deque[tuple[float, float]] = deque(maxlen=COST_WINDOW)  # recent (s per row, s per character)
+        self._costs: deque[tuple[float, float]] = deque(maxlen=COST_WINDOW)  # recent (s per row, s per token)
         self._cheapest: tuple[float, float] | None = None  # the least of each over _costs
-        self._running = (0, 0)  # rows and characters of the batch running
+        self._running = (0, 0)  # rows and tokens of the batch running
         self._cond = threading.Condition()
         self._closing = False
         self._busy = False
@@ -165,12 +166,14 @@ class MicroBatcher:
             self._give_back(reservation, reservation.held)
 
     def submit(self, reservation: Reservation, key: BatchKey, engine: Engine, texts: list[str],
-               deadline: float | None) -> Pending:
-        """Queue a request within its reservation; await `pending.future` for a BatchOutcome."""
-        if len(texts) != reservation.held:
-            raise ValueError(f"{len(texts)} texts submitted on a reservation holding {reservation.held}")
+               deadline: float | None, tokens: list[int]) -> Pending:
+        """Queue a request within its reservation; await `pending.future` for a BatchOutcome. tokens: each text's
+        tokens with its prompt, which the wait estimate (estimated_seconds) is made of."""
+        if not len(texts) == len(tokens) == reservation.held:
+            raise ValueError(f"{len(texts)} texts and {len(tokens)} token counts submitted on a reservation "
+                             f"holding {reservation.held}")
         client = reservation.client
-        pending = Pending(key, engine, texts, deadline, client, reservation, time.monotonic())
+        pending = Pending(key, engine, texts, tokens, deadline, client, reservation, time.monotonic())
         with self._cond:
             if self._closing:
                 self._give_back(reservation, reservation.held)
@@ -194,19 +197,21 @@ class MicroBatcher:
             if not pending.future.done():
                 self._fail(pending, DeadlineExpired("the call was cancelled"))
 
-    def estimated_seconds(self, texts: int, characters: int) -> float | None:
-        """A low estimate of the time to answer `texts` more texts of `characters` characters in all: the batch in
-        progress (if any), then these texts, each costed at the least of the recent batches' cost per row and per
-        character. The least, not an average: a client whose texts are slow (long ones, or one text per batch)
-        cannot make the server refuse others' deadlines that short texts in full batches would meet. None before
-        any batch has run."""
+    def estimated_seconds(self, tokens: list[int]) -> float | None:
+        """A low estimate of the time to answer more texts of these tokens each (prompt included): the batch in
+        progress (if any), then these texts, costed at the lesser of the recent batches' least cost per row times
+        their number and least cost per token times their tokens. The least, not an average, and both: a client
+        whose batches are slow per row (long texts, or one text per batch) cannot make the server refuse others'
+        deadlines, as its cost per token stays low, and one whose batches are cheap per token cannot have it
+        accept hopeless ones, as tokens are what the backbone runs (early exit aside: texts that leave early cost
+        less per token, at most by the layers they skip). None before any batch has run."""
         cheapest, running = self._cheapest, self._running  # read once: the worker thread replaces them
         if cheapest is None:
             return None
 
-        def low(rows: int, chars: int) -> float:
-            return min(rows * cheapest[0], chars * cheapest[1])
-        return (low(*running) if self._busy else 0.0) + low(texts, characters)
+        def low(rows: int, tokens: int) -> float:
+            return min(rows * cheapest[0], tokens * cheapest[1])
+        return (low(*running) if self._busy else 0.0) + low(len(tokens), sum(tokens))
 
     def _batch_rows(self) -> int:
         """Most rows in the next batch: max_batch, or fewer (down to a quarter of it) when light clients are about
@@ -386,8 +391,8 @@ class MicroBatcher:
             return
         engine, key = batch[0][0].engine, batch[0][0].key
         texts = [p.texts[r] for p, rows in batch for r in rows]
-        characters = sum(map(len, texts))
-        self._running = (len(texts), characters)
+        tokens = sum(p.tokens[r] for p, rows in batch for r in rows)
+        self._running = (len(texts), tokens)
         if self.metrics:
             self.metrics.batch_size.observe(len(texts))
         started = time.perf_counter()
@@ -408,7 +413,7 @@ class MicroBatcher:
             self.metrics.batch_seconds.observe(seconds)
         with self._cond:
             self._row_seconds = _smoothed(self._row_seconds, seconds / len(texts))
-            self._costs.append((seconds / len(texts), seconds / max(characters, 1)))
+            self._costs.append((seconds / len(texts), seconds / max(tokens, 1)))
             self._cheapest = (min(row for row, _ in self._costs), min(char for _, char in self._costs))
         start = 0
         for p, rows in batch:

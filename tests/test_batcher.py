@@ -22,17 +22,17 @@ class RecordingEngine:
     `refuse` makes the whole batch raise InputError; the batch holding `blocker` waits until `release` is set."""
 
     def __init__(self, refuse: tuple[str, ...] = (), row_seconds: float = 0.0, batch_seconds: float = 0.0,
-                 char_seconds: float = 0.0) -> None:
+                 token_seconds: float = 0.0) -> None:
         self.batches: list[tuple[str, list[str]]] = []
         self.row_seconds = row_seconds  # each batch takes this long per text,
-        self.batch_seconds, self.char_seconds = batch_seconds, char_seconds  # this long, and this per character
+        self.batch_seconds, self.token_seconds = batch_seconds, token_seconds  # this long, and this per word
         self.store = SimpleNamespace(version="v1")
         self.refuse = set(refuse)
         self.entered, self.release = threading.Event(), threading.Event()
 
     def classify(self, texts: list[str], *, policy: ExitPolicy, with_neighbours: bool = False) -> list[str]:
         self.batches.append((str(policy), list(texts)))
-        time.sleep(self.batch_seconds + self.row_seconds * len(texts) + self.char_seconds * sum(map(len, texts)))
+        time.sleep(self.batch_seconds + self.row_seconds * len(texts) + self.token_seconds * sum(map(tokens, texts)))
         if "blocker" in texts:
             self.entered.set()
             assert self.release.wait(TIMEOUT)
@@ -46,8 +46,13 @@ def key(policy: str) -> BatchKey:
     return BatchKey("sst2", ExitPolicy.parse(policy), False)
 
 
+def tokens(text: str) -> int:
+    return len(text.split())  # the stand-in engine's tokens: words
+
+
 def submit(batcher: MicroBatcher, engine: RecordingEngine, policy: str, texts: list[str], client: str):
-    return batcher.submit(batcher.reserve(len(texts), client), key(policy), engine, texts, None)
+    return batcher.submit(batcher.reserve(len(texts), client), key(policy), engine, texts, None,
+                          [tokens(t) for t in texts])
 
 
 @pytest.fixture
@@ -178,13 +183,13 @@ def test_clients_not_heard_from_lately_are_forgotten(batcher, monkeypatch):
 
 def test_slow_texts_of_one_client_do_not_inflate_the_wait_others_are_told(batcher):
     """The deadline check's estimate stays low: after one client's long texts ran one per batch, 64 short texts
-    are estimated at no more than they take (the cost per row of those batches is 15 times theirs)."""
-    engine, b = RecordingEngine(batch_seconds=0.02, char_seconds=0.0001), batcher(max_batch=16)
+    are estimated at no more than they take (the cost per row of those batches is 100 times theirs)."""
+    engine, b = RecordingEngine(batch_seconds=0.02, token_seconds=0.0005), batcher(max_batch=16)
     short = ["short text"] * 64
     started = time.perf_counter()
     submit(b, engine, "raee", short, "light").future.result(TIMEOUT)
     took = time.perf_counter() - started
     for _ in range(5):
         submit(b, engine, "raee", ["long " * 400], "heavy").future.result(TIMEOUT)
-    needed = b.estimated_seconds(len(short), sum(map(len, short)))
+    needed = b.estimated_seconds([tokens(t) for t in short])
     assert needed is not None and 0 < needed <= took, (needed, took)
