@@ -83,6 +83,9 @@ class ExitPolicy:
         if len(text) > MAX_POLICY_CHARS:  # refused without echoing it: an error message stays one short line
             raise InputError(f"a policy of {len(text)} characters; the longest form is a few dozen (at most "
                              f"{MAX_POLICY_CHARS})")
+        if not text.isascii():  # int() and float() read other scripts' digits: static:\u0663 would be static:3
+            raise InputError(f"policy {text!r} holds characters outside ASCII; policies are written like 'raee' or "
+                             "'static:3'")
         name, _, rest = text.strip().partition(":")
         items = [item.strip() for item in rest.split(",")] if rest else []
         if name not in POLICY_KINDS or any(not item for item in items):

@@ -61,6 +61,8 @@ def test_canonical_text_sorts_settings():
     ("confidence:2", "rate must lie in"),
     ("raee:k=4,", "is not one of"),
     ("static:1,2", "at most one plain value"),
+    ("static:\u0663", "outside ASCII"),  # an Arabic-Indic 3, which int() reads as 3
+    ("x" * 201, "a policy of 201 characters"),
 ])
 def test_bad_policies_are_refused_with_the_reason(text, message):
     with pytest.raises(InputError, match=message):
