@@ -128,6 +128,8 @@ class Engine:
         self._resolved: dict[ExitPolicy | str, tuple[ExitPolicy, Resolved]] = {}
         self.prompting = self.task.prompting(backbone.kind, backbone.mask_token)
         self.head = backbone.head(self.prompting.head)  # label ids / verbalization states now, not on a request
+        # the fewest tokens any text costs: its prompt's alone (a text of zero-width characters adds none)
+        self.least_tokens = backbone.token_counts(self.prompting.prompts([""]))[0]
         if store.key.source == "prefix":
             backbone.prepare_prefix(store.key_layer)
         log.info("%s store %s serves %s by default", self.task.name, store.version, self.calibrated().name)

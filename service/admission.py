@@ -2,12 +2,15 @@
 
     1 ready and not draining; the task is served                      (dict lookups)
     2 text count, bytes and characters within limits; valid options     (no tokenizing)
-    3 the deadline can be met given the work ahead                      (arithmetic)
+    3 the deadline can be met given the work ahead, each text costed   (arithmetic)
+      at its prompt's tokens alone
     4 room in the queue, reserved: it counts from here until answered   (one lock, microseconds; a full queue
       makes room for a lighter client by pushing out the heaviest one's newest requests)
     5 every text tokenizes within the backbone's limits                 (off the event loop; stops at a bad text)
       or, when the request asks to truncate, is first cut to fit        (a bounded prefix of each text tokenized)
-    6 the batcher, awaited; a caller that goes away takes its texts out of the queue
+    6 the deadline again, at the texts' own tokens, unless step 4      (arithmetic)
+      pushed another request out (refusing now would waste its room)
+    7 the batcher, awaited; a caller that goes away takes its texts out of the queue
 A refused request never reaches step 5 unless it is well-formed and has room, so floods of excess texts cost the
 server little beyond gRPC's own cost per call (about half a millisecond of CPU here), and an over-long text costs
 the tokenizing of its prefix.
@@ -59,12 +62,13 @@ class Admission:
         engine = registry.get(call.task)
         self._check_bounds(call, engine)
         key = self._batch_key(call, engine)
-        self._check_deadline(deadline, batcher)
+        self._check_deadline(deadline, batcher, [engine.least_tokens] * len(call.texts))
         reservation = batcher.reserve(len(call.texts), client)
         try:
             texts, cut, tokens = await asyncio.get_running_loop().run_in_executor(
                 self.executor, admitted_texts, engine, call.texts, call.truncate)
-            self._check_deadline(deadline, batcher, tokens)
+            if not reservation.pushed_out:
+                self._check_deadline(deadline, batcher, tokens)
             pending = batcher.submit(reservation, key, engine, texts, deadline, tokens)
         except BaseException:
             batcher.release(reservation)
@@ -92,13 +96,13 @@ class Admission:
         engine.resolve(call.policy)  # the engine's own rules: static:L within the layers, k within range
         return BatchKey(call.task, call.policy, call.neighbours)
 
-    def _check_deadline(self, deadline: float | None, batcher: MicroBatcher, tokens: list[int] | None = None) -> None:
-        """DeadlineExpired if the deadline has passed, or (once the texts are tokenized: `tokens`, each text's) if
-        the batcher's low estimate of the work says it cannot be met."""
+    def _check_deadline(self, deadline: float | None, batcher: MicroBatcher, tokens: list[int]) -> None:
+        """DeadlineExpired if the deadline has passed, or if the batcher's low estimate of the work says it cannot be
+        met for texts of these tokens each."""
         if deadline is None:
             return
         left = deadline - time.monotonic()
-        needed = batcher.estimated_seconds(tokens) if tokens is not None else None
+        needed = batcher.estimated_seconds(tokens)
         if left <= 0 or (needed is not None and needed > left):
             raise DeadlineExpired(f"the deadline ({max(left, 0) * 1e3:.0f} ms left) cannot be met: about "
                                   f"{(needed or 0) * 1e3:.0f} ms of work is ahead of this request; allow more time "

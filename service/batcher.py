@@ -68,9 +68,10 @@ class BatchOutcome:
 class Reservation:
     """Room for `texts` texts in the queue, taken at admission and given back as they are answered."""
 
-    def __init__(self, texts: int, client: str) -> None:
+    def __init__(self, texts: int, client: str, pushed_out: int = 0) -> None:
         self.texts, self.client = texts, client
         self.held = texts  # not yet answered or released
+        self.pushed_out = pushed_out  # other requests refused to make this room
 
 
 @dataclass(eq=False)
@@ -136,29 +137,30 @@ class MicroBatcher:
         with self._cond:
             if self._closing:
                 raise Draining("the server is shutting down; retry on another replica")
-            if self._backlog + texts > self.max_queue:
-                self._push_out(texts, client)
+            pushed_out = self._push_out(texts, client) if self._backlog + texts > self.max_queue else 0
             if self._backlog + texts > self.max_queue:
                 raise QueueFull(f"queue full: {self._backlog} texts admitted and not yet answered, {texts} more would "
                                 f"pass the limit of {self.max_queue}; retry with backoff")
             self._backlog += texts
             self._held_by[client] = self._held_by.get(client, 0) + texts
             self._set_depth()
-            return Reservation(texts, client)
+            return Reservation(texts, client, pushed_out)
 
-    def _push_out(self, texts: int, client: str) -> None:
+    def _push_out(self, texts: int, client: str) -> int:
         """Make room for a lighter client by refusing the newest not-yet-started requests of the heaviest clients
-        (those holding more of the queue than this one would)."""
-        mine = self._held_by.get(client, 0) + texts
+        (those holding more of the queue than this one would); how many were refused."""
+        mine, refused = self._held_by.get(client, 0) + texts, 0
         while self._backlog + texts > self.max_queue:
             victims = [(self._held_by.get(name, 0), p) for name, queued in self._clients.items() if name != client
                        for p in reversed(queued.queue) if p.next_row == 0 and not p.failed]
             victims = [(held, p) for held, p in victims if held > mine]
             if not victims:
-                return
+                return refused
             held, victim = max(victims, key=lambda v: v[0])
             self._fail(victim, QueueFull(f"pushed out of a full queue by a client holding less of it than yours "
                                          f"({held} texts); retry with backoff"))
+            refused += 1
+        return refused
 
     def release(self, reservation: Reservation) -> None:
         """Give back what a reservation still holds (the request was refused after admission). Idempotent."""

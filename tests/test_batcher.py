@@ -193,3 +193,60 @@ def test_slow_texts_of_one_client_do_not_inflate_the_wait_others_are_told(batche
         submit(b, engine, "raee", ["long " * 400], "heavy").future.result(TIMEOUT)
     needed = b.estimated_seconds([tokens(t) for t in short])
     assert needed is not None and 0 < needed <= took, (needed, took)
+
+
+def test_a_request_refused_for_its_deadline_pushes_no_one_out_of_a_full_queue():
+    """Step 6 of admission (the deadline at the texts' own tokens) runs after the queue's room is taken; a request
+    whose room cost another client its queued request is not refused there, and the first check, before the room
+    is taken, refuses what even its prompts' tokens cannot make in time."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.admission import Admission
+    from service.convert import ClassifyCall
+    from service.errors import DeadlineExpired
+
+    class Engine(RecordingEngine):
+        least_tokens = 2
+        backbone = SimpleNamespace(check_texts=lambda texts, truncate=False: None)
+
+        def resolve(self, policy):
+            return None
+
+        def check_prefix(self, i, text):
+            pass
+
+        def check_texts(self, texts):
+            return [tokens(t) + 2 for t in texts]
+
+    async def scenario() -> tuple[str, str]:
+        engine = Engine(token_seconds=0.05)
+        b = MicroBatcher(max_batch=4, max_wait_ms=1, max_queue=8)
+        admission = Admission(SimpleNamespace(max_texts=8, max_queue=8, max_text_bytes=8192), ThreadPoolExecutor(2))
+        admission.ready(SimpleNamespace(get=lambda task: engine), b)
+        call = lambda texts: ClassifyCall("sst2", texts, ExitPolicy.parse("full"), False, "r")  # noqa: E731
+        await admission.classify(call(["a b", "c d"]), "teacher", None)  # 200 ms: 100 a row, 25 a token
+        blocked = asyncio.ensure_future(admission.classify(call(["blocker"]), "holder", None))
+        await asyncio.get_running_loop().run_in_executor(None, engine.entered.wait, TIMEOUT)
+        heavy = asyncio.ensure_future(admission.classify(call(["x"] * 7), "heavy", None))
+        await asyncio.sleep(0.2)  # the queue now holds 8 texts: full
+        light = ""
+        by_prompts, by_tokens = b.estimated_seconds([2, 2]), b.estimated_seconds([10, 10])
+        assert by_prompts is not None and by_tokens is not None and by_tokens > 1.3 * by_prompts
+        try:  # a deadline between the two estimates: step 3 lets the request through, step 6 alone would refuse it
+            deadline = time.monotonic() + (by_prompts + by_tokens) / 2
+            await asyncio.wait_for(admission.classify(call(["y " * 8] * 2), "light", deadline), 1)
+        except DeadlineExpired as exc:
+            light = f"refused: {exc}"
+        except asyncio.TimeoutError:
+            light = "admitted"
+        await asyncio.sleep(0.05)
+        heavy_outcome = repr(heavy.exception()) if heavy.done() else "queued"
+        engine.release.set()
+        await blocked
+        b.close(TIMEOUT)
+        return light, heavy_outcome
+
+    light, heavy = asyncio.run(scenario())
+    assert "QueueFull" in heavy and "pushed out" in heavy  # made room for the light client ...
+    assert not light.startswith("refused"), light  # ... which was then not refused for its deadline after all
