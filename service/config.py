@@ -84,8 +84,9 @@ class ServerConfig:
                              "max_texts texts could never be admitted")
         for name in DURATIONS:
             value = getattr(self, name)
-            seconds = value / 1000 if name.endswith("_ms") else value
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= seconds <= LONGEST_S
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            seconds = value / 1000 if number and name.endswith("_ms") else value
+            if not (number and math.isfinite(value) and 0 <= seconds <= LONGEST_S
                     and (seconds > 0 or name != "stream_idle_s")):
                 unit = "milliseconds" if name.endswith("_ms") else "seconds"
                 longest = LONGEST_S * 1000 if name.endswith("_ms") else LONGEST_S
