@@ -56,9 +56,10 @@ def configure(log_format: LogFormat = "text", level: str = "info") -> None:
 
 def printable(text: str, limit: int) -> str:
     """A client's string as a log line shows it: its first `limit` characters, written as a Python literal (quoted,
-    escaped) unless all of them are printable, so that no client can start a log line of its own."""
+    escaped) unless all of them are printable and none is a space or '=', so that no client can start a log line
+    of its own or add key=value fields to one."""
     cut = text[:limit]
-    return cut if cut.isprintable() else repr(cut)
+    return cut if cut.isprintable() and " " not in cut and "=" not in cut else repr(cut)
 
 
 def request_id(metadata: Sequence[tuple[str, str | bytes]] | None, own: str = "") -> str:
