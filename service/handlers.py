@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import Message
 
 from service.api import pb
-from service.errors import MalformedRequest, StreamIdle, message_for, status_for
+from service.errors import MalformedRequest, message_for, status_for
 from service.metrics import ServerMetrics
 from service.throttle import SLOWED, RefusalThrottle
 
@@ -140,14 +140,16 @@ def counted_stream(name: str, metrics: ServerMetrics,
                    read_within_s: float) -> Callable[[StreamMethod], StreamHandler]:
     """Wrap a response-streaming method the same way; errors that end the whole stream are counted once. Each
     response is written with a time limit, so that a client that reads nothing cannot hold a stream slot and the
-    answers queued for it forever: the stream ends (UNAVAILABLE, StreamIdle) when a write waits longer than
+    answers queued for it forever: the stream ends (counted UNAVAILABLE) when a write waits longer than
     read_within_s for each answer the client may hold unread (the writes that went through without waiting, up to
     UNREAD_ANSWERS) and one more. gRPC hands the server no sign of the client's reads, only of its flow-control
     window: a client reading one large answer every few seconds still leaves the next write waiting until it has
-    read through what its buffers hold."""
+    read through what its buffers hold. Such a stream is cancelled, not ended with a status: a status would wait
+    behind the unread answers, and the call with them, until the client went away."""
     def wrap(method: StreamMethod) -> StreamHandler:
         @functools.wraps(method)
         async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            unread_cut = False
             try:
                 with metrics.in_flight.labels(name).track_inprogress():
                     unread = 0  # answers written without waiting: the client may not have read them yet
@@ -158,24 +160,21 @@ def counted_stream(name: str, metrics: ServerMetrics,
                             try:
                                 await asyncio.wait_for(context.write(response), limit)
                             except asyncio.TimeoutError:
-                                raise StreamIdle(f"no answer taken for {limit:g} s; the server closed this stream "
-                                                 "(stream_idle_s): read the answers as they come") from None
+                                unread_cut = True
+                                metrics.requests.labels(name, "UNAVAILABLE").inc()
+                                log.info("%s from %s: no answer taken for %g s (stream_idle_s); the stream is "
+                                         "cancelled", name, context.peer(), limit)
+                                raise asyncio.CancelledError from None  # gRPC cancels the call: RST_STREAM
                             if time.monotonic() - started < WRITE_WAITED_S:
                                 unread += 1
             except asyncio.CancelledError:
-                metrics.requests.labels(name, ended_by_caller(context)).inc()
+                if not unread_cut:
+                    metrics.requests.labels(name, ended_by_caller(context)).inc()
                 raise
             except Exception as exc:  # noqa: BLE001
                 status = report(name, exc)
                 metrics.requests.labels(name, status.name).inc()
-                try:
-                    await context.abort(status, message_for(exc, status))
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as failed:  # noqa: BLE001 - the status waits behind answers the client never read
-                    log.info("%s: the status could not be sent (%s): the client left without reading", name,
-                             type(failed).__name__)
-                return
+                await context.abort(status, message_for(exc, status))
             metrics.requests.labels(name, "OK").inc()
         return handler
     return wrap

@@ -183,9 +183,28 @@ def test_streams_are_bounded_and_idle_ones_closed(serve):
             call.cancel()
 
 
-def test_a_stream_whose_client_reads_no_answers_is_closed(serve):
+def test_a_stream_whose_client_reads_no_answers_is_closed(serve, monkeypatch):
     """A client that sends requests and never reads the answers fills its flow-control window; the server stops
-    waiting to write after stream_idle_s and ends the stream, so the slot is free for others."""
+    waiting to write after stream_idle_s and cancels the stream, so the slot is free for others and the call's
+    handler ends while the client is still connected (a status sent instead would wait behind the unread
+    answers until the client went away)."""
+    import service.handlers
+    handlers_running = []
+    real = service.handlers.counted_stream
+
+    def watched(name, metrics, read_within_s):
+        def wrap(method):
+            inner = real(name, metrics, read_within_s)(method)
+
+            async def handler(requests, context):
+                handlers_running.append(1)
+                try:
+                    await inner(requests, context)
+                finally:
+                    handlers_running.pop()
+            return handler
+        return wrap
+    monkeypatch.setattr(service.handlers, "counted_stream", watched)
     server = serve(max_streams=1, stream_idle_s=1.5)
     quiet = threading.Event()
 
@@ -199,6 +218,8 @@ def test_a_stream_whose_client_reads_no_answers_is_closed(serve):
     try:
         assert wait_until(lambda: server.servicer.streams.open == 1), server.servicer.streams.open
         assert wait_until(lambda: server.servicer.streams.open == 0, timeout=30), "the unread stream kept its slot"
+        assert wait_until(lambda: not handlers_running, timeout=5), "the call lived on after its slot was freed"
+        assert metric(server, "raee_requests_total", code="UNAVAILABLE", method="ClassifyStream") == 1
         stub = pb_grpc.RaeeStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         answers = list(stub.ClassifyStream(iter([pb.ClassifyRequest(task="sst2", texts=["good film"])]), timeout=10))
         assert len(answers) == 1 and len(answers[0].results) == 1
