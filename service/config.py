@@ -44,7 +44,8 @@ class ServerConfig:
     max_texts: int = 64  # most texts in one request (at most max_queue)
     max_text_bytes: int = 8192  # most UTF-8 bytes in one text
     max_streams: int = 256  # ClassifyStream calls open at once; beyond it a new stream gets RESOURCE_EXHAUSTED
-    stream_idle_s: float = 60.0  # a stream that sends no request, or reads no answer, this long is closed (UNAVAILABLE)
+    stream_idle_s: float = 60.0  # a stream that sends no request this long is closed (UNAVAILABLE); one that stops
+    # reading is cancelled once a response has waited this long for each it may hold unread (up to 8) and one more
     grace_s: float = 15.0  # on SIGTERM, the longest the shutdown takes (notice period, then in-flight work)
     drain_s: float = 5.0  # on SIGTERM, how long health says NOT_SERVING and new calls get UNAVAILABLE before the
     # listener closes (at most grace_s), so probes and clients see the shutdown instead of a refused connection
