@@ -416,7 +416,7 @@ class MicroBatcher:
         with self._cond:
             self._row_seconds = _smoothed(self._row_seconds, seconds / len(texts))
             self._costs.append((seconds / len(texts), seconds / max(tokens, 1)))
-            self._cheapest = (min(row for row, _ in self._costs), min(char for _, char in self._costs))
+            self._cheapest = (min(row for row, _ in self._costs), min(token for _, token in self._costs))
         start = 0
         for p, rows in batch:
             self._settle(p, rows, results[start:start + len(rows)])

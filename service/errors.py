@@ -33,7 +33,7 @@ class TooManyStreams(RaeeError):
 
 
 class StreamIdle(RaeeError):
-    """A stream sent no request, or read no answer, for stream_idle_s seconds and was closed."""
+    """A stream sent no request for stream_idle_s seconds and was closed."""
 
 
 class DeadlineExpired(RaeeError):
