@@ -306,7 +306,7 @@ def test_a_batch_cut_into_length_groups_answers_as_texts_alone_do(engine, policy
     groups, and every text gets the exit, label and scores it gets alone; each layer runs exactly the rows that
     reach it (none past its exit)."""
     texts = [q if i % 2 else " ".join([q] * 4) for i, q in enumerate(QUERIES)]
-    assert len(engine.backbone.length_groups(engine.prompting.prompts(texts))) >= 2
+    assert len(engine.backbone.length_groups(engine.backbone.tokens(engine.prompting.prompts(texts)))) >= 2
     calls, rows = [0] * engine.num_layers, [0] * engine.num_layers
 
     def count(i, hidden):
@@ -338,10 +338,10 @@ def test_a_batch_cut_into_length_groups_answers_as_texts_alone_do(engine, policy
 
 def test_a_backbone_on_a_gpu_runs_a_batch_as_one_group(engine, monkeypatch):
     texts = [q if i % 2 else " ".join([q] * 4) for i, q in enumerate(QUERIES)]
-    prompts = engine.prompting.prompts(texts)
-    assert len(engine.backbone.length_groups(prompts)) >= 2
+    tokens = engine.backbone.tokens(engine.prompting.prompts(texts))
+    assert len(engine.backbone.length_groups(tokens)) >= 2
     monkeypatch.setattr(type(engine.backbone), "device", property(lambda self: torch.device("cuda")))
-    assert [g.tolist() for g in engine.backbone.length_groups(prompts)] == [list(range(len(texts)))]
+    assert [g.tolist() for g in engine.backbone.length_groups(tokens)] == [list(range(len(texts)))]
 
 
 def test_token_ids_are_taken_only_by_the_backbone_that_checked_them(engine):

@@ -239,15 +239,13 @@ class Backbone(ABC):
     def token_counts(self, prompts: Sequence[str]) -> list[int]:
         return [len(ids) for ids in self.tokenize(prompts)]
 
-    def length_groups(self, prompts: Batch) -> list[np.ndarray]:
+    def length_groups(self, tokens: Tokens) -> list[np.ndarray]:
         """The batch's rows in groups of similar length to run apart (`length_groups`) on a CPU; a batch too small
         to cut, or on a GPU (where padded positions run in parallel, and each group would cost its own kernel
-        launches; not measured here), is one group, and prompts are not tokenized for it."""
-        if len(prompts) <= GROUP_ROWS or self.device.type != "cpu":
-            return [np.arange(len(prompts))]
-        if isinstance(prompts, Tokens):
-            return length_groups([len(ids) for ids in prompts.ids])
-        return length_groups(self.token_counts(prompts))
+        launches; not measured here), is one group."""
+        if len(tokens) <= GROUP_ROWS or self.device.type != "cpu":
+            return [np.arange(len(tokens))]
+        return length_groups([len(ids) for ids in tokens.ids])
 
     def token_spans(self, prompt: str) -> list[tuple[int, int]] | None:
         """The (start, end) characters of `prompt` behind each of its tokens, as `tokenize` makes them ((0, 0) for
