@@ -38,12 +38,9 @@ refused at once (test_a_deadline_that_cannot_be_met_is_refused_at_once); unwrita
 
 from __future__ import annotations
 
-import builtins
 import collections
 import hashlib
-import io
 import json
-import os
 import shutil
 import threading
 import time
@@ -61,6 +58,7 @@ from service.api import pb, pb_grpc
 from service.client import Client, RaeeClientError, Request, pushback_s
 from service.errors import StartupError
 from service.launch import ServerProcess, metric_values
+from tests.test_store import open_failing_for
 from tests.waiting import wait_until
 
 # Many servers, floods and subprocesses: CI runs these (make test); make test-fast leaves them out.
@@ -654,16 +652,7 @@ def test_a_reload_of_a_store_that_makes_no_sense_is_refused(serve, stores, chang
 def test_an_unreadable_store_file_is_failed_precondition(serve, stores, monkeypatch, failure):
     server = serve()
     store = copy_store(stores, "unreadable")
-    def failing(real):
-        def fake(file, *args, **kwargs):
-            if isinstance(file, (str, os.PathLike)) and str(file).startswith(str(store)) and \
-                    os.fspath(file).endswith("records.npz"):
-                raise failure
-            return real(file, *args, **kwargs)
-        return fake
-
-    for module in (builtins, io, os):  # store files are opened with os.open (raee.versions.open_regular)
-        monkeypatch.setattr(module, "open", failing(module.open))
+    open_failing_for(monkeypatch, "records.npz", failure, under=store)
     with Client(f"127.0.0.1:{server.admin_port}", retries=0) as admin:
         with pytest.raises(RaeeClientError) as info:
             admin.reload("sst2", str(store))

@@ -228,12 +228,13 @@ def test_a_file_past_its_size_limit_is_refused_before_it_is_read(tmp_path):
         load_store(tmp_path / "s")
 
 
-def open_failing_for(monkeypatch, name, error):
-    """Make every open() (and os.open) of a file called `name` raise `error` (root can read any file, so chmod
-    cannot)."""
+def open_failing_for(monkeypatch, name, error, under=None):
+    """Make every open() (and os.open) of a file called `name` (below the directory `under`, if given) raise `error`
+    (root can read any file, so chmod cannot)."""
     def failing(real):
         def fake(file, *args, **kwargs):
-            if isinstance(file, (str, os.PathLike)) and os.path.basename(os.fspath(file)) == name:
+            if isinstance(file, (str, os.PathLike)) and os.path.basename(os.fspath(file)) == name and (
+                    under is None or os.fspath(file).startswith(str(under))):
                 raise error
             return real(file, *args, **kwargs)
         return fake
