@@ -21,7 +21,7 @@ import numpy as np
 
 from raee.accuracy_rule import AccuracyRuleConfig
 from raee.build import calibrate_items, calibration_settings
-from raee.calibration import SEARCH_WIDTH, accuracy_path, gate_maker  # the match-full path, setting by setting
+from raee.calibration import SEARCH_WIDTH, accuracy_path, gate_maker, structure  # the match-full path
 from raee.data import text_groups
 from raee.evaluation import served_exits
 from raee.exit_policy import ExitPolicy
@@ -50,7 +50,7 @@ def served_right(resolved: Resolved, sims: np.ndarray, ids: np.ndarray, arrays: 
                  queries: ExitRecords) -> tuple[np.ndarray, np.ndarray]:
     """(right (Q,), off-domain (Q,)) for queries served in order from their neighbours, as raee-eval serves a
     file (raee.evaluation.served_exits)."""
-    exits, reasons = served_exits(resolved, sims, ids, arrays, key_layer)
+    exits, reasons = served_exits(resolved, sims, ids, arrays, key_layer, queries.predicted[:, :key_layer + 1])
     return queries.correct[np.arange(queries.num_items), exits], reasons != ""
 
 
@@ -61,7 +61,7 @@ def one_split(store: ExitStore, keys: np.ndarray, share: float, seed: int) -> di
     index = build_index(keys[a], store.index_spec)
     texts_a = [store.texts[i] for i in a]
     settings = calibration_settings(store.manifest)  # delta as the build tested it
-    policy, evidence = calibrate_items(records_a, index, texts_a, store.key_layer, store.task.metric, store.policy,
+    policy, evidence = calibrate_items(records_a, index, texts_a, store.key, store.task.metric, store.policy,
                                        settings)
     arrays, num_layers = RecordArrays(records_a), store.num_layers
     full_a, full_b = records_a.correct[:, num_layers], records_b.correct[:, num_layers]
@@ -71,7 +71,8 @@ def one_split(store: ExitStore, keys: np.ndarray, share: float, seed: int) -> di
     chosen = evidence.curve[evidence.chosen] if evidence.chosen >= 0 else None
     sims_a, ids_a = leave_one_out_search(index, text_groups(texts_a), SEARCH_WIDTH)
     path = []
-    for c in accuracy_path(records_a, sims_a, ids_a, AccuracyRuleConfig(), store.key_layer,
+    for c in accuracy_path(records_a, sims_a, ids_a, structure(AccuracyRuleConfig(), store.key.source == "prefix"),
+                           store.key_layer,
                            gate_maker(records_a, sims_a, ids_a, settings)):
         right_c, _ = served_right(Resolved(rule=c.rule, gate=c.gate), sims_b, ids_b, arrays, store.key_layer,
                                   records_b)

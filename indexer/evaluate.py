@@ -54,13 +54,14 @@ class TaskFigures(TypedDict):
     policies: dict[str, dict[str, Any]]  # policy -> PolicyResult.to_dict()
 
 
-def default_policies(num_layers: int) -> list[str]:
+def default_policies(num_layers: int, prefix_key: bool = True) -> list[str]:
     """Every policy raee-eval compares by default: baselines, faithful RAEE and its ablations, the accuracy rule
-    uncalibrated, and the calibrated objectives."""
+    uncalibrated (with a prefix key, also reading the key's layers by votes), and the calibrated objectives."""
+    votes = [f"accuracy:key_layers=votes,cost={c}" for c in (0, 0.1, 0.2, 0.4, 1)] if prefix_key else []
     return ["full", *(f"static:{layer}" for layer in range(1, num_layers)), "oracle",
             "calibrated", "calibrated:best", "raee", "raee:weights=unsquared", "raee:use_tau=false", "raee:k=4",
             "raee:k=32", *(f"raee:earliest_ratio={a}" for a in (0.8, 0.6, 0.4)),
-            *(f"accuracy:cost={c}" for c in (0, 0.1, 0.2, 0.4)), "accuracy:cost=0.2,values=confidence",
+            *(f"accuracy:cost={c}" for c in (0, 0.1, 0.2, 0.4)), "accuracy:cost=0.2,values=confidence", *votes,
             "adainfer", "confidence"]
 
 
@@ -103,9 +104,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def policy_names(args: argparse.Namespace, num_layers: int) -> list[str]:
+def policy_names(args: argparse.Namespace, engine: Engine) -> list[str]:
     """The policies to compare, in canonical form."""
-    return [str(p) for p in parse_policy_list(args.policies or ",".join(default_policies(num_layers)))]
+    defaults = default_policies(engine.num_layers, engine.store.key.source == "prefix")
+    return [str(p) for p in parse_policy_list(args.policies or ",".join(defaults))]
 
 
 def evaluate_task(engine: Engine, test_file: str, names: list[str], args: argparse.Namespace,
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                                precision=args.precision, allow_precision_mismatch=args.allow_precision_mismatch)
                    for store_dir in args.store]
         for engine, test_file in zip(engines, args.test):
-            figures, task_results = evaluate_task(engine, test_file, policy_names(args, engine.num_layers), args,
+            figures, task_results = evaluate_task(engine, test_file, policy_names(args, engine), args,
                                                   timed)
             tasks.append(figures)
             results.append(task_results)

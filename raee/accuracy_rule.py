@@ -10,6 +10,15 @@ probability it was right with (`"confidence"`, RAEE's record); vbar_l is the sto
 estimate shrinks to when neighbours are few or far (strength m = `prior`). K is the prefix key's layer (0 for an
 embedder key): those layers have run before the exit is chosen, so exiting below K saves nothing.
 
+For the layers a prefix key has run (0..K), the query's own prediction there is known when the exit is chosen, so
+its chance of being right can be read more directly (`key_layers="votes"`): the neighbours' weighted vote for that
+label, the share of their weight whose gold label it is, shrunk to the store's label frequencies the same way:
+
+    a_l = (sum_j w_j [y_j = yhat_l] + m * P(y = yhat_l)) / (sum_j w_j + m),   l <= K
+
+(`"records"`, the default and the rule before: a_l from the records at every layer). Deeper layers have not run, so
+their estimate stays the records'. Votes need a prefix key: with an embedder key nothing has run.
+
 With cost = margin = 0 the rule exits at the layer the neighbours say is most often right. A margin above 0 keeps a
 query at full depth unless its neighbours clearly favour an earlier layer (margin > 1: always full depth); a cost
 above 0 trades estimated accuracy for depth. Build-time calibration (raee/calibration.py) walks this path from
@@ -29,6 +38,8 @@ from raee.records import layers_run
 
 RecordValues = Literal["correct", "confidence"]
 RECORD_VALUES: tuple[RecordValues, ...] = ("correct", "confidence")
+KeyLayers = Literal["records", "votes"]
+KEY_LAYERS: tuple[KeyLayers, ...] = ("records", "votes")
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class AccuracyRuleConfig:
     values: RecordValues = "correct"  # a neighbour's record at a layer: right (1/0) or the probability when right
     margin: float = 0.0  # leave before full depth only if the exit's net estimate beats full depth's by this much
     cost: float = 0.0  # estimated accuracy traded per share of the layers run
+    key_layers: KeyLayers = "records"  # layers 0..K the prefix key ran: estimated from the neighbours' records there,
+    # or by their vote for the query's own prediction there ("votes", which needs those predictions: a prefix key)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.k, int) and not isinstance(self.k, bool) and 1 <= self.k <= MAX_K):
@@ -53,6 +66,8 @@ class AccuracyRuleConfig:
             raise InputError(f"margin must be >= 0, got {self.margin!r}")
         if not self.cost >= 0:
             raise InputError(f"cost must be >= 0, got {self.cost!r}")
+        if self.key_layers not in KEY_LAYERS:
+            raise InputError(f"key_layers {self.key_layers!r} is not one of {', '.join(KEY_LAYERS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +119,31 @@ def estimated_accuracy(similarities: np.ndarray, neighbour_ids: np.ndarray, reco
     return total / np.maximum(mass, 1e-300)
 
 
+def voted_accuracy(similarities: np.ndarray, neighbour_ids: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
+                   config: AccuracyRuleConfig, label_mean: np.ndarray | None = None) -> np.ndarray:
+    """(Q, K+1) the neighbours' weighted vote for the query's own prediction at each layer the key ran, shrunk to
+    the store's label frequencies (strength config.prior). labels: (N, C) one-hot gold labels of the store's items;
+    predicted: (Q, K+1) the query's predicted label at layers 0..K; label_mean: labels' mean over the items (C,),
+    passed when serving (as store_mean is)."""
+    total, mass = weighted_records(similarities, neighbour_ids, labels, config.k, config.temperature)  # (Q, C)
+    if config.prior > 0:
+        mean = labels.mean(axis=0) if label_mean is None else label_mean
+        share = (total + config.prior * mean) / (mass + config.prior)
+    else:
+        share = total / np.maximum(mass, 1e-300)
+    return np.take_along_axis(share, predicted.astype(np.int64), axis=1)
+
+
+def with_votes(estimate: np.ndarray, votes: np.ndarray | None, key_layer: int) -> np.ndarray:
+    """The estimate (Q, L+1) with layers 0..K read from the votes (Q, K+1)."""
+    if votes is None or votes.shape != (len(estimate), key_layer + 1):
+        raise InputError(f"key_layers=votes needs the query's predictions at layers 0..{key_layer}, which only a "
+                         "prefix key runs before the exit is chosen")
+    estimate = estimate.copy()
+    estimate[:, :key_layer + 1] = votes
+    return estimate
+
+
 def layer_cost(num_layers: int, key_layer: int) -> np.ndarray:
     """(L+1,) share of the layers run when exiting at each layer: max(l, K) / L."""
     return layers_run(np.arange(num_layers + 1), key_layer) / num_layers
@@ -120,11 +160,15 @@ def exit_layers_from_estimate(estimate: np.ndarray, config: AccuracyRuleConfig, 
 
 def accuracy_exit_layers(similarities: np.ndarray, neighbour_ids: np.ndarray, record_values: np.ndarray,
                          config: AccuracyRuleConfig, key_layer: int, store_mean: np.ndarray | None = None,
-                         weighted: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                         weighted: tuple[np.ndarray, np.ndarray] | None = None,
+                         votes: np.ndarray | None = None) -> np.ndarray:
     """The accuracy rule's exit layer (Q,) for each query from its neighbours; full depth where none was found.
-    weighted: as for estimated_accuracy."""
+    weighted: as for estimated_accuracy. votes: (Q, K+1) voted_accuracy(...) for layers 0..K, which replaces the
+    records' estimate there; required when config.key_layers is "votes"."""
     estimate = estimated_accuracy(similarities, neighbour_ids, record_values, config, store_mean=store_mean,
                                   weighted=weighted)
+    if config.key_layers == "votes":
+        estimate = with_votes(estimate, votes, key_layer)
     exits = exit_layers_from_estimate(estimate, config, key_layer)
     found = (neighbour_ids[:, :config.k] >= 0).any(axis=1)
     return np.where(found, exits, record_values.shape[1] - 1)

@@ -174,7 +174,7 @@ def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examp
                               settings=settings, source_file=source_file, shard=shard)
     if shard is None:
         chosen, evidence = calibrated or calibrate_items(calibration.records, index, calibration.texts,
-                                                         chosen_key.prefix_layers, task.metric, policy, settings)
+                                                         chosen_key, task.metric, policy, settings)
         manifest = dataclasses.replace(manifest, calibrated_policy=chosen, calibration_evidence=evidence,
                                        requires=_requires(manifest.requires))
         log.info("calibrated %s: %s", settings.objective, chosen.name)
@@ -187,11 +187,12 @@ def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examp
     return version, calibration
 
 
-def calibrate_items(records: ExitRecords, index: faiss.Index, texts: list[str], key_layer: int, metric: str,
+def calibrate_items(records: ExitRecords, index: faiss.Index, texts: list[str], key: KeySpec, metric: str,
                     raee: RaeeConfig, settings: CalibrationSettings) -> tuple[CalibratedPolicy, CalibrationEvidence]:
     """Leave-one-out neighbours of every item (items of the same text left out too), then calibration."""
     similarities, ids = leave_one_out_search(index, text_groups(texts), SEARCH_WIDTH)
-    return calibrate(records, similarities, ids, key_layer=key_layer, metric=metric, raee=raee, settings=settings)
+    return calibrate(records, similarities, ids, key_layer=key.prefix_layers, prefix_key=key.source == "prefix",
+                     metric=metric, raee=raee, settings=settings)
 
 
 def check_key_choice(keys: tuple[KeySpec, ...], shard: tuple[int, int] | None) -> None:
@@ -216,7 +217,7 @@ def choose_key(calibration: CalibrationPass, keys: tuple[KeySpec, ...], metric: 
     trials = []
     for key in keys:
         index = build_index(calibration.pooled[key.prefix_layers], index_spec)
-        chosen, evidence = calibrate_items(calibration.records, index, calibration.texts, key.prefix_layers, metric,
+        chosen, evidence = calibrate_items(calibration.records, index, calibration.texts, key, metric,
                                            raee, share)
         point = evidence.curve[evidence.chosen] if evidence.chosen >= 0 else None
         trial = KeyTrial(str(key), chosen.name, point.score if point else evidence.full_score,
@@ -251,7 +252,7 @@ def calibrate_store(store: ExitStore, objective: Objective | None = None) -> Cal
     if objective is None:
         return store.calibrated_policy
     settings = dataclasses.replace(calibration_settings(store.manifest), objective=objective)
-    chosen, _ = calibrate_items(store.records, store.index, store.texts, store.key_layer, store.task.metric,
+    chosen, _ = calibrate_items(store.records, store.index, store.texts, store.key, store.task.metric,
                                 store.policy, settings)
     return chosen
 
@@ -288,7 +289,7 @@ def merge_stores(out: str | Path, parts: list[str | Path], promote: bool = True)
     keys = np.concatenate([keys_of(s.index) for s in stores])
     index = build_index(keys, stores[0].index_spec)
     texts = [t for s in stores for t in s.texts]
-    chosen, evidence = calibrate_items(records, index, texts, stores[0].key_layer, first.task.metric, first.policy,
+    chosen, evidence = calibrate_items(records, index, texts, stores[0].key, first.task.metric, first.policy,
                                        first.calibration_settings or CalibrationSettings())
     manifest = dataclasses.replace(
         first, num_items=records.num_items, shard=None, merged_from=tuple(s.version for s in stores),

@@ -35,7 +35,14 @@ from typing import Any, get_args
 
 import numpy as np
 
-from raee.accuracy_rule import AccuracyRuleConfig, RecordValues, estimated_accuracy, exit_layers_from_estimate
+from raee.accuracy_rule import (
+    AccuracyRuleConfig,
+    RecordValues,
+    estimated_accuracy,
+    exit_layers_from_estimate,
+    voted_accuracy,
+    with_votes,
+)
 from raee.errors import InputError, StoreError
 from raee.exit_policy import OBJECTIVES, ExitPolicy, Objective, PolicyKind
 from raee.guarantee import GAMMA_SHARE, PairedRiskTest, certified_within_budget, fixed_sequence, harms_and_helps
@@ -197,20 +204,23 @@ GateMaker = Callable[[Rule, np.ndarray], _Candidate]
 
 
 def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray, *, key_layer: int,
-              metric: str, raee: RaeeConfig,
+              prefix_key: bool, metric: str, raee: RaeeConfig,
               settings: CalibrationSettings) -> tuple[CalibratedPolicy, CalibrationEvidence]:
     """Choose the served policy. similarities, neighbour_ids: (N, >= SEARCH_WIDTH) leave-one-out neighbours of
-    every calibration item (-1 = none); key_layer: the prefix key's layer (0 for an embedder key)."""
+    every calibration item (-1 = none); key_layer: the prefix key's layer (0 for an embedder key); prefix_key: the
+    store's key is a prefix key, so the accuracy rule can read the query's own predictions at layers 0..K
+    (key_layers=votes, which every structure searched then uses; an embedder key: records)."""
     started = time.perf_counter()
     n, num_layers = records.num_items, records.num_layers
     if neighbour_ids.shape[0] != n:
         raise InputError(f"{neighbour_ids.shape[0]} neighbour rows for {n} calibration items")
     gated = gate_maker(records, similarities, neighbour_ids, settings)
     if settings.objective == "match-full":
-        paths = [list(accuracy_path(records, similarities, neighbour_ids, AccuracyRuleConfig(), key_layer, gated))]
+        paths = [list(accuracy_path(records, similarities, neighbour_ids, structure(AccuracyRuleConfig(), prefix_key),
+                                    key_layer, gated))]
     elif settings.objective == "best":
-        paths = [list(accuracy_path(records, similarities, neighbour_ids, s, key_layer, gated))
-                 for s in BEST_STRUCTURES]
+        paths = [list(accuracy_path(records, similarities, neighbour_ids, structure(s, prefix_key), key_layer,
+                                    gated)) for s in BEST_STRUCTURES]
         paths.append(list(_raee_path(records, similarities, neighbour_ids, raee, gated)))
     else:
         paths = [list(_raee_path(records, similarities, neighbour_ids, raee, lambda rule, exits: _Candidate(
@@ -236,6 +246,13 @@ def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.
     evidence = CalibrationEvidence(n, full_score, float(records.correct[:, num_layers].mean()), tuple(curve), chosen,
                                    sum(len(p) for p in paths), round(time.perf_counter() - started, 3))
     return policy, evidence
+
+
+def structure(base: AccuracyRuleConfig, prefix_key: bool) -> AccuracyRuleConfig:
+    """The accuracy rule's structure as calibration searches it: with a prefix key the layers it ran are read by
+    the neighbours' votes (raee/accuracy_rule.py), which track the query's own predictions there; with an
+    embedder key nothing has run when the exit is chosen, so by the records."""
+    return dataclasses.replace(base, key_layers="votes" if prefix_key else "records")
 
 
 def gate_maker(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
@@ -316,6 +333,10 @@ def accuracy_path(records: ExitRecords, similarities: np.ndarray, neighbour_ids:
                   structure: AccuracyRuleConfig, key_layer: int, gated: GateMaker) -> Iterator[_Candidate]:
     """The accuracy rule at one structure, margin from 1 down to 0, then cost up from 0."""
     estimate = estimated_accuracy(similarities, neighbour_ids, records.record_values(structure.values), structure)
+    if structure.key_layers == "votes":
+        labels = np.eye(records.label_logits.shape[2])[records.gold]
+        estimate = with_votes(estimate, voted_accuracy(similarities, neighbour_ids, labels,
+                                                       records.predicted[:, :key_layer + 1], structure), key_layer)
     found = (neighbour_ids[:, :structure.k] >= 0).any(axis=1)
     steps = [(m, 0.0) for m in MARGINS] + [(0.0, c) for c in COSTS]  # (margin, cost)
     for margin, cost in steps:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class _Group:
     rows: np.ndarray
     fwd: LayerwiseForward
     early: list[LayerwiseForward]
+    early_logits: np.ndarray | None = None  # (rows, K+1, C) label logits at layers 0..K, when the decision read them
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,9 @@ class Engine:
                              "calibrated, raee, accuracy, full and static:L")
         calibrated = self.calibrated(parsed.objective) if parsed.kind == "calibrated" else self._calibrated[None]
         known = parsed, resolve(parsed, calibrated, self.store.policy, self.num_layers)
+        if known[1].reads_predictions and self.store.key.source != "prefix":
+            raise InputError(f"policy {parsed}: key_layers=votes reads the predictions at the layers a prefix key "
+                             f"ran, and this store's key is {self.store.key}")
         if len(self._resolved) >= RESOLVED_POLICIES:  # clients choose policies: keep the memory bounded
             self._resolved.clear()
         self._resolved[policy] = known
@@ -230,7 +235,7 @@ class Engine:
             route = self._retrieval_route(texts, tokens, rows, resolved, policy.objective, started)
         logits = np.zeros((len(texts), self.task.num_labels), dtype=np.float32)
         for group in route.groups:
-            logits[group.rows] = self._run_to_exits(group.fwd, group.early, route.exits[group.rows])
+            logits[group.rows] = self._run_to_exits(group, route.exits[group.rows])
         times = StageTimes((route.keyed - started - route.tokenizing) * 1e3, (route.searched - route.keyed) * 1e3,
                            (time.perf_counter() - route.searched + route.tokenizing) * 1e3)
         shown = resolved.rule.k if with_neighbours and resolved.rule is not None else 0  # the rule's, not the gate's
@@ -254,8 +259,15 @@ class Engine:
             keys, groups = self._prefix_keys(tokens, rows)
         keyed = time.perf_counter()
         sims, ids = search(self.index, keys, resolved.search_width)
+        predicted = None
+        if resolved.reads_predictions:
+            groups = [self._read_key_layers(g) for g in groups]
+            predicted = np.empty((len(texts), self.store.key_layer + 1), dtype=np.int64)
+            for g in groups:
+                assert g.early_logits is not None
+                predicted[g.rows] = g.early_logits.argmax(axis=2)
         decision = decide(resolved, sims, ids, self.arrays, self.store.key_layer,
-                          self._alarms(objective, resolved, sims, ids))
+                          self._alarms(objective, resolved, sims, ids), predicted)
         searched = time.perf_counter()
         if not groups:  # an embedder key: the backbone starts now, in its own stage
             groups = self._started(tokens, rows)
@@ -278,6 +290,12 @@ class Engine:
             groups.append(_Group(r, fwd, early))
         assert keys is not None  # a batch has at least one group
         return keys, groups
+
+    def _read_key_layers(self, group: _Group) -> _Group:
+        """The group with its label logits at layers 0..K read (each row's exit reuses them if it leaves there)."""
+        every = torch.ones(len(group.rows), dtype=torch.bool, device=group.fwd.hidden.device)
+        logits = [self.backbone.label_logits(state, every, self.head).float().cpu().numpy() for state in group.early]
+        return dataclasses.replace(group, early_logits=np.stack(logits, axis=1))
 
     def _alarms(self, objective: Objective | None, resolved: Resolved, sims: np.ndarray,
                 ids: np.ndarray) -> np.ndarray | None:
@@ -305,11 +323,15 @@ class Engine:
             neighbours=neighbours, full_depth_fallback=bool(decision.no_evidence[i]) if decision is not None else False,
             off_domain=str(decision.off_domain[i]) if decision is not None else "", truncated=truncated)
 
-    def _run_to_exits(self, fwd: LayerwiseForward, early: list[LayerwiseForward], exits: np.ndarray) -> np.ndarray:
+    def _run_to_exits(self, group: _Group, exits: np.ndarray) -> np.ndarray:
         """(B, C) label logits at each row's exit layer."""
+        fwd, early = group.fwd, group.early
         logits = np.zeros((len(exits), self.task.num_labels), dtype=np.float32)
         done = exits <= fwd.layer if early else np.zeros(len(exits), dtype=bool)
         for layer in np.unique(exits[done]):
+            if group.early_logits is not None:  # read for the decision already
+                logits[exits == layer] = group.early_logits[exits == layer, layer]
+                continue
             here = torch.from_numpy(exits == layer).to(fwd.hidden.device)
             logits[exits == layer] = self.backbone.label_logits(early[layer], here, self.head).float().cpu().numpy()
         if not done.all():

@@ -138,8 +138,9 @@ class Evaluator:
             return adainfer_exit_layers(self.adainfer(), view.label_logits, view.vocab_top2), none
         if policy.kind == "confidence":
             return confidence_exit_layers(self.thresholds(policy.rate or DEFAULT_AGREEMENT), view.label_logits), none
+        key_layer = self.engine.store.key_layer
         return served_exits(self.engine.resolve(policy), view.similarities, view.neighbour_ids, self.engine.arrays,
-                            self.engine.store.key_layer)
+                            key_layer, view.label_logits[:, :key_layer + 1].argmax(axis=2))
 
     def adainfer(self) -> LinearSVM:
         if self._adainfer is None:
@@ -230,10 +231,10 @@ class Evaluator:
 
 
 def served_exits(resolved: Resolved, similarities: np.ndarray, neighbour_ids: np.ndarray, arrays: RecordArrays,
-                 key_layer: int) -> tuple[np.ndarray, np.ndarray]:
+                 key_layer: int, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(exit layers (Q,), off-domain reasons (Q,), "" where none) of a resolved policy for queries served in order
     from their neighbours (Q, >= its search width), as a file is served: the stream test runs over them in order
-    from a fresh state."""
+    from a fresh state. predicted (Q, K+1): each query's predicted label at layers 0..K (decide)."""
     if resolved.fixed_layer is not None:
         q = len(neighbour_ids)
         return np.full(q, resolved.fixed_layer), np.full(q, "")
@@ -241,7 +242,7 @@ def served_exits(resolved: Resolved, similarities: np.ndarray, neighbour_ids: np
     if resolved.gate is not None:
         nearest = np.where(neighbour_ids[:, 0] >= 0, similarities[:, 0], -np.inf)
         alarms, _ = cusum_alarms(conformal_pvalues(resolved.gate, nearest), 0.0, resolved.gate)
-    decision = decide(resolved, similarities, neighbour_ids, arrays, key_layer, alarms)
+    decision = decide(resolved, similarities, neighbour_ids, arrays, key_layer, alarms, predicted)
     return decision.exits, decision.off_domain
 
 

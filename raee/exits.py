@@ -17,6 +17,7 @@ from raee.accuracy_rule import (
     RecordValues,
     accuracy_exit_layers,
     estimated_accuracy,
+    voted_accuracy,
     weighted_records,
 )
 from raee.calibration import CalibratedPolicy, Rule
@@ -35,15 +36,17 @@ class RecordArrays:
     _values: dict[str, np.ndarray] = field(default_factory=dict)
     _means: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def values(self, kind: RecordValues | Literal["probability"]) -> np.ndarray:
-        """(N, L+1): "correct", "confidence" (the accuracy rule's) or "probability" (RAEE's records)."""
+    def values(self, kind: RecordValues | Literal["probability", "labels"]) -> np.ndarray:
+        """(N, L+1): "correct", "confidence" (the accuracy rule's) or "probability" (RAEE's records); "labels":
+        (N, C) the items' gold labels one-hot (what the accuracy rule's votes count)."""
         if kind not in self._values:
             self._values[kind] = (self.records.record_probability() if kind == "probability" else
-                                  self.records.record_values(kind))
+                                  np.eye(self.records.label_logits.shape[2])[self.records.gold] if kind == "labels"
+                                  else self.records.record_values(kind))
         return self._values[kind]
 
-    def mean(self, kind: RecordValues) -> np.ndarray:
-        """(L+1,) values(kind) averaged over the store's items (what the accuracy rule shrinks to)."""
+    def mean(self, kind: RecordValues | Literal["labels"]) -> np.ndarray:
+        """values(kind) averaged over the store's items (what the accuracy rule shrinks to)."""
         if kind not in self._means:
             self._means[kind] = self.values(kind).mean(axis=0)
         return self._means[kind]
@@ -65,6 +68,11 @@ class Resolved:
     def search_width(self) -> int:
         """Neighbours to retrieve: as many as the rule and the gate read."""
         return max(self.rule.k if self.rule is not None else 0, self.gate.agreement_k if self.gate else 0)
+
+    @property
+    def reads_predictions(self) -> bool:
+        """The rule reads the query's own predictions at the layers its prefix key ran (key_layers=votes)."""
+        return isinstance(self.rule, AccuracyRuleConfig) and self.rule.key_layers == "votes"
 
     @cached_property
     def agreement_rule(self) -> AccuracyRuleConfig | None:
@@ -101,9 +109,11 @@ def resolve(policy: ExitPolicy, calibrated: CalibratedPolicy, raee: RaeeConfig, 
 
 
 def decide(resolved: Resolved, similarities: np.ndarray, neighbour_ids: np.ndarray, arrays: RecordArrays,
-           key_layer: int, alarms: np.ndarray | None = None) -> Decision:
+           key_layer: int, alarms: np.ndarray | None = None, predicted: np.ndarray | None = None) -> Decision:
     """Exit layers for Q queries from their neighbours (Q, >= search_width; -1 = none). alarms (Q,): the stream
-    test's verdict for each query, from the caller's StreamMonitor (None: no alarm)."""
+    test's verdict for each query, from the caller's StreamMonitor (None: no alarm). predicted (Q, K+1): each
+    query's predicted label at the layers its prefix key ran, which an accuracy rule with key_layers=votes reads
+    (None: not known, as with an embedder key)."""
     q, num_layers = len(similarities), arrays.num_layers
     rule = resolved.rule
     sums: dict[tuple[str, int, float], tuple[np.ndarray, np.ndarray]] = {}  # weighted_records by (values, k, T)
@@ -116,8 +126,12 @@ def decide(resolved: Resolved, similarities: np.ndarray, neighbour_ids: np.ndarr
     else:
         weighted = weighted_records(similarities, neighbour_ids, arrays.values(rule.values), rule.k, rule.temperature)
         sums[(rule.values, rule.k, rule.temperature)] = weighted  # the gate's agreement may read the same sums
+        votes = None
+        if rule.key_layers == "votes" and predicted is not None:
+            votes = voted_accuracy(similarities, neighbour_ids, arrays.values("labels"), predicted, rule,
+                                   arrays.mean("labels"))
         exits = accuracy_exit_layers(similarities, neighbour_ids, arrays.values(rule.values), rule, key_layer,
-                                     arrays.mean(rule.values), weighted)
+                                     arrays.mean(rule.values), weighted, votes)
         no_evidence = ~(neighbour_ids[:, :rule.k] >= 0).any(axis=1)
     reasons = np.full(q, "", dtype=object)
     gate = resolved.gate

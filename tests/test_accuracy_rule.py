@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
-from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy, weighted_records
+from raee.accuracy_rule import (
+    AccuracyRuleConfig,
+    accuracy_exit_layers,
+    estimated_accuracy,
+    voted_accuracy,
+    weighted_records,
+)
 from raee.errors import InputError
 
 
-def reference_exit_layer(sims, ids, values, config, key_layer):
+def reference_exit_layer(sims, ids, values, config, key_layer, gold=None, predicted=None):
     """a_l = (sum_j w_j v_jl + m vbar_l) / (sum_j w_j + m), w_j = exp((s_j - s_best) / T); exit = argmax of
-    a_l - cost * max(l, K) / L if it beats full depth's by margin."""
+    a_l - cost * max(l, K) / L if it beats full depth's by margin. With key_layers=votes, for l <= K:
+    a_l = (sum_j w_j [gold_j = predicted_l] + m P(gold = predicted_l)) / (sum_j w_j + m)."""
     num_layers = values.shape[1] - 1
     found = [(float(s), j) for s, j in list(zip(sims, ids))[:config.k] if j >= 0]
     if not found:
@@ -24,6 +32,10 @@ def reference_exit_layer(sims, ids, values, config, key_layer):
     net = []
     for layer in range(num_layers + 1):
         total = sum(w * float(values[j, layer]) for w, (_, j) in zip(weights, found)) + config.prior * prior[layer]
+        if config.key_layers == "votes" and layer <= key_layer:
+            label = predicted[layer]
+            total = (sum(w for w, (_, j) in zip(weights, found) if gold[j] == label)
+                     + config.prior * float(np.mean(gold == label)))
         estimate = total / (sum(weights) + config.prior)
         net.append(estimate - config.cost * max(layer, key_layer) / num_layers)
     choice = max(range(num_layers + 1), key=lambda layer: (net[layer], -layer))
@@ -93,8 +105,53 @@ def test_vectorised_rule_matches_the_reference(seed, k):
             accuracy_exit_layers(sims, ids, values, config, 2).tolist()
 
 
+def test_votes_read_the_query_s_own_prediction_at_the_key_layers():
+    # neighbours' records say layer 1 is rarely right; but the query's own layer-1 answer is the label 3 of 4 of
+    # its neighbours carry, so by votes layer 1 is likely right and, with a cost, the query leaves there
+    values = np.array([[0, 0, 1], [0, 0, 1], [0, 1, 1], [0, 0, 1]], dtype=np.float32)
+    gold = np.array([1, 1, 0, 1])
+    labels = np.eye(2)[gold]
+    sims, ids = np.array([[0.9, 0.9, 0.9, 0.9]]), np.array([[0, 1, 2, 3]])
+    records = AccuracyRuleConfig(k=4, prior=0, cost=0.6)
+    votes = dataclasses.replace(records, key_layers="votes")
+    predicted = np.array([[0, 1]])  # the query's labels at layers 0 and 1 (the prefix key's)
+    np.testing.assert_allclose(voted_accuracy(sims, ids, labels, predicted, votes), [[0.25, 0.75]])
+    assert accuracy_exit_layers(sims, ids, values, records, 1)[0] == 2  # 0.25 - 0.2 < 1 - 0.4
+    estimate = voted_accuracy(sims, ids, labels, predicted, votes)
+    assert accuracy_exit_layers(sims, ids, values, votes, 1, votes=estimate)[0] == 1  # 0.75 - 0.2 > 1 - 0.4
+    with pytest.raises(InputError, match="prefix key"):
+        accuracy_exit_layers(sims, ids, values, votes, 1)  # no predictions given
+    with pytest.raises(InputError, match="prefix key"):
+        accuracy_exit_layers(sims, ids, values, votes, 1, votes=estimate[:, :1])  # not K+1 columns
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("k", [1, 5, 32])
+def test_votes_match_the_reference(seed, k):
+    rng = np.random.default_rng(seed)
+    n, layers, q, width, classes = 50, 7, 25, 40, 3
+    values = (rng.random((n, layers)) < 0.6).astype(np.float32)
+    gold = rng.integers(0, classes, n)
+    sims = np.sort(rng.uniform(0.2, 1.0, (q, width)), axis=1)[:, ::-1].astype(np.float32)
+    ids = rng.integers(0, n, (q, width))
+    ids[rng.random((q, width)) < 0.05] = -1
+    ids[:3] = -1
+    for key_layer in (1, 2):
+        predicted = rng.integers(0, classes, (q, key_layer + 1))
+        for config in (AccuracyRuleConfig(k=k, key_layers="votes"),
+                       AccuracyRuleConfig(k=k, key_layers="votes", prior=0.5, cost=0.4, temperature=0.2),
+                       AccuracyRuleConfig(k=k, key_layers="votes", prior=0, cost=1.5)):
+            labels = np.eye(classes)[gold]
+            served = voted_accuracy(sims, ids, labels, predicted, config, labels.mean(axis=0))
+            np.testing.assert_allclose(served, voted_accuracy(sims, ids, labels, predicted, config))
+            ours = accuracy_exit_layers(sims, ids, values, config, key_layer, votes=served)
+            expected = [reference_exit_layer(sims[i], ids[i], values, config, key_layer, gold, predicted[i])
+                        for i in range(q)]
+            assert ours.tolist() == expected, (config, key_layer)
+
+
 @pytest.mark.parametrize("bad", [dict(k=0), dict(temperature=0), dict(prior=-1), dict(values="votes"),
-                                 dict(margin=-0.1), dict(cost=-1)])
+                                 dict(key_layers="labels"), dict(margin=-0.1), dict(cost=-1)])
 def test_bad_configuration_is_refused(bad):
     with pytest.raises(InputError):
         AccuracyRuleConfig(**bad)

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy
+from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy, voted_accuracy
 from raee.build import CalibrationPass, calibrate_items, calibration_settings, check_key_choice, choose_key
 from raee.calibration import (
     BEST_STRUCTURES,
@@ -34,13 +34,14 @@ from raee.records import ExitRecords
 
 def synthetic_store(n=600, layers=4, seed=0):
     """Items in 6 clusters of keys; in cluster c, layer c % 4 tends to be right and full depth is right 60% of the
-    time: neighbours carry real evidence about where to exit."""
+    time, and most items share the cluster's label: neighbours carry real evidence about where to exit, in their
+    records and in their labels (what key_layers=votes reads)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(6, 16))
     cluster = rng.integers(0, 6, n)
     keys = centres[cluster] + 0.6 * rng.normal(size=(n, 16))
     keys = (keys / np.linalg.norm(keys, axis=1, keepdims=True)).astype(np.float32)
-    gold = rng.integers(0, 2, n)
+    gold = np.where(rng.random(n) < 0.8, cluster % 2, 1 - cluster % 2)
     right = rng.random((n, layers + 1)) < 0.45
     right[np.arange(n), cluster % layers] = rng.random(n) < 0.9
     right[:, layers] = rng.random(n) < 0.6
@@ -77,15 +78,22 @@ def test_search_breaks_ties_by_id():
     assert ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
 
 
-def brute_force_match_full(records, sims, ids, settings):
+def rule_exits(records, sims, ids, rule, key_layer=1):
+    """The accuracy rule's exits for calibration items, their own predictions at layers 0..K given for votes."""
+    votes = (voted_accuracy(sims, ids, np.eye(records.label_logits.shape[2])[records.gold],
+                            records.predicted[:, :key_layer + 1], rule) if rule.key_layers == "votes" else None)
+    return accuracy_exit_layers(sims, ids, records.record_values(rule.values), rule, key_layer, votes=votes)
+
+
+def brute_force_match_full(records, sims, ids, settings, key_layers):
     """The procedure of raee/calibration.py, replayed step by step without a gate: exits of each setting on the
     documented path, losses counted item by item, each setting tested in turn until the first failure."""
     n, num_layers = records.num_items, records.num_layers
-    values = records.record_values("correct")
-    path = ([AccuracyRuleConfig(margin=m) for m in MARGINS] + [AccuracyRuleConfig(cost=c) for c in COSTS])
+    path = ([AccuracyRuleConfig(margin=m, key_layers=key_layers) for m in MARGINS] +
+            [AccuracyRuleConfig(cost=c, key_layers=key_layers) for c in COSTS])
     chosen, predicted = -1, records.predicted
     for i, rule in enumerate(path):
-        exits = accuracy_exit_layers(sims, ids, values, rule, key_layer=1)
+        exits = rule_exits(records, sims, ids, rule)
         harms = helps = 0
         for item in range(n):
             full_right = predicted[item, num_layers] == records.gold[item]
@@ -100,18 +108,19 @@ def brute_force_match_full(records, sims, ids, settings):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("epsilon", [0.02, 0.05])
-def test_match_full_chooses_what_the_procedure_replayed_by_hand_chooses(store, epsilon):
+@pytest.mark.parametrize("prefix_key", [True, False])
+def test_match_full_chooses_what_the_procedure_replayed_by_hand_chooses(store, epsilon, prefix_key):
     records, _, _, sims, ids = store
     settings = CalibrationSettings(epsilon=epsilon, gate_alpha=0, stream_p=0)
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
-                                 settings=settings)
-    expected, index = brute_force_match_full(records, sims, ids, settings)
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=prefix_key, metric="accuracy",
+                                 raee=RaeeConfig(), settings=settings)
+    expected, index = brute_force_match_full(records, sims, ids, settings, "votes" if prefix_key else "records")
     assert policy.rule == expected and evidence.chosen == index and policy.gate is None
     assert index > 0  # the synthetic evidence lets it leave full depth
     chosen = evidence.curve[index]
     assert chosen.accepted and all(p.accepted for p in evidence.curve[:index])
     assert index + 1 == len(evidence.curve) or not evidence.curve[index + 1].accepted
-    exits = accuracy_exit_layers(sims, ids, records.record_values("correct"), expected, key_layer=1)
+    exits = rule_exits(records, sims, ids, expected)
     assert chosen.accuracy == pytest.approx(np.mean(records.correct[np.arange(len(exits)), exits]))
     assert chosen.layers_run == pytest.approx(np.maximum(exits, 1).mean() / records.num_layers)
     assert chosen.risk_bound <= epsilon + 1e-9  # it passed, so its bound is within epsilon
@@ -120,12 +129,12 @@ def test_match_full_chooses_what_the_procedure_replayed_by_hand_chooses(store, e
 
 def test_match_full_gate_is_calibrated_on_the_items_and_covered_by_the_test(store):
     records, _, _, sims, ids = store
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
                                  settings=CalibrationSettings(epsilon=0.02, gate_alpha=0.1))
     gate, chosen = policy.gate, evidence.curve[evidence.chosen]
     assert gate.min_similarity == pytest.approx(np.quantile(sims[:, 0], 0.05))
     agreement = estimated_accuracy(sims, ids, records.record_values("correct"), AccuracyRuleConfig(), prior=False)
-    exits = accuracy_exit_layers(sims, ids, records.record_values("correct"), policy.rule, key_layer=1)
+    exits = rule_exits(records, sims, ids, policy.rule)
     at_exit = agreement[np.arange(len(exits)), exits]
     assert gate.min_agreement == pytest.approx(np.quantile(at_exit, 0.05))
     flagged = (sims[:, 0] < gate.min_similarity) | (at_exit < gate.min_agreement)
@@ -137,7 +146,7 @@ def test_match_full_gate_is_calibrated_on_the_items_and_covered_by_the_test(stor
 def test_best_takes_the_top_calibration_score_within_the_budget(store):
     records, _, _, sims, ids = store
     settings = CalibrationSettings(objective="best", depth_budget=0.5, gate_alpha=0, stream_p=0)
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
                                  settings=settings)
     chosen = evidence.curve[evidence.chosen]
     assert chosen.layers_run <= 0.5 and chosen.accepted
@@ -146,9 +155,9 @@ def test_best_takes_the_top_calibration_score_within_the_budget(store):
     first = certified.index(True)  # the certified settings are the path's cheap end, from the first certified on
     assert all(certified[first:]) and not any(certified[:first])
     rule = policy.rule
-    exits = (accuracy_exit_layers(sims, ids, records.record_values(rule.values), rule, 1)
-             if isinstance(rule, AccuracyRuleConfig) else raee_exit_layers(sims, ids, records.record_probability(),
-                                                                           rule))
+    assert not isinstance(rule, AccuracyRuleConfig) or rule.key_layers == "votes"  # a prefix key's structure
+    exits = (rule_exits(records, sims, ids, rule) if isinstance(rule, AccuracyRuleConfig) else
+             raee_exit_layers(sims, ids, records.record_probability(), rule))
     assert chosen.score == pytest.approx(task_score("accuracy", records.predicted[np.arange(len(exits)), exits],
                                                     records.gold))
     # no point of the raee-earliest path certified within the budget (tested from its cheapest end at delta over
@@ -172,7 +181,7 @@ def test_best_within_budget_rule():
 def test_raee_objective_serves_faithful_raee(store):
     records, _, _, sims, ids = store
     raee = RaeeConfig(k=8, tau=0.8)
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=raee,
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=raee,
                                  settings=CalibrationSettings(objective="raee"))
     assert policy.rule == raee and policy.gate is None and evidence.curve[evidence.chosen].off_domain == 0
     assert policy.name == "raee:earliest_ratio=1,fallback_top=3,k=8,tau=0.8,use_tau=true,weights=squared"
@@ -180,7 +189,7 @@ def test_raee_objective_serves_faithful_raee(store):
 
 def test_calibrated_policy_round_trips(store):
     records, _, _, sims, ids = store
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
                                  settings=CalibrationSettings(epsilon=0.02))
     assert policy.gate is not None and CalibratedPolicy.from_dict(policy.to_dict()) == policy
     assert type(evidence).from_dict(evidence.to_dict()) == evidence
@@ -191,7 +200,7 @@ def test_calibrated_policy_round_trips(store):
 @pytest.mark.slow
 def test_small_calibration_sets_cannot_certify_a_tiny_epsilon(store):
     records, _, _, sims, ids = store
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
                                  settings=CalibrationSettings(epsilon=0.005))
     # 600 items cannot show a risk below 0.5 point even for a setting identical to full depth: full depth is served
     assert policy.rule is None and evidence.chosen == -1 and policy.name == "full"
@@ -228,7 +237,7 @@ def test_a_build_chooses_its_key_by_the_objective_at_delta_over_the_keys(objecti
     for spec, trial in zip(keys, evidence.keys):
         alone, alone_evidence = calibrate_items(calibration.records, build_index(calibration.pooled[spec.layer],
                                                                                  IndexSpec()),
-                                                calibration.texts, spec.layer, "accuracy", RaeeConfig(), half)
+                                                calibration.texts, spec, "accuracy", RaeeConfig(), half)
         assert trial.policy == alone.name
         if spec == key:  # what the store is written with is the chosen key's own index, policy and evidence
             assert np.array_equal(keys_of(index), calibration.pooled[spec.layer])
@@ -258,7 +267,7 @@ def test_best_prefers_a_key_certified_within_the_budget():
 
 def test_a_store_that_chose_its_key_is_calibrated_again_at_the_same_level(store):
     records, _, _, sims, ids = store
-    _, plain = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+    _, plain = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
                          settings=CalibrationSettings())
     assert "keys" not in plain.to_dict() and plain.keys_tried == 1  # older readers refuse an unknown field
     chose = dataclasses.replace(plain, keys=(KeyTrial("prefix:1", "full", 0.5, 1.0, 0.05),
@@ -296,7 +305,7 @@ def test_best_certifies_each_path_at_delta_over_the_paths(store, monkeypatch):
         levels.append(alpha)
         return real(shares, budget, alpha)
     monkeypatch.setattr(raee.calibration, "certified_within_budget", spy)
-    calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+    calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
               settings=CalibrationSettings(objective="best", delta=0.09, gate_alpha=0, stream_p=0))
     assert levels == [pytest.approx(0.01)] * (len(BEST_STRUCTURES) + 1)
 
@@ -304,10 +313,12 @@ def test_best_certifies_each_path_at_delta_over_the_paths(store, monkeypatch):
 def test_best_with_every_layer_as_budget_takes_the_top_score(store):
     records, _, _, sims, ids = store
     settings = CalibrationSettings(objective="best", depth_budget=1.0, gate_alpha=0, stream_p=0)
-    _, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(), settings=settings)
+    _, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
+                            settings=settings)
     assert all(p.accepted for p in evidence.curve)  # a budget of 1 holds for every setting
     narrower = CalibrationSettings(objective="best", depth_budget=0.999, gate_alpha=0, stream_p=0)
-    _, near = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(), settings=narrower)
+    _, near = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
+                        settings=narrower)
     assert evidence.curve[evidence.chosen].score >= near.curve[near.chosen].score
 
 
@@ -315,7 +326,7 @@ def test_best_says_when_no_setting_is_certified(store, tmp_path):
     from indexer.summary import calibration_summary
     records, _, _, sims, ids = store
     settings = CalibrationSettings(objective="best", depth_budget=0.2, gate_alpha=0, stream_p=0)  # below layer 1
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
                                  settings=settings)
     assert not any(p.accepted for p in evidence.curve) and evidence.chosen >= 0
 

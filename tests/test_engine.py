@@ -56,6 +56,24 @@ def test_raee_exits_match_the_policy_on_the_store(engine):
         assert r.times.key_ms >= 0 and r.times.search_ms >= 0 and r.times.backbone_ms > 0
 
 
+@pytest.mark.parametrize("cost", [0.0, 0.5, 2.0])  # 2.0: nearly every text leaves at layer 0 or 1
+def test_votes_read_the_texts_own_predictions_at_the_key_layers(engine, cost):
+    """key_layers=votes: the engine's exits are the rule's on the same neighbours with each text's predictions at
+    layers 0..K, and a text that leaves there answers with the logits read for the decision (its backbone's)."""
+    policy = f"accuracy:key_layers=votes,cost={cost}"
+    results = engine.classify(QUERIES, policy=policy)
+    every = all_layers(engine.backbone, TASK, QUERIES, pooled_layers=(1,))
+    resolved = engine.resolve(policy)
+    sims, ids = search(engine.store.index, every.pooled[1], resolved.search_width)
+    predicted = every.label_logits[:, :2].argmax(axis=2)
+    expected = decide(resolved, sims, ids, engine.arrays, 1, None, predicted).exits
+    assert [r.exit_layer for r in results] == expected.tolist()
+    labels = every.label_logits[np.arange(len(QUERIES)), expected].argmax(axis=1)
+    assert [r.label_index for r in results] == labels.tolist()
+    with pytest.raises(InputError, match="predictions at layers 0..1"):
+        decide(resolved, sims, ids, engine.arrays, 1, None)  # votes without the texts' predictions
+
+
 def test_engine_never_runs_layers_past_the_deepest_exit(engine):
     results = engine.classify(QUERIES[:4], policy="static:2")
     calls = [0] * engine.num_layers
@@ -145,7 +163,7 @@ def test_the_calibrated_policy_is_served_by_default(examples, tmp_path, objectiv
     every = all_layers(backbone, TASK, QUERIES, pooled_layers=(1,))
     sims, ids = search(engine.store.index, every.pooled[1], resolved.search_width)
     alarms, _ = cusum_alarms(conformal_pvalues(policy.gate, sims[:, 0]), 0.0, policy.gate)
-    expected = decide(resolved, sims, ids, engine.arrays, 1, alarms)
+    expected = decide(resolved, sims, ids, engine.arrays, 1, alarms, every.label_logits[:, :2].argmax(axis=2))
     results = engine.classify(QUERIES)
     assert [r.exit_layer for r in results] == expected.exits.tolist()
     assert [r.off_domain for r in results] == expected.off_domain.tolist()
@@ -300,7 +318,7 @@ def test_length_groups_cut_a_sorted_batch_where_padding_grows():
     assert [g.tolist() for g in length_groups(counts[:4], min_rows=4)] == [[0, 1, 2, 3]]  # small: as it came
 
 
-@pytest.mark.parametrize("policy", ["calibrated", "raee", "static:2"])
+@pytest.mark.parametrize("policy", ["calibrated", "raee", "static:2", "accuracy:key_layers=votes,cost=0.3"])
 def test_a_batch_cut_into_length_groups_answers_as_texts_alone_do(engine, policy, monkeypatch):
     """Short and long texts in one batch run in separate groups (layer 1 sees two calls), tokenized once for all
     groups, and every text gets the exit, label and scores it gets alone; each layer runs exactly the rows that
