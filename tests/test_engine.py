@@ -254,6 +254,8 @@ def test_embedder_keys_with_a_local_sentence_transformer(examples, tmp_path):
     expected = raee_exit_layers(sims, ids, store.records.record_probability(), RaeeConfig())
     assert [r.exit_layer for r in results] == expected.tolist()
     assert [r.layers_run for r in results] == expected.tolist()  # an embedder key runs no backbone layer first
+    with pytest.raises(InputError, match="key_layers=votes reads the predictions at the layers a prefix key ran"):
+        Engine(store, backbone, embedder).classify(QUERIES[:1], policy="accuracy:key_layers=votes")
     with pytest.raises(StoreMismatchError, match="embedder"):
         Engine(store, backbone, None)
 

@@ -20,7 +20,8 @@ from tests.tiny import synthetic_texts, tiny_backbone
 
 TASK = BUILTIN_TASKS["sst2"]
 POLICIES = ["calibrated", "calibrated:best", "raee", "raee:k=4", "raee:earliest_ratio=0.5", "raee:use_tau=false",
-            "accuracy:cost=0.3", "full", "static:2", "oracle", "adainfer", "confidence"]
+            "accuracy:cost=0.3", "accuracy:key_layers=votes,cost=0.3", "full", "static:2", "oracle", "adainfer",
+            "confidence"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,8 @@ def evaluator(store_dir, sst2_like):
 
 
 @pytest.mark.parametrize("name", ["calibrated", "calibrated:best", "raee", "raee:k=4", "raee:earliest_ratio=0.5",
-                                  "raee:use_tau=false", "accuracy:cost=0.3", "full", "static:2"])
+                                  "raee:use_tau=false", "accuracy:cost=0.3", "accuracy:key_layers=votes,cost=0.3",
+                                  "full", "static:2"])
 def test_scored_exits_match_a_fresh_engine(evaluator, store_dir, name):
     engine = Engine(load_store(store_dir), evaluator.engine.backbone)  # a fresh stream-test state, as the scoring
     exits, off_domain = evaluator.exits(ExitPolicy.parse(name))
