@@ -334,8 +334,7 @@ def accuracy_path(records: ExitRecords, similarities: np.ndarray, neighbour_ids:
     """The accuracy rule at one structure, margin from 1 down to 0, then cost up from 0."""
     estimate = estimated_accuracy(similarities, neighbour_ids, records.record_values(structure.values), structure)
     if structure.key_layers == "votes":
-        labels = np.eye(records.label_logits.shape[2])[records.gold]
-        estimate = with_votes(estimate, voted_accuracy(similarities, neighbour_ids, labels,
+        estimate = with_votes(estimate, voted_accuracy(similarities, neighbour_ids, records.gold_one_hot,
                                                        records.predicted[:, :key_layer + 1], structure), key_layer)
     found = (neighbour_ids[:, :structure.k] >= 0).any(axis=1)
     steps = [(m, 0.0) for m in MARGINS] + [(0.0, c) for c in COSTS]  # (margin, cost)

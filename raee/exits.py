@@ -41,7 +41,7 @@ class RecordArrays:
         (N, C) the items' gold labels one-hot (what the accuracy rule's votes count)."""
         if kind not in self._values:
             self._values[kind] = (self.records.record_probability() if kind == "probability" else
-                                  np.eye(self.records.label_logits.shape[2])[self.records.gold] if kind == "labels"
+                                  self.records.gold_one_hot if kind == "labels"
                                   else self.records.record_values(kind))
         return self._values[kind]
 

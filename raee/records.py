@@ -54,6 +54,11 @@ class ExitRecords:
         return self.label_logits.argmax(axis=-1)
 
     @property
+    def gold_one_hot(self) -> np.ndarray:
+        """(N, C) float64: 1 at each item's gold label (what the accuracy rule's votes count)."""
+        return np.eye(self.label_logits.shape[2])[self.gold]
+
+    @property
     def correct(self) -> np.ndarray:
         """(N, L+1) bool: the layer's prediction is the gold label."""
         return self.predicted == self.gold[:, None]

@@ -80,8 +80,8 @@ def test_search_breaks_ties_by_id():
 
 def rule_exits(records, sims, ids, rule, key_layer=1):
     """The accuracy rule's exits for calibration items, their own predictions at layers 0..K given for votes."""
-    votes = (voted_accuracy(sims, ids, np.eye(records.label_logits.shape[2])[records.gold],
-                            records.predicted[:, :key_layer + 1], rule) if rule.key_layers == "votes" else None)
+    votes = (voted_accuracy(sims, ids, records.gold_one_hot, records.predicted[:, :key_layer + 1], rule)
+             if rule.key_layers == "votes" else None)
     return accuracy_exit_layers(sims, ids, records.record_values(rule.values), rule, key_layer, votes=votes)
 
 
