@@ -111,11 +111,12 @@ def parser() -> argparse.ArgumentParser:
                                    "correctly, key it, and write a new version of the exit store at --out.")
     _data_args(b)
     b.add_argument("--out", required=True, metavar="DIR", help="store directory (a new version is added)")
-    b.add_argument("--key", default="auto", metavar="embedder|prefix:K|auto[:K1,K2,...]",
+    b.add_argument("--key", default=None, metavar="embedder|prefix:K|auto[:K1,K2,...]",
                    help="retrieval key: a sentence embedding, or the backbone's mean-pooled layer-K state, which "
                         "the serving pass reuses; auto (the default; README: 'Why the default key'): calibrate "
                         "with each prefix key (default 1 and 2) at delta over their number and keep the one the "
-                        "objective prefers (match-full: fewest layers; best: highest score)")
+                        "objective prefers (match-full: fewest layers; best: highest score). A shard cannot "
+                        "choose (merging calibrates): its default is prefix:1")
     b.add_argument("--index", default=INDEX.type, choices=INDEX_TYPES,
                    help=f"FAISS index (default {INDEX.type}: exact search over float16 keys, half the memory a "
                    "search reads; flat: over float32 keys; hnsw, ivf: approximate). The build calibrates with the "

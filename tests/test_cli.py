@@ -41,6 +41,7 @@ def test_build_inspect_eval(checkpoint, sst2_like, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_shards_and_merge(checkpoint, sst2_like, tmp_path, capsys):
+    from raee.store import load_store
     parts = []
     for i in range(2):
         parts.append(str(tmp_path / f"p{i}"))
@@ -48,6 +49,7 @@ def test_shards_and_merge(checkpoint, sst2_like, tmp_path, capsys):
                            checkpoint, "--shard", f"{i}/2", "--no-progress"]) == 0
     assert raee_index(["merge", str(tmp_path / "merged"), *parts]) == 0
     assert "240 items" in capsys.readouterr().out
+    assert str(load_store(tmp_path / "merged").key) == "prefix:1"  # a shard's key when none is given (not auto)
 
 
 @pytest.mark.slow
@@ -113,6 +115,10 @@ def test_export_writes_the_prefix_graphs_asked_for(checkpoint, capsys):
 @pytest.mark.slow
 def test_build_chooses_its_key(checkpoint, sst2_like, tmp_path, capsys):
     from raee.store import load_store
+    plain = tmp_path / "plain"  # no --key: auto, between prefix:1 and prefix:2
+    assert raee_index(["build", "--task", "sst2", "--train", str(sst2_like), "--out", str(plain), "--backbone",
+                       checkpoint, "--no-progress"]) == 0
+    assert [t.key for t in load_store(plain).calibration_evidence.keys] == ["prefix:1", "prefix:2"]
     store = tmp_path / "store"
     assert raee_index(["build", "--task", "sst2", "--train", str(sst2_like), "--out", str(store), "--backbone",
                        checkpoint, "--key", "auto:0,1", "--no-progress"]) == 0
