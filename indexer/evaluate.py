@@ -221,15 +221,24 @@ def plot(task: TaskFigures, results: list[PolicyResult], path: str) -> None:
     share = {r.policy: 100 * r.avg_layers_run / num_layers for r in results}
     fig, ax = plt.subplots(figsize=(10, 5))
 
-    def curve(prefix: str, style: str, colour: str, label: str) -> None:
-        rows = sorted((r for r in results if r.policy.startswith(prefix) or (prefix == "static:" and r.policy ==
-                                                                               "full")), key=lambda r: share[r.policy])
+    def curve(kind: str, options: dict[str, str], style: str, colour: str, label: str) -> None:
+        """One line through the policies of `kind` whose settings are exactly `options` ("*": any value)."""
+        def on_line(name: str) -> bool:
+            policy = ExitPolicy.parse(name)
+            if kind == "static" and policy.kind == "full":
+                return True
+            given = dict(policy.options)
+            return policy.kind == kind and set(given) == set(options) and all(
+                v == "*" or str(given[k]) == v for k, v in options.items())
+        rows = sorted((r for r in results if on_line(r.policy)), key=lambda r: share[r.policy])
         if rows:
             ax.plot([share[r.policy] for r in rows], [100 * r.score for r in rows], style, color=colour, label=label)
 
-    curve("static:", "o-", "#999999", "static:L (full at 100%)")
-    curve("raee:earliest_ratio=", "s-", "#6baed6", "raee:earliest_ratio=A")
-    curve("accuracy:cost=", "^-", "#74c476", "accuracy:cost=C (uncalibrated)")
+    curve("static", {}, "o-", "#999999", "static:L (full at 100%)")
+    curve("raee", {"earliest_ratio": "*"}, "s-", "#6baed6", "raee:earliest_ratio=A")
+    curve("accuracy", {"cost": "*"}, "^-", "#74c476", "accuracy:cost=C (uncalibrated)")
+    curve("accuracy", {"cost": "*", "key_layers": "votes"}, "v--", "#238b45",
+          "accuracy:cost=C,key_layers=votes (uncalibrated)")
     markers = {"raee": ("*", "#08519c"), "calibrated": ("D", "#e6550d"), "calibrated:best": ("P", "#a63603"),
                "oracle": ("^", "#31a354"), "adainfer": ("v", "#756bb1"), "confidence": ("X", "#d6616b")}
     for r in results:
