@@ -116,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
                         "the serving pass reuses; auto (the default; README: 'Why the default key'): calibrate "
                         "with each prefix key (default 1 and 2) at delta over their number and keep the one the "
                         "objective prefers (match-full: fewest layers; best: highest score). A shard cannot "
-                        "choose (merging calibrates): its default is prefix:1")
+                        "choose (merging calibrates): give every shard the same prefix:K")
     b.add_argument("--index", default=INDEX.type, choices=INDEX_TYPES,
                    help=f"FAISS index (default {INDEX.type}: exact search over float16 keys, half the memory a "
                    "search reads; flat: over float32 keys; hnsw, ivf: approximate). The build calibrates with the "

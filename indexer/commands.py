@@ -16,7 +16,7 @@ from raee.data import Example, read_examples
 from raee.engine import load_backbone_for
 from raee.errors import BackboneError, InputError
 from raee.index import IndexSpec
-from raee.keys import Embedder, KeySpec, default_key_choice, parse_key_choice
+from raee.keys import DEFAULT_KEY, Embedder, KeySpec, parse_key_choice
 from raee.raee_rule import RaeeConfig
 from raee.runtime import DEFAULT_DTYPE
 from raee.store import load_store, read_manifest
@@ -65,10 +65,10 @@ def build(args: argparse.Namespace) -> int:
                                    args.stream_p)  # bad settings are refused before anything is loaded
     policy = RaeeConfig(k=args.k, tau=args.tau)
     check_store_root(args.out)  # a wrong --out fails now, not after loading the model and the calibration pass
-    key = args.key or default_key_choice(args.shard is not None)
     if args.key is None and args.shard is not None:
-        log.info("a shard cannot choose its key (merging calibrates): building with %s; give --key to change it", key)
-    keys = parse_key_choice(key)
+        raise InputError("a shard cannot choose its key (merging calibrates), and the default is to choose (auto): "
+                         "give every shard the same --key prefix:K")
+    keys = parse_key_choice(args.key or DEFAULT_KEY)
     check_key_choice(keys, args.shard)  # before the model loads
     task, examples, backbone = _load(args)
     embedder = Embedder(args.embedder, device=args.device) if keys[0].source == "embedder" else None

@@ -55,13 +55,6 @@ class KeySpec:
 
 AUTO_KEY_LAYERS = (1, 2)  # the prefix keys `auto` chooses between
 DEFAULT_KEY = "auto"  # a build's key when none is given: chosen by calibration (README: 'Why the default key')
-SHARD_DEFAULT_KEY = "prefix:1"  # a shard cannot choose (merging calibrates): the key auto kept on every shared task
-
-
-def default_key_choice(sharded: bool) -> str:
-    """The key a build uses when none is given: `auto`, or for a shard, which is calibrated only when merged and so
-    cannot choose, prefix:1 (what `auto` kept for match-full on all seven shared train files)."""
-    return SHARD_DEFAULT_KEY if sharded else DEFAULT_KEY
 
 
 def parse_key_choice(text: str) -> tuple[KeySpec, ...]:

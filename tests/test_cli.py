@@ -46,10 +46,10 @@ def test_shards_and_merge(checkpoint, sst2_like, tmp_path, capsys):
     for i in range(2):
         parts.append(str(tmp_path / f"p{i}"))
         assert raee_index(["build", "--task", "sst2", "--train", str(sst2_like), "--out", parts[-1], "--backbone",
-                           checkpoint, "--shard", f"{i}/2", "--no-progress"]) == 0
+                           checkpoint, "--shard", f"{i}/2", "--key", "prefix:1", "--no-progress"]) == 0
     assert raee_index(["merge", str(tmp_path / "merged"), *parts]) == 0
     assert "240 items" in capsys.readouterr().out
-    assert str(load_store(tmp_path / "merged").key) == "prefix:1"  # a shard's key when none is given (not auto)
+    assert str(load_store(tmp_path / "merged").key) == "prefix:1"
 
 
 @pytest.mark.slow
@@ -136,7 +136,8 @@ def test_a_shard_cannot_choose_its_key_and_is_refused_before_any_model_runs(tmp_
                                                                             capsys):
     import indexer.commands
     monkeypatch.setattr(indexer.commands, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded"))
-    assert raee_index(["build", "--task", "sst2", "--train", str(sst2_like), "--out", str(tmp_path / "s"),
-                       "--key", "auto", "--shard", "0/2", "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "shard" in err and "prefix:K" in err
+    for key in (["--key", "auto"], []):  # auto, given or by default
+        assert raee_index(["build", "--task", "sst2", "--train", str(sst2_like), "--out", str(tmp_path / "s"),
+                           *key, "--shard", "0/2", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "shard" in err and "prefix:K" in err
