@@ -71,7 +71,7 @@ def one_split(store: ExitStore, keys: np.ndarray, share: float, seed: int) -> di
     chosen = evidence.curve[evidence.chosen] if evidence.chosen >= 0 else None
     sims_a, ids_a = leave_one_out_search(index, text_groups(texts_a), SEARCH_WIDTH)
     path = []
-    for c in accuracy_path(records_a, sims_a, ids_a, structure(AccuracyRuleConfig(), store.key.source == "prefix"),
+    for c in accuracy_path(records_a, sims_a, ids_a, structure(AccuracyRuleConfig(), settings),
                            store.key_layer,
                            gate_maker(records_a, sims_a, ids_a, settings)):
         right_c, _ = served_right(Resolved(rule=c.rule, gate=c.gate), sims_b, ids_b, arrays, store.key_layer,

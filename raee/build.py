@@ -20,6 +20,7 @@ from raee.calibration import (
     CalibrationSettings,
     KeyTrial,
     calibrate,
+    key_layers_for,
 )
 from raee.data import Example, text_groups
 from raee.errors import InputError, StoreError
@@ -159,6 +160,7 @@ def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examp
     check_store_root(out)
     candidates = (key,) if isinstance(key, KeySpec) else tuple(sorted(key, key=lambda k: k.prefix_layers))
     check_key_choice(candidates, shard)  # the deepest, last, is the one the pass checks against the backbone
+    settings = dataclasses.replace(settings, key_layers=key_layers_for(candidates[0].source))  # saved in the store
     started = time.perf_counter()
     calibration = run_calibration_pass(backbone, task, shard_of(examples, shard), candidates[-1], embedder,
                                        batch_size, progress, extra_pooled_layers=tuple(
@@ -190,9 +192,11 @@ def build_store(out: str | Path, task: TaskDefinition, backbone: Backbone, examp
 def calibrate_items(records: ExitRecords, index: faiss.Index, texts: list[str], key: KeySpec, metric: str,
                     raee: RaeeConfig, settings: CalibrationSettings) -> tuple[CalibratedPolicy, CalibrationEvidence]:
     """Leave-one-out neighbours of every item (items of the same text left out too), then calibration."""
+    if settings.key_layers == "votes" and key.source != "prefix":
+        raise InputError(f"key_layers=votes reads the layers a prefix key ran; this key is {key}")
     similarities, ids = leave_one_out_search(index, text_groups(texts), SEARCH_WIDTH)
-    return calibrate(records, similarities, ids, key_layer=key.prefix_layers, prefix_key=key.source == "prefix",
-                     metric=metric, raee=raee, settings=settings)
+    return calibrate(records, similarities, ids, key_layer=key.prefix_layers, metric=metric, raee=raee,
+                     settings=settings)
 
 
 def check_key_choice(keys: tuple[KeySpec, ...], shard: tuple[int, int] | None) -> None:

@@ -36,7 +36,9 @@ from typing import Any, get_args
 import numpy as np
 
 from raee.accuracy_rule import (
+    KEY_LAYERS,
     AccuracyRuleConfig,
+    KeyLayers,
     RecordValues,
     estimated_accuracy,
     exit_layers_from_estimate,
@@ -72,6 +74,8 @@ class CalibrationSettings:
     depth_budget: float = 0.6  # best: the most layers run on average, as a share of all layers
     gate_alpha: float = 0.02  # off-domain gate: share of in-domain queries its per-query tests flag; 0 = no gate
     stream_p: float = 1e-3  # off-domain gate: in-domain false alarms of the stream test per query; 0 = no stream test
+    key_layers: KeyLayers = "records"  # the accuracy rule's estimate for the key's layers 0..K: a build sets "votes"
+    # for a prefix key (raee.build.build_store); a store built before votes reads "records", and is recalibrated so
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -86,6 +90,8 @@ class CalibrationSettings:
             raise InputError(f"gate alpha must lie in [0, 0.5), got {self.gate_alpha}")
         if not 0 <= self.stream_p < 1:
             raise InputError(f"stream p must lie in [0, 1), got {self.stream_p}")
+        if self.key_layers not in KEY_LAYERS:
+            raise InputError(f"key_layers {self.key_layers!r} is not one of {', '.join(KEY_LAYERS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,22 +210,21 @@ GateMaker = Callable[[Rule, np.ndarray], _Candidate]
 
 
 def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray, *, key_layer: int,
-              prefix_key: bool, metric: str, raee: RaeeConfig,
+              metric: str, raee: RaeeConfig,
               settings: CalibrationSettings) -> tuple[CalibratedPolicy, CalibrationEvidence]:
     """Choose the served policy. similarities, neighbour_ids: (N, >= SEARCH_WIDTH) leave-one-out neighbours of
-    every calibration item (-1 = none); key_layer: the prefix key's layer (0 for an embedder key); prefix_key: the
-    store's key is a prefix key, so the accuracy rule can read the query's own predictions at layers 0..K
-    (key_layers=votes, which every structure searched then uses; an embedder key: records)."""
+    every calibration item (-1 = none); key_layer: the prefix key's layer (0 for an embedder key). Every accuracy-rule
+    structure searched reads the key's layers as settings.key_layers says."""
     started = time.perf_counter()
     n, num_layers = records.num_items, records.num_layers
     if neighbour_ids.shape[0] != n:
         raise InputError(f"{neighbour_ids.shape[0]} neighbour rows for {n} calibration items")
     gated = gate_maker(records, similarities, neighbour_ids, settings)
     if settings.objective == "match-full":
-        paths = [list(accuracy_path(records, similarities, neighbour_ids, structure(AccuracyRuleConfig(), prefix_key),
+        paths = [list(accuracy_path(records, similarities, neighbour_ids, structure(AccuracyRuleConfig(), settings),
                                     key_layer, gated))]
     elif settings.objective == "best":
-        paths = [list(accuracy_path(records, similarities, neighbour_ids, structure(s, prefix_key), key_layer,
+        paths = [list(accuracy_path(records, similarities, neighbour_ids, structure(s, settings), key_layer,
                                     gated)) for s in BEST_STRUCTURES]
         paths.append(list(_raee_path(records, similarities, neighbour_ids, raee, gated)))
     else:
@@ -248,11 +253,15 @@ def calibrate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.
     return policy, evidence
 
 
-def structure(base: AccuracyRuleConfig, prefix_key: bool) -> AccuracyRuleConfig:
-    """The accuracy rule's structure as calibration searches it: with a prefix key the layers it ran are read by
-    the neighbours' votes (raee/accuracy_rule.py), which track the query's own predictions there; with an
-    embedder key nothing has run when the exit is chosen, so by the records."""
-    return dataclasses.replace(base, key_layers="votes" if prefix_key else "records")
+def structure(base: AccuracyRuleConfig, settings: CalibrationSettings) -> AccuracyRuleConfig:
+    """The accuracy rule's structure as calibration searches it: the key's layers read as the settings say."""
+    return dataclasses.replace(base, key_layers=settings.key_layers)
+
+
+def key_layers_for(key_source: str) -> KeyLayers:
+    """What a build reads the key's layers by: a prefix key's by the neighbours' votes for the query's own answers
+    there (raee/accuracy_rule.py); an embedder key has run no layer when the exit is chosen, so by the records."""
+    return "votes" if key_source == "prefix" else "records"
 
 
 def gate_maker(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,

@@ -257,15 +257,15 @@ class Engine:
             keys = require_embedder(self.embedder).encode(texts)
         else:
             keys, groups = self._prefix_keys(tokens, rows)
-        keyed = time.perf_counter()
-        sims, ids = search(self.index, keys, resolved.search_width)
         predicted = None
-        if resolved.reads_predictions:
+        if resolved.reads_predictions:  # the head at the key's layers: the key stage's backbone work
             groups = [self._read_key_layers(g) for g in groups]
             predicted = np.empty((len(texts), self.store.key_layer + 1), dtype=np.int64)
             for g in groups:
                 assert g.early_logits is not None
                 predicted[g.rows] = g.early_logits.argmax(axis=2)
+        keyed = time.perf_counter()
+        sims, ids = search(self.index, keys, resolved.search_width)
         decision = decide(resolved, sims, ids, self.arrays, self.store.key_layer,
                           self._alarms(objective, resolved, sims, ids), predicted)
         searched = time.perf_counter()

@@ -108,13 +108,13 @@ def brute_force_match_full(records, sims, ids, settings, key_layers):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("epsilon", [0.02, 0.05])
-@pytest.mark.parametrize("prefix_key", [True, False])
-def test_match_full_chooses_what_the_procedure_replayed_by_hand_chooses(store, epsilon, prefix_key):
+@pytest.mark.parametrize("key_layers", ["votes", "records"])
+def test_match_full_chooses_what_the_procedure_replayed_by_hand_chooses(store, epsilon, key_layers):
     records, _, _, sims, ids = store
-    settings = CalibrationSettings(epsilon=epsilon, gate_alpha=0, stream_p=0)
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=prefix_key, metric="accuracy",
-                                 raee=RaeeConfig(), settings=settings)
-    expected, index = brute_force_match_full(records, sims, ids, settings, "votes" if prefix_key else "records")
+    settings = CalibrationSettings(epsilon=epsilon, gate_alpha=0, stream_p=0, key_layers=key_layers)
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+                                 settings=settings)
+    expected, index = brute_force_match_full(records, sims, ids, settings, key_layers)
     assert policy.rule == expected and evidence.chosen == index and policy.gate is None
     assert index > 0  # the synthetic evidence lets it leave full depth
     chosen = evidence.curve[index]
@@ -129,7 +129,7 @@ def test_match_full_chooses_what_the_procedure_replayed_by_hand_chooses(store, e
 
 def test_match_full_gate_is_calibrated_on_the_items_and_covered_by_the_test(store):
     records, _, _, sims, ids = store
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
                                  settings=CalibrationSettings(epsilon=0.02, gate_alpha=0.1))
     gate, chosen = policy.gate, evidence.curve[evidence.chosen]
     assert gate.min_similarity == pytest.approx(np.quantile(sims[:, 0], 0.05))
@@ -145,8 +145,8 @@ def test_match_full_gate_is_calibrated_on_the_items_and_covered_by_the_test(stor
 
 def test_best_takes_the_top_calibration_score_within_the_budget(store):
     records, _, _, sims, ids = store
-    settings = CalibrationSettings(objective="best", depth_budget=0.5, gate_alpha=0, stream_p=0)
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
+    settings = CalibrationSettings(objective="best", depth_budget=0.5, gate_alpha=0, stream_p=0, key_layers="votes")
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
                                  settings=settings)
     chosen = evidence.curve[evidence.chosen]
     assert chosen.layers_run <= 0.5 and chosen.accepted
@@ -155,7 +155,7 @@ def test_best_takes_the_top_calibration_score_within_the_budget(store):
     first = certified.index(True)  # the certified settings are the path's cheap end, from the first certified on
     assert all(certified[first:]) and not any(certified[:first])
     rule = policy.rule
-    assert not isinstance(rule, AccuracyRuleConfig) or rule.key_layers == "votes"  # a prefix key's structure
+    assert not isinstance(rule, AccuracyRuleConfig) or rule.key_layers == "votes"  # every structure as settings say
     exits = (rule_exits(records, sims, ids, rule) if isinstance(rule, AccuracyRuleConfig) else
              raee_exit_layers(sims, ids, records.record_probability(), rule))
     assert chosen.score == pytest.approx(task_score("accuracy", records.predicted[np.arange(len(exits)), exits],
@@ -181,7 +181,7 @@ def test_best_within_budget_rule():
 def test_raee_objective_serves_faithful_raee(store):
     records, _, _, sims, ids = store
     raee = RaeeConfig(k=8, tau=0.8)
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=raee,
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=raee,
                                  settings=CalibrationSettings(objective="raee"))
     assert policy.rule == raee and policy.gate is None and evidence.curve[evidence.chosen].off_domain == 0
     assert policy.name == "raee:earliest_ratio=1,fallback_top=3,k=8,tau=0.8,use_tau=true,weights=squared"
@@ -189,7 +189,7 @@ def test_raee_objective_serves_faithful_raee(store):
 
 def test_calibrated_policy_round_trips(store):
     records, _, _, sims, ids = store
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
                                  settings=CalibrationSettings(epsilon=0.02))
     assert policy.gate is not None and CalibratedPolicy.from_dict(policy.to_dict()) == policy
     assert type(evidence).from_dict(evidence.to_dict()) == evidence
@@ -200,17 +200,23 @@ def test_calibrated_policy_round_trips(store):
 @pytest.mark.slow
 def test_small_calibration_sets_cannot_certify_a_tiny_epsilon(store):
     records, _, _, sims, ids = store
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
                                  settings=CalibrationSettings(epsilon=0.005))
     # 600 items cannot show a risk below 0.5 point even for a setting identical to full depth: full depth is served
     assert policy.rule is None and evidence.chosen == -1 and policy.name == "full"
 
 
 @pytest.mark.parametrize("bad", [dict(objective="fast"), dict(epsilon=1.5), dict(delta=0), dict(depth_budget=0),
-                                 dict(gate_alpha=0.6), dict(stream_p=1)])
+                                 dict(gate_alpha=0.6), dict(stream_p=1), dict(key_layers="labels")])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(InputError):
         CalibrationSettings(**bad)
+
+
+def test_settings_saved_before_votes_read_the_key_layers_by_records():
+    saved = CalibrationSettings().to_dict()
+    del saved["key_layers"]  # a store built before the votes
+    assert CalibrationSettings.from_dict(saved).key_layers == "records"
 
 
 def two_key_pass(informative_layer=1):
@@ -267,7 +273,7 @@ def test_best_prefers_a_key_certified_within_the_budget():
 
 def test_a_store_that_chose_its_key_is_calibrated_again_at_the_same_level(store):
     records, _, _, sims, ids = store
-    _, plain = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
+    _, plain = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
                          settings=CalibrationSettings())
     assert "keys" not in plain.to_dict() and plain.keys_tried == 1  # older readers refuse an unknown field
     chose = dataclasses.replace(plain, keys=(KeyTrial("prefix:1", "full", 0.5, 1.0, 0.05),
@@ -305,7 +311,7 @@ def test_best_certifies_each_path_at_delta_over_the_paths(store, monkeypatch):
         levels.append(alpha)
         return real(shares, budget, alpha)
     monkeypatch.setattr(raee.calibration, "certified_within_budget", spy)
-    calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
+    calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
               settings=CalibrationSettings(objective="best", delta=0.09, gate_alpha=0, stream_p=0))
     assert levels == [pytest.approx(0.01)] * (len(BEST_STRUCTURES) + 1)
 
@@ -313,11 +319,11 @@ def test_best_certifies_each_path_at_delta_over_the_paths(store, monkeypatch):
 def test_best_with_every_layer_as_budget_takes_the_top_score(store):
     records, _, _, sims, ids = store
     settings = CalibrationSettings(objective="best", depth_budget=1.0, gate_alpha=0, stream_p=0)
-    _, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
+    _, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
                             settings=settings)
     assert all(p.accepted for p in evidence.curve)  # a budget of 1 holds for every setting
     narrower = CalibrationSettings(objective="best", depth_budget=0.999, gate_alpha=0, stream_p=0)
-    _, near = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
+    _, near = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
                         settings=narrower)
     assert evidence.curve[evidence.chosen].score >= near.curve[near.chosen].score
 
@@ -326,7 +332,7 @@ def test_best_says_when_no_setting_is_certified(store, tmp_path):
     from indexer.summary import calibration_summary
     records, _, _, sims, ids = store
     settings = CalibrationSettings(objective="best", depth_budget=0.2, gate_alpha=0, stream_p=0)  # below layer 1
-    policy, evidence = calibrate(records, sims, ids, key_layer=1, prefix_key=True, metric="accuracy", raee=RaeeConfig(),
+    policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
                                  settings=settings)
     assert not any(p.accepted for p in evidence.curve) and evidence.chosen >= 0
 
