@@ -7,7 +7,7 @@ A policy is written NAME, NAME:VALUE or NAME:[VALUE,]KEY=VALUE[,KEY=VALUE...]:
     raee[:KEY=VALUE,...]           faithful RAEE at the store's settings; keys are RaeeConfig's fields
                                    (k, tau, fallback_top, use_tau, earliest_ratio, weights)
     accuracy[:KEY=VALUE,...]       our accuracy rule at its defaults; keys are AccuracyRuleConfig's fields
-                                   (k, temperature, prior, values, margin, cost)
+                                   (k, temperature, prior, values, margin, cost, key_layers)
     full | static:L                every layer, or always layer L
     oracle | adainfer | confidence[:RATE]   evaluation only: they read the gold label or run the head at every layer
 
