@@ -134,13 +134,22 @@ def voted_accuracy(similarities: np.ndarray, neighbour_ids: np.ndarray, labels: 
     return np.take_along_axis(share, predicted.astype(np.int64), axis=1)
 
 
-def with_votes(estimate: np.ndarray, votes: np.ndarray | None, key_layer: int) -> np.ndarray:
-    """The estimate (Q, L+1) with layers 0..K read from the votes (Q, K+1)."""
-    if votes is None or votes.shape != (len(estimate), key_layer + 1):
+def rule_estimate(similarities: np.ndarray, neighbour_ids: np.ndarray, record_values: np.ndarray,
+                  config: AccuracyRuleConfig, key_layer: int, *, store_mean: np.ndarray | None = None,
+                  weighted: tuple[np.ndarray, np.ndarray] | None = None, labels: np.ndarray | None = None,
+                  predicted: np.ndarray | None = None, label_mean: np.ndarray | None = None) -> np.ndarray:
+    """(Q, L+1) the estimate the rule weighs against cost: the records' at every layer, and with key_layers=votes
+    the votes at layers 0..K. store_mean, weighted: as for estimated_accuracy; labels, predicted, label_mean: as for
+    voted_accuracy, required with votes (the queries' predictions at layers 0..K, which only a prefix key has)."""
+    estimate = estimated_accuracy(similarities, neighbour_ids, record_values, config, store_mean=store_mean,
+                                  weighted=weighted)
+    if config.key_layers != "votes":
+        return estimate
+    if labels is None or predicted is None or predicted.shape != (len(estimate), key_layer + 1):
         raise InputError(f"key_layers=votes needs the query's predictions at layers 0..{key_layer}, which only a "
                          "prefix key runs before the exit is chosen")
     estimate = estimate.copy()
-    estimate[:, :key_layer + 1] = votes
+    estimate[:, :key_layer + 1] = voted_accuracy(similarities, neighbour_ids, labels, predicted, config, label_mean)
     return estimate
 
 
@@ -160,15 +169,12 @@ def exit_layers_from_estimate(estimate: np.ndarray, config: AccuracyRuleConfig, 
 
 def accuracy_exit_layers(similarities: np.ndarray, neighbour_ids: np.ndarray, record_values: np.ndarray,
                          config: AccuracyRuleConfig, key_layer: int, store_mean: np.ndarray | None = None,
-                         weighted: tuple[np.ndarray, np.ndarray] | None = None,
-                         votes: np.ndarray | None = None) -> np.ndarray:
+                         weighted: tuple[np.ndarray, np.ndarray] | None = None, *, labels: np.ndarray | None = None,
+                         predicted: np.ndarray | None = None, label_mean: np.ndarray | None = None) -> np.ndarray:
     """The accuracy rule's exit layer (Q,) for each query from its neighbours; full depth where none was found.
-    weighted: as for estimated_accuracy. votes: (Q, K+1) voted_accuracy(...) for layers 0..K, which replaces the
-    records' estimate there; required when config.key_layers is "votes"."""
-    estimate = estimated_accuracy(similarities, neighbour_ids, record_values, config, store_mean=store_mean,
-                                  weighted=weighted)
-    if config.key_layers == "votes":
-        estimate = with_votes(estimate, votes, key_layer)
+    The other arguments: as for rule_estimate."""
+    estimate = rule_estimate(similarities, neighbour_ids, record_values, config, key_layer, store_mean=store_mean,
+                             weighted=weighted, labels=labels, predicted=predicted, label_mean=label_mean)
     exits = exit_layers_from_estimate(estimate, config, key_layer)
     found = (neighbour_ids[:, :config.k] >= 0).any(axis=1)
     return np.where(found, exits, record_values.shape[1] - 1)

@@ -42,8 +42,7 @@ from raee.accuracy_rule import (
     RecordValues,
     estimated_accuracy,
     exit_layers_from_estimate,
-    voted_accuracy,
-    with_votes,
+    rule_estimate,
 )
 from raee.errors import InputError, StoreError
 from raee.exit_policy import OBJECTIVES, ExitPolicy, Objective, PolicyKind
@@ -341,10 +340,8 @@ def best_within_budget(scores: list[float], layers_run: list[float], within: lis
 def accuracy_path(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
                   structure: AccuracyRuleConfig, key_layer: int, gated: GateMaker) -> Iterator[_Candidate]:
     """The accuracy rule at one structure, margin from 1 down to 0, then cost up from 0."""
-    estimate = estimated_accuracy(similarities, neighbour_ids, records.record_values(structure.values), structure)
-    if structure.key_layers == "votes":
-        estimate = with_votes(estimate, voted_accuracy(similarities, neighbour_ids, records.gold_one_hot,
-                                                       records.predicted[:, :key_layer + 1], structure), key_layer)
+    estimate = rule_estimate(similarities, neighbour_ids, records.record_values(structure.values), structure,
+                             key_layer, labels=records.gold_one_hot, predicted=records.predicted[:, :key_layer + 1])
     found = (neighbour_ids[:, :structure.k] >= 0).any(axis=1)
     steps = [(m, 0.0) for m in MARGINS] + [(0.0, c) for c in COSTS]  # (margin, cost)
     for margin, cost in steps:

@@ -17,7 +17,6 @@ from raee.accuracy_rule import (
     RecordValues,
     accuracy_exit_layers,
     estimated_accuracy,
-    voted_accuracy,
     weighted_records,
 )
 from raee.calibration import CalibratedPolicy, Rule
@@ -126,12 +125,9 @@ def decide(resolved: Resolved, similarities: np.ndarray, neighbour_ids: np.ndarr
     else:
         weighted = weighted_records(similarities, neighbour_ids, arrays.values(rule.values), rule.k, rule.temperature)
         sums[(rule.values, rule.k, rule.temperature)] = weighted  # the gate's agreement may read the same sums
-        votes = None
-        if rule.key_layers == "votes" and predicted is not None:
-            votes = voted_accuracy(similarities, neighbour_ids, arrays.values("labels"), predicted, rule,
-                                   arrays.mean("labels"))
         exits = accuracy_exit_layers(similarities, neighbour_ids, arrays.values(rule.values), rule, key_layer,
-                                     arrays.mean(rule.values), weighted, votes)
+                                     arrays.mean(rule.values), weighted, labels=arrays.values("labels"),
+                                     predicted=predicted, label_mean=arrays.mean("labels"))
         no_evidence = ~(neighbour_ids[:, :rule.k] >= 0).any(axis=1)
     reasons = np.full(q, "", dtype=object)
     gate = resolved.gate

@@ -116,13 +116,13 @@ def test_votes_read_the_query_s_own_prediction_at_the_key_layers():
     votes = dataclasses.replace(records, key_layers="votes")
     predicted = np.array([[0, 1]])  # the query's labels at layers 0 and 1 (the prefix key's)
     np.testing.assert_allclose(voted_accuracy(sims, ids, labels, predicted, votes), [[0.25, 0.75]])
-    assert accuracy_exit_layers(sims, ids, values, records, 1)[0] == 2  # 0.25 - 0.2 < 1 - 0.4
-    estimate = voted_accuracy(sims, ids, labels, predicted, votes)
-    assert accuracy_exit_layers(sims, ids, values, votes, 1, votes=estimate)[0] == 1  # 0.75 - 0.2 > 1 - 0.4
+    assert accuracy_exit_layers(sims, ids, values, records, 1)[0] == 2  # net: 0.25 - 0.6 * 1/2 < 1 - 0.6 * 2/2
+    by_votes = accuracy_exit_layers(sims, ids, values, votes, 1, labels=labels, predicted=predicted)
+    assert by_votes[0] == 1  # net: 0.75 - 0.6 * 1/2 > 1 - 0.6 * 2/2
     with pytest.raises(InputError, match="prefix key"):
         accuracy_exit_layers(sims, ids, values, votes, 1)  # no predictions given
     with pytest.raises(InputError, match="prefix key"):
-        accuracy_exit_layers(sims, ids, values, votes, 1, votes=estimate[:, :1])  # not K+1 columns
+        accuracy_exit_layers(sims, ids, values, votes, 1, labels=labels, predicted=predicted[:, :1])  # not K+1
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -145,7 +145,8 @@ def test_votes_match_the_reference(seed, k):
             served = voted_accuracy(sims, ids, labels, predicted, config, labels.mean(axis=0))  # as the engine does
             if config.prior:  # the mean passed is the one used
                 assert not np.allclose(voted_accuracy(sims, ids, labels, predicted, config, np.zeros(classes)), served)
-            ours = accuracy_exit_layers(sims, ids, values, config, key_layer, votes=served)
+            ours = accuracy_exit_layers(sims, ids, values, config, key_layer, labels=labels, predicted=predicted,
+                                        label_mean=labels.mean(axis=0))
             expected = [reference_exit_layer(sims[i], ids[i], values, config, key_layer, gold, predicted[i])
                         for i in range(q)]
             assert ours.tolist() == expected, (config, key_layer)

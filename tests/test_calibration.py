@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy, voted_accuracy
+from raee.accuracy_rule import AccuracyRuleConfig, accuracy_exit_layers, estimated_accuracy
 from raee.build import CalibrationPass, calibrate_items, calibration_settings, check_key_choice, choose_key
 from raee.calibration import (
     BEST_STRUCTURES,
@@ -80,9 +80,8 @@ def test_search_breaks_ties_by_id():
 
 def rule_exits(records, sims, ids, rule, key_layer=1):
     """The accuracy rule's exits for calibration items, their own predictions at layers 0..K given for votes."""
-    votes = (voted_accuracy(sims, ids, records.gold_one_hot, records.predicted[:, :key_layer + 1], rule)
-             if rule.key_layers == "votes" else None)
-    return accuracy_exit_layers(sims, ids, records.record_values(rule.values), rule, key_layer, votes=votes)
+    return accuracy_exit_layers(sims, ids, records.record_values(rule.values), rule, key_layer,
+                                labels=records.gold_one_hot, predicted=records.predicted[:, :key_layer + 1])
 
 
 def brute_force_match_full(records, sims, ids, settings, key_layers):
