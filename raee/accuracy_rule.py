@@ -109,7 +109,8 @@ def estimated_accuracy(similarities: np.ndarray, neighbour_ids: np.ndarray, reco
     similarities, neighbour_ids: (Q, >=k), -1 = no neighbour; record_values: (N, L+1). prior=False gives the raw
     weighted share (what the off-domain gate reads as the neighbours' agreement). store_mean: record_values'
     mean over the items (L+1,), which the estimate shrinks to; pass it when serving, as computing it reads the
-    whole store (0.2 ms per call on 8.7k items). weighted: weighted_records(...) for these neighbours, records,
+    whole store (0.2 ms per call on 8.7k items); or one mean per query (Q, L+1), as leave-one-out calibration passes
+    each item's mean without it. weighted: weighted_records(...) for these neighbours, records,
     config.k and config.temperature, where the caller has them already."""
     total, mass = weighted if weighted is not None else weighted_records(
         similarities, neighbour_ids, record_values, config.k, config.temperature)
@@ -124,7 +125,7 @@ def voted_accuracy(similarities: np.ndarray, neighbour_ids: np.ndarray, labels: 
     """(Q, K+1) the neighbours' weighted vote for the query's own prediction at each layer the key ran, shrunk to
     the store's label frequencies (strength config.prior). labels: (N, C) one-hot gold labels of the store's items;
     predicted: (Q, K+1) the query's predicted label at layers 0..K; label_mean: labels' mean over the items (C,),
-    passed when serving (as store_mean is)."""
+    passed when serving (as store_mean is), or per query (Q, C)."""
     total, mass = weighted_records(similarities, neighbour_ids, labels, config.k, config.temperature)  # (Q, C)
     if config.prior > 0:
         mean = labels.mean(axis=0) if label_mean is None else label_mean

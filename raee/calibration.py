@@ -340,14 +340,28 @@ def best_within_budget(scores: list[float], layers_run: list[float], within: lis
 def accuracy_path(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
                   structure: AccuracyRuleConfig, key_layer: int, gated: GateMaker) -> Iterator[_Candidate]:
     """The accuracy rule at one structure, margin from 1 down to 0, then cost up from 0."""
-    estimate = rule_estimate(similarities, neighbour_ids, records.record_values(structure.values), structure,
-                             key_layer, labels=records.gold_one_hot, predicted=records.predicted[:, :key_layer + 1])
+    estimate = calibration_estimate(records, similarities, neighbour_ids, structure, key_layer)
     found = (neighbour_ids[:, :structure.k] >= 0).any(axis=1)
     steps = [(m, 0.0) for m in MARGINS] + [(0.0, c) for c in COSTS]  # (margin, cost)
     for margin, cost in steps:
         rule = dataclasses.replace(structure, margin=margin, cost=cost)
         exits = np.where(found, exit_layers_from_estimate(estimate, rule, key_layer), records.num_layers)
         yield gated(rule, exits)
+
+
+def calibration_estimate(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray,
+                         structure: AccuracyRuleConfig, key_layer: int) -> np.ndarray:
+    """(N, L+1) the rule's estimate for every calibration item, leave-one-out: its neighbours exclude it, and so do
+    the store means its estimate shrinks to (records and labels), so that no item's own record or label enters its
+    estimate."""
+    values, labels = records.record_values(structure.values), records.gold_one_hot
+    n = len(values)
+
+    def without_each(a: np.ndarray) -> np.ndarray:
+        return (a.sum(axis=0) - a) / max(n - 1, 1)  # (N, ...) each item's store mean without it
+    return rule_estimate(similarities, neighbour_ids, values, structure, key_layer, store_mean=without_each(values),
+                         labels=labels, predicted=records.predicted[:, :key_layer + 1],
+                         label_mean=without_each(labels))
 
 
 def _raee_path(records: ExitRecords, similarities: np.ndarray, neighbour_ids: np.ndarray, raee: RaeeConfig,

@@ -21,6 +21,7 @@ from raee.calibration import (
     KeyTrial,
     best_within_budget,
     calibrate,
+    calibration_estimate,
 )
 from raee.data import text_groups
 from raee.errors import InputError
@@ -79,9 +80,24 @@ def test_search_breaks_ties_by_id():
 
 
 def rule_exits(records, sims, ids, rule, key_layer=1):
-    """The accuracy rule's exits for calibration items, their own predictions at layers 0..K given for votes."""
-    return accuracy_exit_layers(sims, ids, records.record_values(rule.values), rule, key_layer,
-                                labels=records.gold_one_hot, predicted=records.predicted[:, :key_layer + 1])
+    """The accuracy rule's exits for calibration items, leave-one-out: their own predictions at layers 0..K given
+    for votes, and each item's store means taken without it."""
+    values, labels, n = records.record_values(rule.values), records.gold_one_hot, records.num_items
+    return accuracy_exit_layers(sims, ids, values, rule, key_layer, (values.sum(axis=0) - values) / (n - 1),
+                                labels=labels, predicted=records.predicted[:, :key_layer + 1],
+                                label_mean=(labels.sum(axis=0) - labels) / (n - 1))
+
+
+@pytest.mark.parametrize("key_layers", ["votes", "records"])
+def test_no_item_s_own_label_or_record_enters_its_calibration_estimate(store, key_layers):
+    records, _, _, sims, ids = store
+    structure = AccuracyRuleConfig(key_layers=key_layers)
+    before = calibration_estimate(records, sims, ids, structure, 1)
+    flipped = ExitRecords(records.gold.copy(), records.label_logits.copy())
+    flipped.gold[0] = 1 - flipped.gold[0]  # item 0's label, and so its right/wrong record at every layer
+    after = calibration_estimate(flipped, sims, ids, structure, 1)
+    np.testing.assert_array_equal(after[0], before[0])
+    assert not np.array_equal(after[1:], before[1:])  # the others see it (as a neighbour or in their means)
 
 
 def brute_force_match_full(records, sims, ids, settings, key_layers):
