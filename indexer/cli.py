@@ -141,6 +141,10 @@ def parser() -> argparse.ArgumentParser:
                    help=f"match-full: accuracy loss allowed, a share (default {SETTINGS.epsilon} = 0.5 point)")
     c.add_argument("--delta", type=float, default=SETTINGS.delta,
                    help=f"match-full, best: chance the guarantee may fail (default {SETTINGS.delta})")
+    c.add_argument("--query-items", type=int, default=SETTINGS.query_items, metavar="M",
+                   help="match-full: the accuracy guarantee also holds as measured on a file of M queries, whose "
+                        "own scatter it allows for (normal approximation); 0 = in expectation only (default "
+                        f"{SETTINGS.query_items})")
     c.add_argument("--depth-budget", type=float, default=SETTINGS.depth_budget, metavar="F",
                    help=f"best: share of layers run allowed on average (default {SETTINGS.depth_budget})")
     c.add_argument("--gate-alpha", type=float, default=SETTINGS.gate_alpha,

@@ -52,8 +52,8 @@ def backbone_flags(args: argparse.Namespace) -> str:
 
 
 # What build --like takes from the serving store, as the flags that would set it otherwise.
-LIKE_FLAGS = ("key", "index", "objective", "epsilon", "delta", "depth_budget", "gate_alpha", "stream_p", "k", "tau",
-              "kind", "dtype", "scale", "runtime", "precision", "embedder")
+LIKE_FLAGS = ("key", "index", "objective", "epsilon", "delta", "query_items", "depth_budget", "gate_alpha", "stream_p",
+              "k", "tau", "kind", "dtype", "scale", "runtime", "precision", "embedder")
 
 
 def build(args: argparse.Namespace) -> int:
@@ -61,8 +61,8 @@ def build(args: argparse.Namespace) -> int:
         return build_like(args)
     if args.task is None:
         raise InputError("build needs --task (or --like STORE, which takes it from a store)")
-    settings = CalibrationSettings(args.objective, args.epsilon, args.delta, args.depth_budget, args.gate_alpha,
-                                   args.stream_p)  # bad settings are refused before anything is loaded
+    settings = CalibrationSettings(args.objective, args.epsilon, args.delta, args.query_items, args.depth_budget,
+                                   args.gate_alpha, args.stream_p)  # bad settings are refused before anything loads
     policy = RaeeConfig(k=args.k, tau=args.tau)
     check_store_root(args.out)  # a wrong --out fails now, not after loading the model and the calibration pass
     if args.key is None and args.shard is not None:

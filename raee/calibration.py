@@ -6,10 +6,12 @@ setting's exits give a calibration score, the share of layers run (the prefix ke
 losses against full depth. The objective picks one setting:
 
 - match-full (the default): the fewest layers whose accuracy is no more than epsilon below full depth's, with
-  probability at least 1 - delta. The path is the accuracy rule's (raee/accuracy_rule.py) at its default structure:
-  margin from 1 down to 0, then cost up; each setting is tested in turn (raee/guarantee.py) and the last one
-  accepted before the first rejection is served (fixed-sequence testing, Learn then Test). The rule's structure (k,
-  temperature, prior, values) is not chosen here: choosing it on the same items would spend the guarantee.
+  probability at least 1 - delta, both in expectation (an exact test) and as measured on a file of query_items
+  queries (a normal approximation). The path is the accuracy rule's (raee/accuracy_rule.py) at its default
+  structure: margin from 1 down to 0, then cost up; each setting is tested in turn (raee/guarantee.py: both tests
+  must reject "more than epsilon below") and the last one accepted before the first rejection is served
+  (fixed-sequence testing, Learn then Test). The rule's structure (k, temperature, prior, values) is not chosen
+  here: choosing it on the same items would spend the guarantee.
 - best: the highest calibration score among settings certified to stay within a depth budget, over several
   structures of the accuracy rule and the raee-earliest path. The budget is a guarantee: along each path, from the
   cheapest setting up, H0 "layers run exceed the budget on average" is tested by betting (raee/guarantee.py) at
@@ -46,7 +48,14 @@ from raee.accuracy_rule import (
 )
 from raee.errors import InputError, StoreError
 from raee.exit_policy import OBJECTIVES, ExitPolicy, Objective, PolicyKind
-from raee.guarantee import GAMMA_SHARE, PairedRiskTest, certified_within_budget, fixed_sequence, harms_and_helps
+from raee.guarantee import (
+    GAMMA_SHARE,
+    PairedRiskTest,
+    certified_within_budget,
+    file_risk_pvalue,
+    fixed_sequence,
+    harms_and_helps,
+)
 from raee.metrics import task_score
 from raee.offdomain import OffDomainGate, agreement_threshold, fit_similarity, off_domain_reasons
 from raee.raee_rule import RaeeConfig, exit_layers_from_scores, layer_scores
@@ -61,6 +70,7 @@ BEST_STRUCTURES = tuple(AccuracyRuleConfig(k=k, temperature=t, values=v) for k, 
                         itertools.product((32, 64), (0.05, 0.1), get_args(RecordValues)))
 SEARCH_WIDTH = max(64, *(s.k for s in BEST_STRUCTURES))  # neighbours every candidate may read
 Rule = RaeeConfig | AccuracyRuleConfig
+QUERY_ITEMS = 2000  # match-full's file-level claim: the size of a test file of the shared tasks (1043-2210 items)
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,8 @@ class CalibrationSettings:
 
     objective: Objective = "match-full"  # match-full | best | raee
     epsilon: float = 0.005  # match-full: accuracy may fall this far below full depth's (0.005 = 0.5 point) ...
-    delta: float = 0.1  # ... except with probability at most delta
+    delta: float = 0.1  # ... except with probability at most delta ...
+    query_items: int = QUERY_ITEMS  # ... also as measured on a file of this many queries (0: in expectation only)
     depth_budget: float = 0.6  # best: the most layers run on average, as a share of all layers
     gate_alpha: float = 0.02  # off-domain gate: share of in-domain queries its per-query tests flag; 0 = no gate
     stream_p: float = 1e-3  # off-domain gate: in-domain false alarms of the stream test per query; 0 = no stream test
@@ -83,6 +94,8 @@ class CalibrationSettings:
             raise InputError(f"epsilon must lie in [0, 1), got {self.epsilon}")
         if not 0 < self.delta < 1:
             raise InputError(f"delta must lie in (0, 1), got {self.delta}")
+        if self.query_items < 0:
+            raise InputError(f"query items must be 0 or more, got {self.query_items}")
         if not 0 < self.depth_budget <= 1:
             raise InputError(f"depth budget must lie in (0, 1], got {self.depth_budget}")
         if not 0 <= self.gate_alpha < 0.5:
@@ -97,7 +110,7 @@ class CalibrationSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CalibrationSettings":
-        return cls(**values)
+        return cls(**{"query_items": 0, **values})  # a store built before the file-level claim made none
 
 
 @dataclass(frozen=True)
@@ -315,7 +328,8 @@ def _choose(curves: list[list[CurvePoint]], n: int,
     if settings.objective == "match-full":
         (curve,) = curves
         gamma = GAMMA_SHARE * settings.delta
-        pvalues = [PairedRiskTest.of(p.harms, p.helps, n, gamma).pvalue(settings.epsilon) for p in curve]
+        pvalues = [max(PairedRiskTest.of(p.harms, p.helps, n, gamma).pvalue(settings.epsilon),
+                       file_risk_pvalue(p.harms, p.helps, n, settings.epsilon, settings.query_items)) for p in curve]
         chosen = fixed_sequence(pvalues, settings.delta)
         return 0, chosen, [dataclasses.replace(p, accepted=i <= chosen) for i, p in enumerate(curve)]
     if settings.objective == "best":

@@ -12,6 +12,12 @@ q = p_harm / (p_harm + p_help); on the boundary of H0, q = (1 + epsilon / nu) / 
 nuisance parameter: Berger and Boos (1994) take the worst case over a 1 - gamma Clopper-Pearson interval for nu and
 add gamma to the p-value. That keeps the test exact while its width follows the number of discordant items, as a
 normal approximation would, instead of the whole [-1, 1] range that Hoeffding's bound pays for.
+
+The risk above is an expectation. Anyone who checks the guarantee measures it on a file of m queries, whose own
+risk scatters around the expectation by about sqrt(nu / m): on m = 2000 queries and nu = 0.2, one point, twice
+epsilon. So `file_risk_pvalue` also tests H0: "the risk measured on m future queries exceeds epsilon", from the
+calibration mean and the scatter of both samples (a normal approximation, not exact), and a setting is accepted
+only when both nulls are rejected (an intersection-union test: the larger p-value is a valid p-value for the union).
 """
 
 from __future__ import annotations
@@ -135,6 +141,24 @@ def risk_pvalue(harms: int, helps: int, n: int, epsilon: float, gamma: float) ->
 def risk_upper_bound(harms: int, helps: int, n: int, delta: float, gamma: float) -> float:
     """1 - delta upper confidence bound on p_harm - p_help (see PairedRiskTest)."""
     return PairedRiskTest.of(harms, helps, n, gamma).upper_bound(delta)
+
+
+def file_risk_pvalue(harms: int, helps: int, n: int, epsilon: float, query_items: int) -> float:
+    """Approximate p-value of H0: the risk measured on a file of query_items future queries, exchangeable with the n
+    calibration items, exceeds epsilon; 0 for query_items = 0 (no file-level claim). The file's risk minus the
+    calibration mean has mean 0 and variance at most nu (1/n + 1/m), where nu, the rate of discordant items, bounds
+    each loss's variance; nu is estimated as (discordant + 1) / (n + 1), so that a setting no item disagrees with
+    still has some scatter. A normal approximation: close for the hundreds of discordant items of real stores, and
+    not exact in the far tail of a few."""
+    if query_items < 0:
+        raise InputError(f"query items must be 0 or more, got {query_items}")
+    if query_items == 0:
+        return 0.0
+    if not (0 <= harms and 0 <= helps and harms + helps <= n and n >= 1):
+        raise InputError(f"need 0 <= harms + helps <= n, got {harms} + {helps} of {n}")
+    nu = (harms + helps + 1) / (n + 1)
+    scatter = math.sqrt(nu * (1 / n + 1 / query_items))
+    return 0.5 * math.erfc((epsilon - (harms - helps) / n) / (scatter * math.sqrt(2)))
 
 
 def harms_and_helps(full_right: np.ndarray, exit_right: np.ndarray) -> tuple[int, int]:

@@ -4,6 +4,7 @@ replay of the procedure, best's choice, the faithful objective, and the store ro
 from __future__ import annotations
 
 import dataclasses
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -117,6 +118,10 @@ def brute_force_match_full(records, sims, ids, settings, key_layers):
             helps += exit_right and not full_right
         if risk_pvalue(harms, helps, n, settings.epsilon, GAMMA_SHARE * settings.delta) > settings.delta:
             break
+        if settings.query_items:  # the file-level claim: calibration mean plus the scatter of both samples
+            scatter = ((harms + helps + 1) / (n + 1) * (1 / n + 1 / settings.query_items)) ** 0.5
+            if (harms - helps) / n + NormalDist().inv_cdf(1 - settings.delta) * scatter > settings.epsilon:
+                break
         chosen = i
     return path[chosen] if chosen >= 0 else None, chosen
 
@@ -124,9 +129,11 @@ def brute_force_match_full(records, sims, ids, settings, key_layers):
 @pytest.mark.slow
 @pytest.mark.parametrize("epsilon", [0.02, 0.05])
 @pytest.mark.parametrize("key_layers", ["votes", "records"])
-def test_match_full_chooses_what_the_procedure_replayed_by_hand_chooses(store, epsilon, key_layers):
+@pytest.mark.parametrize("query_items", [0, 500])
+def test_match_full_chooses_what_the_procedure_replayed_by_hand_chooses(store, epsilon, key_layers, query_items):
     records, _, _, sims, ids = store
-    settings = CalibrationSettings(epsilon=epsilon, gate_alpha=0, stream_p=0, key_layers=key_layers)
+    settings = CalibrationSettings(epsilon=epsilon, gate_alpha=0, stream_p=0, key_layers=key_layers,
+                                   query_items=query_items)
     policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
                                  settings=settings)
     expected, index = brute_force_match_full(records, sims, ids, settings, key_layers)

@@ -19,6 +19,7 @@ from raee.guarantee import (
     certified_within_budget,
     clopper_pearson_lower,
     clopper_pearson_upper,
+    file_risk_pvalue,
     fixed_sequence,
     harms_and_helps,
     mean_below_pvalue,
@@ -133,6 +134,46 @@ def test_the_procedure_keeps_its_promise_on_synthetic_records():
                                 delta)
         failures += chosen >= 0 and p_harm[chosen] - p_help[chosen] > epsilon
     assert failures / runs <= delta + 3 * math.sqrt(delta * (1 - delta) / runs)
+
+
+def test_the_file_level_pvalue_is_the_normal_tail_of_both_samples_scatter():
+    # 2000 calibration items, 100 harms and 160 helps (3 points better), a file of 1000 queries
+    scatter = math.sqrt(261 / 2001 * (1 / 2000 + 1 / 1000))
+    z = (0.005 - (100 - 160) / 2000) / scatter
+    assert file_risk_pvalue(100, 160, 2000, 0.005, 1000) == pytest.approx(0.5 * math.erfc(z / math.sqrt(2)))
+    assert file_risk_pvalue(100, 160, 2000, 0.005, 0) == 0.0  # no file-level claim: never the binding test
+    # a smaller file scatters more: harder to promise
+    assert file_risk_pvalue(100, 160, 2000, 0.005, 200) > file_risk_pvalue(100, 160, 2000, 0.005, 5000)
+    assert file_risk_pvalue(0, 0, 2000, 0.005, 2000) < 0.05  # a setting that never disagrees with full depth
+    with pytest.raises(InputError):
+        file_risk_pvalue(1, 1, 10, 0.005, -1)
+
+
+@pytest.mark.slow
+def test_the_file_level_claim_holds_on_synthetic_files():
+    """The path of the test above, now read on files: each run draws n calibration items and a file of m
+    queries, keeps the last setting accepted by both tests, and checks the kept setting's accuracy on the file.
+    The share of runs whose file falls more than epsilon below full depth's stays below delta, where with the
+    expectation test alone it does not (the kept setting sits at the edge, and the file scatters around it)."""
+    rng = np.random.default_rng(2)
+    epsilon, delta, gamma, n, m, runs = 0.005, 0.1, 0.01, 3000, 1000, 300
+    p_help = np.full(10, 0.08)
+    p_harm = p_help + np.linspace(-0.03, 0.03, 10)
+    failures = {0: 0, m: 0}
+    for _ in range(runs):
+        u, v = rng.random(n), rng.random(m)  # calibration items, file queries; nested settings as above
+        harms = [(u < p_harm[s]).sum() for s in range(10)]
+        helps = [((u >= p_harm[s]) & (u < p_harm[s] + p_help[s])).sum() for s in range(10)]
+        for claim in failures:
+            chosen = fixed_sequence([max(risk_pvalue(int(h), int(g), n, epsilon, gamma),
+                                         file_risk_pvalue(int(h), int(g), n, epsilon, claim))
+                                     for h, g in zip(harms, helps)], delta)
+            if chosen >= 0:
+                file_risk = ((v < p_harm[chosen]).sum() - ((v >= p_harm[chosen]) &
+                                                           (v < p_harm[chosen] + p_help[chosen])).sum()) / m
+                failures[claim] += file_risk > epsilon
+    bound = delta + 3 * math.sqrt(delta * (1 - delta) / runs)
+    assert failures[m] / runs <= bound < failures[0] / runs
 
 
 def slow_betting_pvalue(values, bound, alpha):
