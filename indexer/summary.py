@@ -57,7 +57,8 @@ def calibration_summary(store: ExitStore, evidence: CalibrationEvidence) -> str:
     policy = store.calibrated_policy
     s = policy.settings
     goal = {"match-full": f"accuracy at most {100 * s.epsilon:g} point(s) below full depth's with probability "
-                          f"{1 - s.delta:g}",
+                          f"{1 - s.delta:g}" + (f", also as measured on a file of {s.query_items} queries"
+                                                 if s.query_items else ", in expectation"),
             "best": f"the best calibration score among settings certified to run at most {s.depth_budget:.0%} of "
                     f"the layers with probability {1 - s.delta:g}",
             "raee": "faithful RAEE"}[s.objective]

@@ -229,7 +229,8 @@ def test_small_calibration_sets_cannot_certify_a_tiny_epsilon(store):
 
 
 @pytest.mark.parametrize("bad", [dict(objective="fast"), dict(epsilon=1.5), dict(delta=0), dict(depth_budget=0),
-                                 dict(gate_alpha=0.6), dict(stream_p=1), dict(key_layers="labels")])
+                                 dict(gate_alpha=0.6), dict(stream_p=1), dict(key_layers="labels"),
+                                 dict(query_items=-1)])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(InputError):
         CalibrationSettings(**bad)
@@ -239,6 +240,31 @@ def test_settings_saved_before_votes_read_the_key_layers_by_records():
     saved = CalibrationSettings().to_dict()
     del saved["key_layers"]  # a store built before the votes
     assert CalibrationSettings.from_dict(saved).key_layers == "records"
+
+
+def test_settings_saved_before_the_file_level_claim_make_none_and_new_ones_keep_theirs():
+    saved = CalibrationSettings().to_dict()
+    assert CalibrationSettings.from_dict(saved).query_items == 2000  # the build's default, saved and read back
+    del saved["query_items"]  # a store built before it: recalibrating it reproduces what it was built with
+    assert CalibrationSettings.from_dict(saved).query_items == 0
+
+
+def test_match_full_on_a_file_is_more_cautious_than_in_expectation_and_says_so(store):
+    from indexer.summary import calibration_summary
+    records, _, _, sims, ids = store
+    chosen = {}
+    for items in (0, 20):  # the synthetic store's exits beat full depth by 14 points: only a tiny file scatters enough
+        settings = CalibrationSettings(epsilon=0.02, gate_alpha=0, stream_p=0, query_items=items)
+        policy, evidence = calibrate(records, sims, ids, key_layer=1, metric="accuracy", raee=RaeeConfig(),
+                                     settings=settings)
+        chosen[items] = evidence.chosen
+
+        class Store:  # what calibration_summary reads
+            calibrated_policy = policy
+            key = "prefix:1"
+        text = calibration_summary(Store(), evidence)  # type: ignore[arg-type]
+        assert ("also as measured on a file of 20 queries" if items else "in expectation") in text
+    assert 0 < chosen[20] < chosen[0]  # the file's scatter stops the sequence sooner, but not at once
 
 
 def two_key_pass(informative_layer=1):

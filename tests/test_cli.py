@@ -74,6 +74,9 @@ def test_errors_exit_2_with_a_message(checkpoint, tmp_path, capsys):
     assert raee_index(["build", "--task", "sst2", "--train", str(bad), "--out", str(tmp_path / "s"),
                        "--backbone", checkpoint, "--epsilon", "2"]) == 2
     assert "epsilon must lie in [0, 1)" in capsys.readouterr().err
+    assert raee_index(["build", "--task", "sst2", "--train", str(bad), "--out", str(tmp_path / "s"),
+                       "--backbone", checkpoint, "--query-items", "-5"]) == 2
+    assert "query items must be 0 or more, got -5" in capsys.readouterr().err
 
 
 def test_an_unwritable_out_fails_in_one_line_before_any_model_runs(tmp_path, sst2_like, monkeypatch, capsys):
