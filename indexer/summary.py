@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from raee.calibration import CalibrationEvidence
+from raee.guarantee import file_risk_bound
 from raee.records import ExitRecords
 from raee.store import ExitStore
 
@@ -83,6 +84,11 @@ def calibration_summary(store: ExitStore, evidence: CalibrationEvidence) -> str:
                      f"layers run {p.layers_run:.0%}; {p.off_domain:.1%} sent to full depth by the gate")
         lines.append(f"  accuracy {100 * p.accuracy:.2f} vs {100 * evidence.full_accuracy:.2f}; with probability "
                      f"{1 - s.delta:g} it is at most {100 * p.risk_bound:.2f} point(s) below full depth's")
+        if s.objective == "match-full" and s.query_items:
+            level = evidence.keys[0].delta if evidence.keys else s.delta  # as the calibration tested it
+            bound = file_risk_bound(p.harms, p.helps, evidence.num_items, level, s.query_items)
+            lines.append(f"  on a file of {s.query_items} queries, at most {100 * bound:.2f} point(s) below "
+                         "(normal approximation)")
     if s.objective == "match-full":
         tested = sum(p.accepted is not None for p in evidence.curve)
         lines.append(f"  {tested} settings in a fixed sequence, cautious to aggressive; accepted up to "

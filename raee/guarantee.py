@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -150,15 +151,29 @@ def file_risk_pvalue(harms: int, helps: int, n: int, epsilon: float, query_items
     each loss's variance; nu is estimated as (discordant + 1) / (n + 1), so that a setting no item disagrees with
     still has some scatter. A normal approximation: close for the hundreds of discordant items of real stores, and
     not exact in the far tail of a few."""
-    if query_items < 0:
-        raise InputError(f"query items must be 0 or more, got {query_items}")
     if query_items == 0:
         return 0.0
+    scatter = _file_scatter(harms, helps, n, query_items)
+    return 1.0 - NormalDist().cdf((epsilon - (harms - helps) / n) / scatter)
+
+
+def file_risk_bound(harms: int, helps: int, n: int, delta: float, query_items: int) -> float:
+    """The smallest epsilon file_risk_pvalue rejects at level delta: an approximate 1 - delta upper bound on the
+    risk a file of query_items queries will measure (reported as evidence)."""
+    if not 0 < delta < 1:
+        raise InputError(f"delta must lie in (0, 1), got {delta}")
+    if query_items == 0:
+        return -1.0
+    return (harms - helps) / n + NormalDist().inv_cdf(1 - delta) * _file_scatter(harms, helps, n, query_items)
+
+
+def _file_scatter(harms: int, helps: int, n: int, query_items: int) -> float:
+    """sqrt(nu (1/n + 1/m)): the scatter of a file's risk around the calibration mean (file_risk_pvalue)."""
+    if query_items < 1:
+        raise InputError(f"query items must be 0 or more, got {query_items}")
     if not (0 <= harms and 0 <= helps and harms + helps <= n and n >= 1):
         raise InputError(f"need 0 <= harms + helps <= n, got {harms} + {helps} of {n}")
-    nu = (harms + helps + 1) / (n + 1)
-    scatter = math.sqrt(nu * (1 / n + 1 / query_items))
-    return 0.5 * math.erfc((epsilon - (harms - helps) / n) / (scatter * math.sqrt(2)))
+    return math.sqrt((harms + helps + 1) / (n + 1) * (1 / n + 1 / query_items))
 
 
 def harms_and_helps(full_right: np.ndarray, exit_right: np.ndarray) -> tuple[int, int]:

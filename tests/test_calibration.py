@@ -264,6 +264,7 @@ def test_match_full_on_a_file_is_more_cautious_than_in_expectation_and_says_so(s
             key = "prefix:1"
         text = calibration_summary(Store(), evidence)  # type: ignore[arg-type]
         assert ("also as measured on a file of 20 queries" if items else "in expectation") in text
+        assert ("on a file of 20 queries, at most" in text) == bool(items)
     assert 0 < chosen[20] < chosen[0]  # the file's scatter stops the sequence sooner, but not at once
 
 

@@ -19,6 +19,7 @@ from raee.guarantee import (
     certified_within_budget,
     clopper_pearson_lower,
     clopper_pearson_upper,
+    file_risk_bound,
     file_risk_pvalue,
     fixed_sequence,
     harms_and_helps,
@@ -145,6 +146,9 @@ def test_the_file_level_pvalue_is_the_normal_tail_of_both_samples_scatter():
     # a smaller file scatters more: harder to promise
     assert file_risk_pvalue(100, 160, 2000, 0.005, 200) > file_risk_pvalue(100, 160, 2000, 0.005, 5000)
     assert file_risk_pvalue(0, 0, 2000, 0.005, 2000) < 0.05  # a setting that never disagrees with full depth
+    bound = file_risk_bound(100, 160, 2000, 0.1, 1000)  # the bound inverts the test
+    assert file_risk_pvalue(100, 160, 2000, bound, 1000) == pytest.approx(0.1)
+    assert bound == pytest.approx((100 - 160) / 2000 + 1.2815516 * scatter)
     with pytest.raises(InputError):
         file_risk_pvalue(1, 1, 10, 0.005, -1)
 
