@@ -52,6 +52,11 @@ def plot_layers(records: ExitRecords, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def tested_level(evidence: CalibrationEvidence, delta: float) -> float:
+    """The level each setting was tested at: delta, or delta over the keys a build chose between (--key auto)."""
+    return evidence.keys[0].delta if evidence.keys else delta
+
+
 def calibration_summary(store: ExitStore, evidence: CalibrationEvidence) -> str:
     """A few lines: the calibrated policy, its gate, and what the calibration items (`evidence`, the store's
     calibration_evidence) said about it."""
@@ -85,8 +90,8 @@ def calibration_summary(store: ExitStore, evidence: CalibrationEvidence) -> str:
         lines.append(f"  accuracy {100 * p.accuracy:.2f} vs {100 * evidence.full_accuracy:.2f}; with probability "
                      f"{1 - s.delta:g} it is at most {100 * p.risk_bound:.2f} point(s) below full depth's")
         if s.objective == "match-full" and s.query_items:
-            level = evidence.keys[0].delta if evidence.keys else s.delta  # as the calibration tested it
-            bound = file_risk_bound(p.harms, p.helps, evidence.num_items, level, s.query_items)
+            bound = file_risk_bound(p.harms, p.helps, evidence.num_items, tested_level(evidence, s.delta),
+                                    s.query_items)
             lines.append(f"  on a file of {s.query_items} queries, at most {100 * bound:.2f} point(s) below "
                          "(normal approximation)")
     if s.objective == "match-full":
@@ -151,6 +156,11 @@ def plot_calibration(store: ExitStore, evidence: CalibrationEvidence, path: str)
                 label=f"{1 - s.delta:g} upper bound on the accuracy loss vs full depth")
     bottom.plot(layers, [100 * (evidence.full_accuracy - p.accuracy) for p in curve], "-", color="#bcbddc",
                 label="observed accuracy loss")
+    if s.objective == "match-full" and s.query_items:
+        level = tested_level(evidence, s.delta)
+        bottom.plot(layers, [100 * file_risk_bound(p.harms, p.helps, evidence.num_items, level, s.query_items)
+                             for p in curve], "s", markersize=2.5, color="#31a354",
+                    label=f"... on a file of {s.query_items} queries (normal approximation)")
     if s.objective == "match-full":
         bottom.axhline(100 * s.epsilon, color="#e6550d", linestyle="--", label=f"epsilon {100 * s.epsilon:g} point")
     bottom.axhline(0, color="#636363", linewidth=0.8)
